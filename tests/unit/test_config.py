@@ -1,0 +1,175 @@
+"""The config tree: YAML + overrides load, and every bad value is named by key."""
+
+from pathlib import Path
+
+import pytest
+
+from dapo_megatron.config import ConfigError, DapoConfig, load_config, to_yaml, validate
+
+ROOT = Path(__file__).resolve().parents[2]
+RECIPE = ROOT / "configs" / "dapo_qwen2.5_32b.yaml"
+TINY = ROOT / "configs" / "tiny_cpu.yaml"
+
+
+def test_defaults_are_valid():
+    validate(DapoConfig())
+
+
+def test_recipe_carries_the_published_values():
+    cfg = load_config(str(RECIPE))
+    alg, fg = cfg.algorithm, cfg.algorithm.filter_groups
+    assert (alg.clip_ratio_low, alg.clip_ratio_high, alg.clip_ratio_c) == (0.2, 0.28, 10.0)
+    assert alg.loss_agg_mode == "token-mean"
+    assert (fg.enable, fg.metric, fg.max_num_gen_batches) == (True, "acc", 10)
+    assert (cfg.data.train_batch_size, cfg.data.gen_batch_size, cfg.rollout.n) == (512, 1536, 16)
+    assert cfg.actor.ppo_mini_batch_size == 32
+    assert cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size == 16  # optimizer steps per step
+    assert cfg.actor.ppo_epochs == 1
+    assert (cfg.data.max_prompt_length, cfg.data.max_response_length, cfg.data.truncation) == (2048, 20480, "left")
+    assert (alg.overlong_buffer.enable, alg.overlong_buffer.len, alg.overlong_buffer.penalty_factor) == (
+        True,
+        4096,
+        1.0,
+    )
+    o = cfg.actor.optim
+    assert (o.lr, o.lr_warmup_steps, o.weight_decay, o.clip_grad) == (1e-6, 10, 0.1, 1.0)
+    r = cfg.rollout
+    assert (r.temperature, r.top_p, r.top_k) == (1.0, 1.0, -1)
+    assert (r.val.temperature, r.val.top_p, r.val.n) == (1.0, 0.7, 32)
+    assert (r.tensor_model_parallel_size, r.gpu_memory_utilization, r.max_num_batched_tokens) == (4, 0.8, 22528)
+    assert (cfg.trainer.test_freq, cfg.trainer.checkpoint.save_freq, cfg.trainer.val_before_train) == (5, 5, True)
+    assert cfg.actor.entropy_coeff == 0.0
+    validate(cfg, world_size=16 * 8)
+
+
+def test_tiny_config_fits_two_processes():
+    cfg = load_config(str(TINY))
+    validate(cfg, world_size=2)
+
+
+def test_overrides_win_over_the_file_and_are_typed():
+    cfg = load_config(
+        str(TINY),
+        [
+            "algorithm.clip_ratio_high=0.3",
+            "actor.optim.lr=3e-5",
+            "data.train_files=a.parquet",
+            "trainer.logger=[jsonl]",
+        ],
+    )
+    assert cfg.algorithm.clip_ratio_high == 0.3
+    assert cfg.actor.optim.lr == 3e-5
+    assert cfg.data.train_files == ["a.parquet"]
+    assert cfg.trainer.logger == ["jsonl"]
+
+
+def test_yaml_dump_reloads_to_the_same_tree(tmp_path):
+    cfg = load_config(str(RECIPE), ["rollout.n=4"])
+    path = tmp_path / "dumped.yaml"
+    path.write_text(to_yaml(cfg))
+    assert load_config(str(path)) == cfg
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("algorithm.clip_ratio_hgh=0.3", r"algorithm\.clip_ratio_hgh.*Did you mean.*clip_ratio_high"),
+        ("actor.optim.lr=abc", r"actor\.optim\.lr"),
+        ("rollout.n=two", r"rollout\.n"),
+        ("nonsense", r"override 'nonsense' is not of the form key\.sub=value"),
+    ],
+)
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_typo_in_yaml_file_names_the_key(tmp_path):
+    path = tmp_path / "typo.yaml"
+    path.write_text("algorithm:\n  filter_groups:\n    enabel: true\n")
+    with pytest.raises(ConfigError, match=r"algorithm\.filter_groups\.enabel"):
+        load_config(str(path))
+
+
+def test_broken_yaml_and_missing_file(tmp_path):
+    path = tmp_path / "broken.yaml"
+    path.write_text("data: [unclosed\n")
+    with pytest.raises(ConfigError, match="cannot parse YAML"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["algorithm.clip_ratio_high=0.1"], r"algorithm\.clip_ratio_high: must be >= algorithm\.clip_ratio_low"),
+        (["algorithm.clip_ratio_c=1.0"], r"algorithm\.clip_ratio_c: dual-clip constant must be > 1"),
+        (["algorithm.overlong_buffer.len=600"], r"algorithm\.overlong_buffer\.len: buffer \(600\) is longer than"),
+        (["algorithm.loss_agg_mode=mean"], r"algorithm\.loss_agg_mode: 'mean' is not one of token-mean"),
+        (["algorithm.filter_groups.metric=reward"], r"algorithm\.filter_groups\.metric"),
+        (
+            ["data.train_batch_size=10", "actor.ppo_mini_batch_size=4"],
+            r"actor\.ppo_mini_batch_size: data\.train_batch_size \(10\)",
+        ),
+        (
+            ["actor.parallel.sequence_parallel=true"],
+            r"actor\.parallel\.sequence_parallel: needs tensor_model_parallel_size > 1",
+        ),
+        (["rollout.top_p=0"], r"rollout\.top_p"),
+        (["actor.max_tokens_per_micro_batch=100"], r"actor\.max_tokens_per_micro_batch: 100 cannot hold one sequence"),
+        (["trainer.logger=[console,mlflow]"], r"trainer\.logger: 'mlflow'"),
+    ],
+)
+def test_range_errors_name_the_key(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_all_problems_are_reported_at_once():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["algorithm.clip_ratio_c=0.5", "rollout.n=0", "reward.timeout_s=0"])
+    text = str(info.value)
+    assert "3 problem(s)" in text
+    for key in ("algorithm.clip_ratio_c", "rollout.n", "reward.timeout_s"):
+        assert key in text
+
+
+def test_layout_against_world_size():
+    cfg = load_config(str(RECIPE))
+    with pytest.raises(
+        ConfigError, match=r"actor\.parallel: tensor \(8\) x pipeline \(2\) = 16 does not divide the world size 24"
+    ):
+        validate(cfg, world_size=24)
+    with pytest.raises(
+        ConfigError, match=r"trainer\.n_gpus_per_node: trainer\.nnodes x trainer\.n_gpus_per_node = 128"
+    ):
+        validate(cfg, world_size=64)
+
+    tiny = load_config(
+        str(TINY), ["actor.parallel.tensor_model_parallel_size=1", "actor.ppo_mini_batch_size=1", "rollout.n=3"]
+    )
+    with pytest.raises(
+        ConfigError, match=r"actor\.ppo_mini_batch_size: ppo_mini_batch_size x rollout\.n = 3 trajectories"
+    ):
+        validate(tiny, world_size=2)
+
+    odd_gen = load_config(str(TINY), ["data.gen_batch_size=15"])
+    with pytest.raises(
+        ConfigError, match=r"data\.gen_batch_size: 15 prompts cannot be split evenly over 2 rollout replicas"
+    ):
+        validate(odd_gen, world_size=2)
+
+
+def test_missing_files_are_named(tmp_path):
+    cfg = load_config(None, [f"data.train_files=[{tmp_path}/train.parquet]", f"actor.model_path={tmp_path}/model"])
+    with pytest.raises(ConfigError) as info:
+        validate(cfg, check_files=True)
+    text = str(info.value)
+    assert f"data.train_files[0]: file not found: {tmp_path}/train.parquet" in text
+    assert f"actor.model_path: no config.json in {tmp_path}/model" in text
+
+    (tmp_path / "train.parquet").write_bytes(b"")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    validate(cfg, check_files=True)
