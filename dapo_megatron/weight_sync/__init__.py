@@ -1,0 +1,1 @@
+"""Per-step actor -> engine weight resharding: gather, rename, bucket, push. Issue 5."""
