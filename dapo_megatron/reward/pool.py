@@ -150,7 +150,10 @@ class RewardPool:
         if executor == "process":
             self._impl: _Executor = _ProcessExecutor(scorer, num_workers, self.timeout_s)
         elif executor == "ray":
-            self._impl = _RayExecutor(scorer, num_workers, self.timeout_s)
+            # Imported here: ray_executor builds on this module's helpers.
+            from dapo_megatron.reward.ray_executor import RayExecutor
+
+            self._impl = RayExecutor(scorer, num_workers, self.timeout_s)
         else:
             self._impl = _InlineExecutor(scorer)
 
@@ -478,131 +481,3 @@ def _exit_text(code: int | None) -> str:
         except ValueError:
             return f"killed by signal {-code}"
     return f"exit code {code}"
-
-
-# ----------------------------------------------------------------------------
-# Ray.
-
-
-def ensure_ray(num_cpus: int | None = None) -> bool:
-    """Connect to Ray; return True when this call started a new local instance.
-
-    With ``RAY_ADDRESS`` set, joins that cluster. Otherwise starts a
-    single-node Ray whose every server listens on 127.0.0.1 only: Ray rewrites
-    a loopback node address to the machine's public one unless its
-    Windows/macOS "local only" mode is forced, which needs
-    ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` before ``ray`` is imported (and the
-    module constant patched if it already was).
-    """
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = os.environ.get("RAY_ADDRESS")
-    local_only_var = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
-    saved = os.environ.get(local_only_var)
-    if not address:
-        os.environ[local_only_var] = "0"
-    try:
-        import ray
-    except ImportError as exc:
-        raise ImportError(
-            "executor='ray' needs the ray package: pip install 'ray>=2.40' (or the project's [ray] extra)"
-        ) from exc
-    if ray.is_initialized():
-        return False
-    if address:
-        ray.init(address=address)
-        return False
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
-    try:
-        # The raylet, GCS and agents inherit the variable now; later processes
-        # of this program (e.g. a user's own `ray start`) should not.
-        context = ray.init(
-            address="local",
-            num_cpus=num_cpus,
-            include_dashboard=False,
-            _node_ip_address="127.0.0.1",
-        )
-    finally:
-        if saved is None:
-            os.environ.pop(local_only_var, None)
-        else:
-            os.environ[local_only_var] = saved
-    node_ip = context.address_info.get("node_ip_address")
-    if node_ip != "127.0.0.1":
-        ray.shutdown()
-        raise RuntimeError(f"local Ray bound {node_ip!r} instead of 127.0.0.1; refusing to run")
-    return True
-
-
-class _RayExecutor(_Executor):
-    def __init__(self, scorer: Scorer, num_workers: int, timeout_s: float) -> None:
-        self._owns_ray = ensure_ray(num_cpus=num_workers)
-        import ray
-
-        self._ray = ray
-        self._num_workers = num_workers
-        self._timeout_s = timeout_s
-        self._restarts = 0
-        self._scorer_ref = ray.put(scorer)
-        self._task = ray.remote(num_cpus=1, max_retries=0)(_ray_score_one)
-        # Start (and warm) the Ray workers now: a task's timeout clock starts at
-        # submission, so a cold worker would eat into the first responses' budget.
-        warm = ray.remote(num_cpus=1, max_retries=0)(_ray_warmup)
-        ray.get([warm.remote(self._scorer_ref) for _ in range(num_workers)], timeout=STARTUP_TIMEOUT_S)
-
-    def pop_restarts(self) -> int:
-        n, self._restarts = self._restarts, 0
-        return n
-
-    def run(self, items: list[tuple[str, str]]) -> list[_Outcome]:
-        ray = self._ray
-        results: list[_Outcome | None] = [None] * len(items)
-        pending = deque(range(len(items)))
-        inflight: dict[Any, tuple[int, float]] = {}
-        try:
-            while pending or inflight:
-                while pending and len(inflight) < self._num_workers:
-                    index = pending.popleft()
-                    ref = self._task.remote(self._scorer_ref, *items[index])
-                    inflight[ref] = (index, time.monotonic() + self._timeout_s)
-                nearest = min(deadline for _, deadline in inflight.values())
-                ready, _ = ray.wait(list(inflight), num_returns=1, timeout=max(0.0, nearest - time.monotonic()))
-                if ready:
-                    ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=0)
-                for ref in ready:
-                    index, _ = inflight.pop(ref)
-                    try:
-                        results[index] = _to_outcome(ray.get(ref))
-                    except ray.exceptions.RayError as exc:  # worker crash, OOM kill, ...
-                        results[index] = _failed("error: " + _describe(exc))
-                        if isinstance(exc, ray.exceptions.WorkerCrashedError):
-                            self._restarts += 1
-                now = time.monotonic()
-                for ref, (index, deadline) in list(inflight.items()):
-                    if now >= deadline:
-                        ray.cancel(ref, force=True)
-                        del inflight[ref]
-                        results[index] = _failed("timeout")
-                        self._restarts += 1
-        except BaseException:
-            for ref in inflight:
-                ray.cancel(ref, force=True)
-            raise
-        return _complete(results)
-
-    def close(self) -> None:
-        if self._owns_ray and self._ray.is_initialized():
-            self._ray.shutdown()
-
-
-def _ray_warmup(scorer: Scorer) -> None:
-    warmup = getattr(scorer, "warmup", None)
-    if callable(warmup):
-        warmup()
-
-
-def _ray_score_one(scorer: Scorer, response: str, ground_truth: str) -> tuple:
-    # Ray may route a task to a fresh worker (e.g. after a forced cancel).
-    _ray_warmup(scorer)
-    return _score_one(scorer, response, ground_truth)

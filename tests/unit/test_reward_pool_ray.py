@@ -16,7 +16,8 @@ ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 from dapo_megatron.reward.math_dapo import compute_score  # noqa: E402
-from dapo_megatron.reward.pool import RewardPool, ensure_ray  # noqa: E402
+from dapo_megatron.reward.pool import RewardPool  # noqa: E402
+from dapo_megatron.reward.ray_executor import ensure_ray  # noqa: E402
 
 pytestmark = pytest.mark.ray
 
