@@ -1,0 +1,169 @@
+"""CPU-only monkeypatches that let megatron-core run on a CPU-only torch with gloo.
+
+This module is quarantined: it is imported only from the CPU branch of
+:func:`dapo_megatron.actor.parallel.init_parallel` (never at package import
+time), and :func:`apply_cpu_shims` refuses to run when CUDA is available, so a
+GPU job can never be silently altered by it.
+
+Every shim below exists because megatron-core (0.16) assumes a CUDA device in a
+code path we exercise; each was measured to be needed on the CPU test machine
+(see ``/work/shared/notes/megatron-on-cpu.md``).
+
+Shims applied (idempotently) by :func:`apply_cpu_shims`:
+
+``torch.cuda.current_device`` -> ``"cpu"``
+    Megatron passes ``device=torch.cuda.current_device()`` to tensor factories
+    in ~100 places (RotaryEmbedding's ``inv_freq``, TP all-gather buffers in
+    ``tensor_parallel.mappings``, ``MegatronModule`` helpers, ...).  On a CPU
+    torch the original raises "Torch not compiled with CUDA enabled";
+    returning the string ``"cpu"`` makes every such factory allocate on CPU.
+
+RNG tracker (``megatron.core.tensor_parallel.random``)
+    ``model_parallel_cuda_manual_seed`` and ``CudaRNGStatesTracker.add/fork``
+    read and write the CUDA generator (``torch.cuda.get_rng_state``), which
+    does not exist on a CPU build.  We route ``_get_cuda_rng_state`` /
+    ``_set_cuda_rng_state`` to the CPU default generator and replace
+    ``CudaRNGStatesTracker.add`` (seeds a private ``torch.Generator`` and keeps
+    its state) and ``CudaRNGStatesTracker.fork`` (swaps the CPU default
+    generator's state in and out).  The original ``fork`` also warns whenever
+    the CPU state changes inside the fork, which on CPU is every random draw,
+    so it is replaced rather than reused.  Semantics are preserved: inside
+    ``fork(name)`` random ops draw from the per-TP-rank stream ``name`` and the
+    default stream is restored afterwards.
+
+``get_default_causal_mask`` (``megatron.core.transformer.utils`` and its
+imported alias in ``megatron.core.fusions.fused_softmax``)
+    Builds the causal mask with ``device="cuda"`` when attention is called with
+    ``attention_mask=None``; the replacement builds it on CPU.
+
+``torch.Tensor.cuda`` -> returns ``self``
+    ``LanguageModule.setup_embeddings_and_output_layer`` moves the tied
+    embedding/output weight with ``weight.data.cuda()`` before the all-reduce
+    that syncs the first and last PP stage (tied embeddings with PP > 1).  On a
+    CPU build ``.cuda()`` raises; making it the identity keeps such tensors on
+    CPU.  (Only ever applied when CUDA is unavailable, where the original can
+    only raise.)
+
+More shims (DDP streams, optimizer ``device='cuda'`` factories, ``Tensor.type``
+checks) will be added here when the optimizer/DDP slice needs them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+
+__all__ = ["apply_cpu_shims", "cpu_shims_applied"]
+
+_LOCK = threading.Lock()
+_APPLIED = False
+
+
+def cpu_shims_applied() -> bool:
+    """Whether :func:`apply_cpu_shims` has run in this process."""
+    return _APPLIED
+
+
+def _cpu_current_device() -> str:
+    return "cpu"
+
+
+def _patch_current_device() -> None:
+    torch.cuda.current_device = _cpu_current_device  # type: ignore[assignment]
+
+
+def _patch_rng() -> None:
+    from megatron.core.tensor_parallel import random as mpu_random
+
+    def _get_cpu_rng_state(device=None, clone: bool = False, graph_safe: bool = False):
+        del device, clone, graph_safe
+        return torch.get_rng_state()
+
+    def _set_cpu_rng_state(new_state, device=None, graph_safe: bool = False):
+        del device, graph_safe
+        torch.set_rng_state(new_state)
+
+    def add(self, name, seed):
+        """Track a new named RNG stream seeded with ``seed`` (CPU generator)."""
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        self.seeds_.add(seed)
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(seed)
+        self.states_[name] = gen.get_state()
+
+    @contextlib.contextmanager
+    def fork(self, name=mpu_random._MODEL_PARALLEL_RNG_TRACKER_NAME):
+        """Run the body with the CPU default generator set to stream ``name``."""
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        orig_state = torch.get_rng_state()
+        orig_name = self._current_state_name
+        if orig_name != "default-rng":
+            self.states_[orig_name] = orig_state
+        torch.set_rng_state(self.states_[name])
+        self._current_state_name = name
+        try:
+            yield
+        finally:
+            if self._current_state_name != name:
+                raise Exception(
+                    f"current rng state name {self._current_state_name} is not the desired state name {name}"
+                )
+            self.states_[name] = torch.get_rng_state()
+            if orig_name != "default-rng":
+                orig_state = self.states_[orig_name]
+            torch.set_rng_state(orig_state)
+            self._current_state_name = orig_name
+
+    mpu_random._get_cuda_rng_state = _get_cpu_rng_state
+    mpu_random._set_cuda_rng_state = _set_cpu_rng_state
+    mpu_random.CudaRNGStatesTracker.add = add
+    mpu_random.CudaRNGStatesTracker.fork = fork
+
+
+def _tensor_cuda_identity(self, *args, **kwargs):
+    return self
+
+
+def _patch_tensor_cuda() -> None:
+    torch.Tensor.cuda = _tensor_cuda_identity  # type: ignore[method-assign]
+
+
+def _patch_causal_mask() -> None:
+    from megatron.core.fusions import fused_softmax
+    from megatron.core.transformer import utils as transformer_utils
+
+    def get_default_causal_mask(sq: int) -> torch.Tensor:
+        """Causal upper-triangular mask (True = masked out), on CPU."""
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    transformer_utils.get_default_causal_mask = get_default_causal_mask
+    fused_softmax.get_default_causal_mask = get_default_causal_mask
+
+
+def apply_cpu_shims() -> None:
+    """Apply every CPU shim once (idempotent, thread-safe).
+
+    Raises:
+        RuntimeError: if CUDA is available -- the shims would corrupt a GPU run.
+    """
+    global _APPLIED
+    if torch.cuda.is_available():
+        raise RuntimeError(
+            "apply_cpu_shims() called on a machine with CUDA available; the CPU shims "
+            "must never be applied to a GPU run"
+        )
+    with _LOCK:
+        if _APPLIED:
+            return
+        _patch_current_device()
+        _patch_rng()
+        _patch_causal_mask()
+        _patch_tensor_cuda()
+        _APPLIED = True

@@ -1,0 +1,242 @@
+"""Build a Megatron-core GPTModel from a Hugging Face llama-family config.
+
+Supported: Qwen2ForCausalLM, LlamaForCausalLM, Qwen3ForCausalLM (dense).  The
+architecture-specific flags and the validation (unsupported options raise
+ValueError naming the option) come from :mod:`dapo_megatron.models`, so the model
+and the weight mapping can never disagree about the layout.
+
+Layer spec: the Transformer-Engine spec when CUDA is available and
+``transformer_engine`` imports, else megatron's local spec (CPU, tests).  Fused
+kernels are disabled whenever CUDA is absent.
+
+The embedding/output vocabulary is padded to a multiple of ``128 * tp``; the
+built model carries ``model.hf_vocab_size`` and ``model.padded_vocab_size`` so
+consumers can slice logits ``[..., :hf_vocab_size]`` (or mask the padded columns
+of the last TP ranks' vocab shards) before any softmax -- padded logits are 0, not -inf.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+
+import torch
+import torch.nn.functional as F
+
+from dapo_megatron.models import DecoderLayout, get_layout, read_rope_theta
+
+__all__ = [
+    "transformer_config_from_hf",
+    "build_gpt_model",
+    "layer_spec_for",
+    "use_transformer_engine",
+    "RMSNorm",
+]
+
+
+def use_transformer_engine() -> bool:
+    """True when the TE layer spec can be used (CUDA present and TE importable)."""
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def transformer_config_from_hf(
+    hf_config,
+    *,
+    tp: int,
+    pp: int,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    **overrides,
+):
+    """Megatron TransformerConfig for an HF Qwen2/Llama/Qwen3 config.
+
+    Args:
+        hf_config: a ``transformers`` PretrainedConfig.
+        tp, pp: tensor / pipeline parallel sizes.
+        sequence_parallel: Megatron sequence parallelism (requires tp > 1).
+        params_dtype: parameter dtype; bf16/fp16 also set the matching config flag.
+        **overrides: extra TransformerConfig fields (e.g. recompute settings), applied last.
+
+    Raises:
+        ValueError: unsupported architecture or option (rope scaling, sliding window,
+            MoE, non-SiLU activation, biases Megatron cannot express).
+    """
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    layout = get_layout(hf_config, tp=tp)
+    read_rope_theta(hf_config)  # validates rope options
+    if sequence_parallel and tp == 1:
+        raise ValueError("sequence_parallel requires tp > 1")
+    for what, n in (
+        ("num_attention_heads", layout.num_attention_heads),
+        ("num_key_value_heads", layout.num_query_groups),
+        ("intermediate_size", layout.ffn_hidden_size),
+    ):
+        if n % tp:
+            raise ValueError(f"{what}={n} is not divisible by tp={tp}")
+    uneven = {
+        "pipeline_model_parallel_layout",
+        "num_layers_in_first_pipeline_stage",
+        "num_layers_in_last_pipeline_stage",
+    }
+    if layout.num_layers % pp and not uneven & set(overrides):
+        raise ValueError(f"num_hidden_layers={layout.num_layers} is not divisible by pp={pp}")
+    on_cpu = not torch.cuda.is_available()
+    kwargs = dict(
+        num_layers=layout.num_layers,
+        hidden_size=layout.hidden_size,
+        num_attention_heads=layout.num_attention_heads,
+        num_query_groups=layout.num_query_groups,
+        kv_channels=layout.head_dim,
+        ffn_hidden_size=layout.ffn_hidden_size,
+        normalization="RMSNorm",
+        layernorm_epsilon=float(hf_config.rms_norm_eps),
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=layout.qkv_bias,
+        qk_layernorm=layout.qk_norm,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=float(getattr(hf_config, "initializer_range", 0.02)),
+        attention_softmax_in_fp32=True,
+        tensor_model_parallel_size=tp,
+        pipeline_model_parallel_size=pp,
+        sequence_parallel=sequence_parallel,
+        params_dtype=params_dtype,
+        pipeline_dtype=params_dtype,
+        bf16=params_dtype == torch.bfloat16,
+        fp16=params_dtype == torch.float16,
+    )
+    if on_cpu:
+        kwargs.update(
+            use_cpu_initialization=True,
+            bias_activation_fusion=False,
+            masked_softmax_fusion=False,
+            bias_dropout_fusion=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+            persist_layer_norm=False,
+            cross_entropy_loss_fusion=False,
+            batch_p2p_sync=False,
+        )
+    kwargs.update(overrides)
+    return TransformerConfig(**kwargs)
+
+
+class RMSNorm(torch.nn.Module):
+    """RMSNorm computed exactly like HF's Qwen2/Llama RMSNorm (fp32 statistics).
+
+    Used for every norm of the local (non-TE) spec.  Megatron's torch-norm wrapper
+    refuses ``sequence_parallel``; this one supports it: with SP its weight is tagged
+    ``sequence_parallel=True`` so ``finalize_model_grads`` all-reduces its gradient over
+    the TP group (q/k norms are reduced by Megatron by name).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-6, **kwargs):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+def layer_spec_for(config, *, te: bool | None = None, vp_stage: int | None = None, pp_rank: int | None = None):
+    """Layer spec: TE spec if ``te`` (default: :func:`use_transformer_engine`).
+
+    Without TE: megatron's local spec with every norm replaced by :class:`RMSNorm`,
+    returned as ``TransformerBlockSubmodules`` so the final norm is ours too (this
+    makes sequence parallelism work with the local spec).
+    """
+    import copy
+
+    from megatron.core.models.gpt import gpt_layer_specs
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    te = use_transformer_engine() if te is None else te
+    if te:
+        return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
+    if config.normalization != "RMSNorm":
+        raise ValueError(f"unsupported normalization {config.normalization!r} for the local spec")
+    spec = copy.deepcopy(
+        gpt_layer_specs.get_gpt_layer_local_spec(qk_layernorm=config.qk_layernorm, normalization="RMSNorm")
+    )
+    sub = spec.submodules
+    sub.input_layernorm = RMSNorm
+    sub.pre_mlp_layernorm = RMSNorm
+    attn = sub.self_attention.submodules
+    if config.qk_layernorm:
+        attn.q_layernorm = RMSNorm
+        attn.k_layernorm = RMSNorm
+    n = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[spec] * n, layer_norm=RMSNorm)
+
+
+def build_gpt_model(
+    hf_config,
+    *,
+    tp: int | None = None,
+    pp: int | None = None,
+    sequence_parallel: bool = False,
+    params_dtype: torch.dtype = torch.float32,
+    pre_process: bool | None = None,
+    post_process: bool | None = None,
+    vp_stage: int | None = None,
+    parallel_output: bool = True,
+    config=None,
+    **config_overrides,
+):
+    """Build this rank's GPTModel (its PP stage, its TP shard) for an HF config.
+
+    Requires :func:`dapo_megatron.actor.parallel.init_parallel` to have run.  ``tp``,
+    ``pp``, ``pre_process`` and ``post_process`` default to megatron's parallel state.
+    Pass ``config`` to reuse a prepared TransformerConfig.  The model is on CPU on a
+    CPU-only machine and on the current CUDA device otherwise.
+
+    The returned module has attributes ``hf_vocab_size``, ``padded_vocab_size`` and
+    ``layout`` (:class:`dapo_megatron.models.DecoderLayout`).
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt.gpt_model import GPTModel
+
+    tp = parallel_state.get_tensor_model_parallel_world_size() if tp is None else tp
+    pp = parallel_state.get_pipeline_model_parallel_world_size() if pp is None else pp
+    if config is None:
+        config = transformer_config_from_hf(
+            hf_config,
+            tp=tp,
+            pp=pp,
+            sequence_parallel=sequence_parallel,
+            params_dtype=params_dtype,
+            **config_overrides,
+        )
+    layout: DecoderLayout = get_layout(hf_config, tp=tp)
+    if pre_process is None:
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+    if post_process is None:
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
+
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec_for(config, vp_stage=vp_stage),
+        vocab_size=layout.padded_vocab_size,
+        max_sequence_length=int(getattr(hf_config, "max_position_embeddings", 4096)),
+        pre_process=pre_process,
+        post_process=post_process,
+        parallel_output=parallel_output,
+        share_embeddings_and_output_weights=layout.tie_word_embeddings,
+        position_embedding_type="rope",
+        rotary_percent=1.0,
+        rotary_base=read_rope_theta(hf_config),
+        vp_stage=vp_stage,
+    )
+    if torch.cuda.is_available():
+        model.cuda(torch.cuda.current_device())
+    model.hf_vocab_size = layout.vocab_size
+    model.padded_vocab_size = layout.padded_vocab_size
+    model.layout = layout
+    return model
