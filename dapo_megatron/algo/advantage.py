@@ -23,9 +23,7 @@ def group_index(
     """
     if isinstance(group_ids, torch.Tensor):
         if group_ids.dim() != 1:
-            raise ValueError(
-                f"group_ids tensor must be 1-D, got shape {tuple(group_ids.shape)}"
-            )
+            raise ValueError(f"group_ids tensor must be 1-D, got shape {tuple(group_ids.shape)}")
         _, inverse = torch.unique(group_ids, return_inverse=True)
         num_groups = int(inverse.max().item()) + 1 if inverse.numel() else 0
         return inverse, num_groups
@@ -53,9 +51,7 @@ def grpo_advantage(
     if scores.dim() != 1:
         raise ValueError(f"scores must be 1-D [B], got shape {tuple(scores.shape)}")
     if len(group_ids) != scores.shape[0]:
-        raise ValueError(
-            f"group_ids has {len(group_ids)} entries, scores has {scores.shape[0]}"
-        )
+        raise ValueError(f"group_ids has {len(group_ids)} entries, scores has {scores.shape[0]}")
     if eps < 0:
         raise ValueError(f"eps must be >= 0, got {eps}")
     index, num_groups = group_index(group_ids)

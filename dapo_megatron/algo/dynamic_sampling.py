@@ -20,12 +20,15 @@ Compared with the verl recipe this buffer fixes what users complain about:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
+logger = logging.getLogger(__name__)
 
 VALID_METRICS: tuple[str, ...] = ("acc", "score", "seq_reward")
 ON_EXHAUSTED: tuple[str, ...] = ("raise", "train_partial")
@@ -98,15 +101,11 @@ class DynamicSamplingBuffer:
         if metric not in VALID_METRICS:
             raise ValueError(f"metric must be one of {VALID_METRICS}, got {metric!r}")
         if on_exhausted not in ON_EXHAUSTED:
-            raise ValueError(
-                f"on_exhausted must be one of {ON_EXHAUSTED}, got {on_exhausted!r}"
-            )
+            raise ValueError(f"on_exhausted must be one of {ON_EXHAUSTED}, got {on_exhausted!r}")
         if max_carry_age < 0:
             raise ValueError(f"max_carry_age must be >= 0, got {max_carry_age}")
         if max_num_gen_batches < 0:
-            raise ValueError(
-                f"max_num_gen_batches must be >= 0 (0 = unlimited), got {max_num_gen_batches}"
-            )
+            raise ValueError(f"max_num_gen_batches must be >= 0 (0 = unlimited), got {max_num_gen_batches}")
         if not std_tolerance >= 0:
             raise ValueError(f"std_tolerance must be >= 0, got {std_tolerance}")
         self.train_batch_size = train_batch_size
@@ -135,9 +134,7 @@ class DynamicSamplingBuffer:
         a step that goes backwards means a resume from the wrong checkpoint.
         """
         if self._step is not None and step <= self._step:
-            raise ValueError(
-                f"step must increase: begin_step({step}) after step {self._step}"
-            )
+            raise ValueError(f"step must increase: begin_step({step}) after step {self._step}")
         self._step = step
         self._taken = False
         self._counters = _fresh_counters()
@@ -149,9 +146,7 @@ class DynamicSamplingBuffer:
         if self._step is None:
             raise RuntimeError(f"call begin_step() before {what}()")
         if self._taken:
-            raise RuntimeError(
-                f"{what}() after take() in step {self._step}; call begin_step() first"
-            )
+            raise RuntimeError(f"{what}() after take() in step {self._step}; call begin_step() first")
         return self._step
 
     # ------------------------------------------------------------- filtering
@@ -167,19 +162,14 @@ class DynamicSamplingBuffer:
             raise ValueError(f"group {group.uid!r} has no metrics")
         sizes = {name: len(values) for name, values in group.metrics.items()}
         if len(set(sizes.values())) != 1 or group.size == 0:
-            raise ValueError(
-                f"group {group.uid!r} has empty or ragged metrics: {sizes}"
-            )
+            raise ValueError(f"group {group.uid!r} has empty or ragged metrics: {sizes}")
         if self.enable:
             if self.metric not in group.metrics:
                 raise ValueError(
-                    f"group {group.uid!r} lacks filter metric {self.metric!r} "
-                    f"(has {sorted(group.metrics)})"
+                    f"group {group.uid!r} lacks filter metric {self.metric!r} (has {sorted(group.metrics)})"
                 )
             if not all(math.isfinite(float(v)) for v in group.metrics[self.metric]):
-                raise ValueError(
-                    f"group {group.uid!r} has a non-finite {self.metric!r} value"
-                )
+                raise ValueError(f"group {group.uid!r} has a non-finite {self.metric!r} value")
 
     def add_round(self, groups: Sequence[Group]) -> None:
         """Record one generation round: count it, filter its groups, keep the rest.
@@ -249,15 +239,12 @@ class DynamicSamplingBuffer:
                 "max_num_gen_batches or gen_batch_size, or lower train_batch_size"
             )
             if self.on_exhausted == "raise":
-                raise DynamicSamplingExhausted(
-                    message + ", or set on_exhausted='train_partial'"
-                )
+                raise DynamicSamplingExhausted(message + ", or set on_exhausted='train_partial'")
             if not self._kept:
-                raise DynamicSamplingExhausted(
-                    message + " (train_partial has no group to train on)"
-                )
+                raise DynamicSamplingExhausted(message + " (train_partial has no group to train on)")
             batch, surplus = self._kept, []
             counters["partial_batch"] = 1
+            logger.warning("%s; training on the partial batch (on_exhausted='train_partial')", message)
 
         carried = [g for g in surplus if step + 1 - g.born_step <= self.max_carry_age]
         counters["expired_groups"] += len(surplus) - len(carried)
@@ -321,15 +308,11 @@ class DynamicSamplingBuffer:
         carried groups then still expire by their recorded ``born_step``.
         """
         if state.get("version") != _STATE_VERSION:
-            raise ValueError(
-                f"unsupported DynamicSamplingBuffer state version {state.get('version')!r}"
-            )
+            raise ValueError(f"unsupported DynamicSamplingBuffer state version {state.get('version')!r}")
         counters = _fresh_counters()
         unknown = set(state["counters"]) - set(_COUNTERS)
         if unknown:
-            raise ValueError(
-                f"unknown dynamic-sampling counters in state: {sorted(unknown)}"
-            )
+            raise ValueError(f"unknown dynamic-sampling counters in state: {sorted(unknown)}")
         counters.update({k: int(v) for k, v in state["counters"].items()})
         groups = [
             Group(

@@ -34,24 +34,18 @@ def _as_bool_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask if mask.dtype == torch.bool else mask != 0
 
 
-def masked_sum(
-    x: torch.Tensor, mask: torch.Tensor, dim: int | None = None
-) -> torch.Tensor:
+def masked_sum(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Sum of ``x`` over positions where ``mask`` is set.
 
     ``torch.where`` rather than ``x * mask``: padding positions may hold inf or
     NaN (e.g. log-probs of pad tokens), and ``nan * 0`` would poison the sum and
     its gradient. The graph to ``x`` stays intact even when nothing is selected.
     """
-    selected = torch.where(
-        _as_bool_mask(mask), x, torch.zeros((), dtype=x.dtype, device=x.device)
-    )
+    selected = torch.where(_as_bool_mask(mask), x, torch.zeros((), dtype=x.dtype, device=x.device))
     return selected.sum() if dim is None else selected.sum(dim=dim)
 
 
-def masked_mean(
-    x: torch.Tensor, mask: torch.Tensor, dim: int | None = None
-) -> torch.Tensor:
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
     """Mean of ``x`` over masked positions; 0 (not NaN) where nothing is masked in.
 
     An empty selection is normal here (a micro-batch whose responses were all
@@ -81,9 +75,7 @@ def _check_count(name: str, value: Count) -> Count:
 
 def _check_mode(loss_agg_mode: str) -> None:
     if loss_agg_mode not in LOSS_AGG_MODES:
-        raise ValueError(
-            f"unknown loss_agg_mode {loss_agg_mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}"
-        )
+        raise ValueError(f"unknown loss_agg_mode {loss_agg_mode!r}; valid modes: {', '.join(LOSS_AGG_MODES)}")
 
 
 def local_normalizer(response_mask: torch.Tensor, loss_agg_mode: str) -> torch.Tensor:
@@ -103,9 +95,7 @@ def local_normalizer(response_mask: torch.Tensor, loss_agg_mode: str) -> torch.T
     if loss_agg_mode == "token-mean":
         return bool_mask.sum()
     if loss_agg_mode == "seq-mean-token-sum-norm":
-        return torch.tensor(
-            bool_mask.shape[0], dtype=torch.int64, device=bool_mask.device
-        )
+        return torch.tensor(bool_mask.shape[0], dtype=torch.int64, device=bool_mask.device)
     return bool_mask.any(dim=-1).sum()
 
 
@@ -145,14 +135,8 @@ def aggregate_loss(
     mask = _as_bool_mask(response_mask)
 
     if loss_agg_mode == "token-mean":
-        denom = (
-            local_normalizer(mask, loss_agg_mode)
-            if global_num_tokens is None
-            else global_num_tokens
-        )
-        return masked_sum(per_token_loss, mask) / _check_count(
-            "global_num_tokens", denom
-        )
+        denom = local_normalizer(mask, loss_agg_mode) if global_num_tokens is None else global_num_tokens
+        return masked_sum(per_token_loss, mask) / _check_count("global_num_tokens", denom)
 
     if loss_agg_mode == "seq-mean-token-sum-norm":
         num_seqs = mask.shape[0] if global_num_seqs is None else global_num_seqs
@@ -165,26 +149,18 @@ def aggregate_loss(
     seq_values = masked_sum(per_token_loss, mask, dim=-1)
     if loss_agg_mode == "seq-mean-token-mean":
         seq_values = seq_values / mask.sum(dim=-1).clamp_min(1).to(seq_values.dtype)
-    denom = (
-        local_normalizer(mask, loss_agg_mode)
-        if global_num_seqs is None
-        else global_num_seqs
-    )
+    denom = local_normalizer(mask, loss_agg_mode) if global_num_seqs is None else global_num_seqs
     # Empty sequences already contribute exactly 0 to the sum.
     return seq_values.sum() / _check_count("global_num_seqs", denom)
 
 
-def _validate_clip(
-    clip_ratio_low: float, clip_ratio_high: float, clip_ratio_c: float | None
-) -> None:
+def _validate_clip(clip_ratio_low: float, clip_ratio_high: float, clip_ratio_c: float | None) -> None:
     if not 0.0 <= clip_ratio_low < 1.0:
         raise ValueError(f"clip_ratio_low must be in [0, 1), got {clip_ratio_low}")
     if clip_ratio_high < 0.0:
         raise ValueError(f"clip_ratio_high must be >= 0, got {clip_ratio_high}")
     if clip_ratio_c is not None and not clip_ratio_c > 1.0:
-        raise ValueError(
-            f"clip_ratio_c must be > 1 (dual-clip lower bound), got {clip_ratio_c}"
-        )
+        raise ValueError(f"clip_ratio_c must be > 1 (dual-clip lower bound), got {clip_ratio_c}")
 
 
 def policy_loss(
@@ -222,14 +198,10 @@ def policy_loss(
         )
     if advantages.dim() == 1:
         if advantages.shape[0] != log_prob.shape[0]:
-            raise ValueError(
-                f"advantages [B] has {advantages.shape[0]} rows, log_prob has {log_prob.shape[0]}"
-            )
+            raise ValueError(f"advantages [B] has {advantages.shape[0]} rows, log_prob has {log_prob.shape[0]}")
         advantages = advantages.unsqueeze(-1)
     elif advantages.shape != log_prob.shape:
-        raise ValueError(
-            f"advantages must be [B] or [B, T] = {tuple(log_prob.shape)}, got {tuple(advantages.shape)}"
-        )
+        raise ValueError(f"advantages must be [B] or [B, T] = {tuple(log_prob.shape)}, got {tuple(advantages.shape)}")
     mask = _as_bool_mask(response_mask)
 
     # Zeroing padding positions up front keeps NaN/inf pad values out of the
@@ -241,9 +213,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
 
     loss_unclipped = -advantages * ratio
-    loss_clipped = -advantages * ratio.clamp(
-        1.0 - clip_ratio_low, 1.0 + clip_ratio_high
-    )
+    loss_clipped = -advantages * ratio.clamp(1.0 - clip_ratio_low, 1.0 + clip_ratio_high)
     loss_ppo = torch.maximum(loss_unclipped, loss_clipped)
     clipped = loss_clipped > loss_unclipped
 

@@ -18,17 +18,13 @@ import torch
 TRUNCATED_FINISH_REASON = "length"
 
 
-def _validate(
-    max_response_length: int, buffer_length: int, penalty_factor: float
-) -> None:
+def _validate(max_response_length: int, buffer_length: int, penalty_factor: float) -> None:
     if max_response_length <= 0:
         raise ValueError(f"max_response_length must be > 0, got {max_response_length}")
     if buffer_length <= 0:
         raise ValueError(f"buffer_length must be > 0, got {buffer_length}")
     if buffer_length > max_response_length:
-        raise ValueError(
-            f"buffer_length ({buffer_length}) must be <= max_response_length ({max_response_length})"
-        )
+        raise ValueError(f"buffer_length ({buffer_length}) must be <= max_response_length ({max_response_length})")
     if penalty_factor < 0:
         raise ValueError(f"penalty_factor must be >= 0, got {penalty_factor}")
 
@@ -49,9 +45,7 @@ def overlong_penalty(
     _validate(max_response_length, buffer_length, penalty_factor)
     lengths = torch.as_tensor(response_lengths).to(torch.float32)
     if lengths.dim() != 1:
-        raise ValueError(
-            f"response_lengths must be 1-D [B], got shape {tuple(lengths.shape)}"
-        )
+        raise ValueError(f"response_lengths must be 1-D [B], got shape {tuple(lengths.shape)}")
     if bool((lengths < 0).any()):
         raise ValueError("response_lengths must be >= 0")
     exceed = lengths - (max_response_length - buffer_length)
@@ -80,9 +74,7 @@ def apply_overlong_shaping(
     if not enable:
         return scores.clone()
     if max_response_length is None or buffer_length is None or penalty_factor is None:
-        raise ValueError(
-            "overlong shaping is enabled but max_response_length, buffer_length or penalty_factor is None"
-        )
+        raise ValueError("overlong shaping is enabled but max_response_length, buffer_length or penalty_factor is None")
     penalty = overlong_penalty(
         response_lengths,
         max_response_length=max_response_length,
@@ -90,9 +82,7 @@ def apply_overlong_shaping(
         penalty_factor=penalty_factor,
     )
     if penalty.shape != scores.shape:
-        raise ValueError(
-            f"scores {tuple(scores.shape)} and response_lengths {tuple(penalty.shape)} differ"
-        )
+        raise ValueError(f"scores {tuple(scores.shape)} and response_lengths {tuple(penalty.shape)} differ")
     return scores + penalty.to(device=scores.device, dtype=scores.dtype)
 
 
@@ -109,17 +99,11 @@ def truncation_mask(
     """
     if isinstance(truncated, torch.Tensor):
         if truncated.dim() != 1:
-            raise ValueError(
-                f"is_truncated must be 1-D [B], got shape {tuple(truncated.shape)}"
-            )
+            raise ValueError(f"is_truncated must be 1-D [B], got shape {tuple(truncated.shape)}")
         return ~truncated.bool()
     items = list(truncated)
     if all(isinstance(x, bool) for x in items):
         return ~torch.tensor(items, dtype=torch.bool)
     if all(x is None or isinstance(x, str) for x in items):
-        return torch.tensor(
-            [x != TRUNCATED_FINISH_REASON for x in items], dtype=torch.bool
-        )
-    raise TypeError(
-        "truncation_mask expects finish-reason strings or is_truncated booleans"
-    )
+        return torch.tensor([x != TRUNCATED_FINISH_REASON for x in items], dtype=torch.bool)
+    raise TypeError("truncation_mask expects finish-reason strings or is_truncated booleans")

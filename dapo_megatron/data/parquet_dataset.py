@@ -100,14 +100,9 @@ def load_prompt_dataset(
     if max_prompt_length <= 0:
         raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}")
     if truncation not in TRUNCATION_MODES:
-        raise ValueError(
-            f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}"
-        )
+        raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
     if apply_chat_template and not getattr(tokenizer, "chat_template", None):
-        raise ValueError(
-            "the tokenizer has no chat template; "
-            "set one or pass apply_chat_template=False"
-        )
+        raise ValueError("the tokenizer has no chat template; set one or pass apply_chat_template=False")
     paths = _as_paths(files)
     stats = DatasetStats()
 
@@ -134,11 +129,7 @@ def load_prompt_dataset(
                     f"max_prompt_length={max_prompt_length}; set "
                     "filter_overlong_prompts=True or truncation='left'/'right'"
                 )
-            ids = (
-                ids[-max_prompt_length:]
-                if truncation == "left"
-                else ids[:max_prompt_length]
-            )
+            ids = ids[-max_prompt_length:] if truncation == "left" else ids[:max_prompt_length]
             stats.num_truncated += 1
         records.append(
             PromptRecord(
@@ -160,8 +151,7 @@ def load_prompt_dataset(
             f"dropped as longer than max_prompt_length={max_prompt_length} tokens"
         )
     logger.info(
-        "loaded %d prompts from %s (%d rows, %d duplicates dropped, %d over "
-        "%d tokens dropped, %d truncated)",
+        "loaded %d prompts from %s (%d rows, %d duplicates dropped, %d over %d tokens dropped, %d truncated)",
         stats.num_kept,
         names,
         stats.num_rows,
@@ -196,10 +186,7 @@ def _read_file(path: Path, prompt_key: str) -> list[_Row]:
     required = (prompt_key, "reward_model", "data_source")
     missing = [name for name in required if name not in table.column_names]
     if missing:
-        raise DataError(
-            f"{path}: missing column(s) {', '.join(map(repr, missing))}; "
-            f"found {table.column_names}"
-        )
+        raise DataError(f"{path}: missing column(s) {', '.join(map(repr, missing))}; found {table.column_names}")
     # Column-wise conversion is much faster than table.to_pylist() on the
     # ~1.8M-row public file.
     prompts = table.column(prompt_key).to_pylist()
@@ -235,14 +222,12 @@ def _check_messages(value: Any, where: str, key: str) -> list[dict[str, str]]:
     for j, message in enumerate(value):
         if not isinstance(message, dict):
             raise DataError(
-                f"{where}: field {key!r}[{j}] must be a {{role, content}} dict, "
-                f"got {type(message).__name__}"
+                f"{where}: field {key!r}[{j}] must be a {{role, content}} dict, got {type(message).__name__}"
             )
         for part in ("role", "content"):
             if not isinstance(message.get(part), str):
                 raise DataError(
-                    f"{where}: field {key!r}[{j}].{part} must be a string, "
-                    f"got {type(message.get(part)).__name__}"
+                    f"{where}: field {key!r}[{j}].{part} must be a string, got {type(message.get(part)).__name__}"
                 )
         messages.append({"role": message["role"], "content": message["content"]})
     return messages
@@ -251,26 +236,20 @@ def _check_messages(value: Any, where: str, key: str) -> list[dict[str, str]]:
 def _check_ground_truth(value: Any, where: str) -> str:
     if not isinstance(value, dict):
         raise DataError(
-            f"{where}: field 'reward_model' must be a struct with a 'ground_truth' "
-            f"string, got {type(value).__name__}"
+            f"{where}: field 'reward_model' must be a struct with a 'ground_truth' string, got {type(value).__name__}"
         )
     truth = value.get("ground_truth")
     if truth is None:
         raise DataError(f"{where}: field 'reward_model.ground_truth' is missing")
     if not isinstance(truth, str):
-        raise DataError(
-            f"{where}: field 'reward_model.ground_truth' must be a string, "
-            f"got {type(truth).__name__}"
-        )
+        raise DataError(f"{where}: field 'reward_model.ground_truth' must be a string, got {type(truth).__name__}")
     return truth
 
 
 def _check_data_source(value: Any, where: str) -> str:
     # The reward function is chosen by data_source, so it cannot be blank.
     if not isinstance(value, str) or not value:
-        raise DataError(
-            f"{where}: field 'data_source' must be a non-empty string, got {value!r}"
-        )
+        raise DataError(f"{where}: field 'data_source' must be a non-empty string, got {value!r}")
     return value
 
 
@@ -278,9 +257,7 @@ def _check_extra_info(value: Any, where: str) -> dict[str, Any]:
     if value is None:
         return {}
     if not isinstance(value, dict):
-        raise DataError(
-            f"{where}: field 'extra_info' must be a struct, got {type(value).__name__}"
-        )
+        raise DataError(f"{where}: field 'extra_info' must be a struct, got {type(value).__name__}")
     return value
 
 
@@ -311,27 +288,18 @@ def _deduplicate(rows: list[_Row]) -> list[_Row]:
     return kept
 
 
-def _encode(
-    rows: list[_Row], tokenizer: PreTrainedTokenizerBase, apply_chat_template: bool
-) -> list[list[int]]:
+def _encode(rows: list[_Row], tokenizer: PreTrainedTokenizerBase, apply_chat_template: bool) -> list[list[int]]:
     if apply_chat_template:
         # Render to text, then encode without extra special tokens: the
         # template already spells out BOS-like markers where the model wants
         # them, and tokenize=True returns a dict in transformers 5.
-        texts = [
-            tokenizer.apply_chat_template(
-                r.messages, tokenize=False, add_generation_prompt=True
-            )
-            for r in rows
-        ]
+        texts = [tokenizer.apply_chat_template(r.messages, tokenize=False, add_generation_prompt=True) for r in rows]
     else:
         texts = ["\n".join(m["content"] for m in r.messages) for r in rows]
     ids: list[list[int]] = []
     for start in range(0, len(texts), _ENCODE_CHUNK):
         chunk = texts[start : start + _ENCODE_CHUNK]
-        ids.extend(
-            tokenizer(chunk, add_special_tokens=not apply_chat_template)["input_ids"]
-        )
+        ids.extend(tokenizer(chunk, add_special_tokens=not apply_chat_template)["input_ids"])
     return ids
 
 
@@ -347,9 +315,7 @@ def _unique_uid(row: _Row, taken: set[str]) -> str:
     if index is not None:
         base = f"{row.data_source}:{index}"
     else:
-        text = "\x00".join(
-            f"{role}\x01{content}" for role, content in _prompt_key(row.messages)
-        )
+        text = "\x00".join(f"{role}\x01{content}" for role, content in _prompt_key(row.messages))
         base = f"{row.data_source}:{hashlib.sha1(text.encode()).hexdigest()[:16]}"
     uid, k = base, 0
     while uid in taken:

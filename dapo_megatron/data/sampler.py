@@ -81,9 +81,7 @@ class ResumableSampler:
         batch: list[int] = []
         while len(batch) < batch_size:
             take = min(batch_size - len(batch), self.num_items - self._position)
-            batch.extend(
-                int(i) for i in self._order[self._position : self._position + take]
-            )
+            batch.extend(int(i) for i in self._order[self._position : self._position + take])
             self._position += take
             if self._position == self.num_items:
                 self._start_epoch(self._epoch + 1)
@@ -116,8 +114,6 @@ class ResumableSampler:
                 )
         epoch, position = int(state["epoch"]), int(state["position"])
         if epoch < 0 or not 0 <= position < self.num_items:
-            raise ValueError(
-                f"invalid sampler state: epoch={epoch}, position={position}"
-            )
+            raise ValueError(f"invalid sampler state: epoch={epoch}, position={position}")
         self._start_epoch(epoch)
         self._position = position

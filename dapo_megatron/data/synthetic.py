@@ -100,9 +100,7 @@ def _operand_count(num_digits: int) -> int:
     return 10 if num_digits == 1 else 9 * 10 ** (num_digits - 1)
 
 
-def _sample_problems(
-    count: int, digits: tuple[int, int], ops: Sequence[str], rng: random.Random
-) -> list[_Problem]:
+def _sample_problems(count: int, digits: tuple[int, int], ops: Sequence[str], rng: random.Random) -> list[_Problem]:
     """Distinct problems whose difficulty level is uniform over the digit range.
 
     The level is the longer operand's length; the shorter one is drawn from
@@ -115,8 +113,7 @@ def _sample_problems(
     space = len(ops) * operands * operands
     if count > space:
         raise ValueError(
-            f"asked for {count} distinct problems but digits={digits}, "
-            f"ops={tuple(ops)} allow only {space}"
+            f"asked for {count} distinct problems but digits={digits}, ops={tuple(ops)} allow only {space}"
         )
     seen: set[_Problem] = set()
     problems: list[_Problem] = []
@@ -189,18 +186,12 @@ def make_arithmetic_task(
     """
     lo, hi = digits
     if not 1 <= lo <= hi:
-        raise ValueError(
-            f"digits must be (min, max) with 1 <= min <= max, got {digits}"
-        )
+        raise ValueError(f"digits must be (min, max) with 1 <= min <= max, got {digits}")
     unknown = [op for op in ops if op not in SUPPORTED_OPS]
     if not ops or unknown:
-        raise ValueError(
-            f"ops must be a non-empty subset of {SUPPORTED_OPS}, got {tuple(ops)}"
-        )
+        raise ValueError(f"ops must be a non-empty subset of {SUPPORTED_OPS}, got {tuple(ops)}")
     if num_train < 1 or num_val < 1:
-        raise ValueError(
-            f"num_train and num_val must be >= 1, got {num_train}, {num_val}"
-        )
+        raise ValueError(f"num_train and num_val must be >= 1, got {num_train}, {num_val}")
 
     rng = random.Random(seed)
     problems = _sample_problems(num_train + num_val, (lo, hi), tuple(ops), rng)
@@ -219,18 +210,13 @@ def make_arithmetic_task(
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="dapo-make-task",
-        description="Write an offline arithmetic task in the DAPO-Math parquet "
-        "schema, and its tokenizer.",
+        description="Write an offline arithmetic task in the DAPO-Math parquet schema, and its tokenizer.",
     )
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument("--num-train", type=int, default=2000)
     parser.add_argument("--num-val", type=int, default=200)
-    parser.add_argument(
-        "--min-digits", type=int, default=1, help="shortest operand length"
-    )
-    parser.add_argument(
-        "--max-digits", type=int, default=3, help="longest operand length"
-    )
+    parser.add_argument("--min-digits", type=int, default=1, help="shortest operand length")
+    parser.add_argument("--max-digits", type=int, default=3, help="longest operand length")
     parser.add_argument(
         "--ops",
         default="+-",
@@ -262,12 +248,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for m in table.column("prompt").to_pylist()
     ]
     solutions = [e["solution"] + IM_END for e in table.column("extra_info").to_pylist()]
-    prompt_lens = [
-        len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]
-    ]
-    answer_lens = [
-        len(ids) for ids in tokenizer(solutions, add_special_tokens=False)["input_ids"]
-    ]
+    prompt_lens = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+    answer_lens = [len(ids) for ids in tokenizer(solutions, add_special_tokens=False)["input_ids"]]
     print(f"train: {paths.train} ({args.num_train} rows)")
     print(f"val: {paths.val} ({args.num_val} rows)")
     print(f"tokenizer: {paths.tokenizer_dir} (vocab {len(tokenizer)})")

@@ -43,9 +43,7 @@ CHAT_TEMPLATE = (
 _SPECIAL_SPLIT = re.compile("|".join(re.escape(t) for t in SPECIAL_TOKENS))
 
 
-def render_chat(
-    messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True
-) -> str:
+def render_chat(messages: Sequence[Mapping[str, str]], *, add_generation_prompt: bool = True) -> str:
     """Render messages as CHAT_TEMPLATE does, without needing a tokenizer.
 
     Used to produce training text for the tokenizer before it exists.

@@ -29,6 +29,7 @@ that cannot even start) do raise, because retrying cannot fix them.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -43,6 +44,8 @@ from multiprocessing.connection import Connection, wait
 from typing import Any, Self
 
 from dapo_megatron.reward import BACKENDS, get_scorer
+
+logger = logging.getLogger(__name__)
 
 Scorer = Callable[[str, str], Mapping[str, Any]]
 EXECUTORS = ("process", "ray", "inline")
@@ -171,6 +174,18 @@ class RewardPool:
             t0 = time.perf_counter()
             outcomes = self._impl.run(items) if items else []
             self._counters.add(outcomes, time.perf_counter() - t0, self._impl.pop_restarts())
+        failures = [(i, o[3]) for i, o in enumerate(outcomes) if o[3] is not None]
+        if failures:
+            # Failures are scored as incorrect and training goes on, so say it where people look.
+            index, reason = failures[0]
+            logger.warning(
+                "reward: %d of %d responses failed and scored %.1f (first: response %d, %s)",
+                len(failures),
+                len(outcomes),
+                FAILED_SCORE,
+                index,
+                reason,
+            )
         return ScoredBatch(
             scores=[o[0] for o in outcomes],
             acc=[o[1] for o in outcomes],

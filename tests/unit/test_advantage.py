@@ -12,15 +12,11 @@ from dapo_megatron.algo.advantage import grpo_advantage
 SETTINGS = settings(max_examples=60, deadline=None)
 
 
-def reference(
-    scores: torch.Tensor, ids: list, eps: float, norm_by_std: bool
-) -> torch.Tensor:
+def reference(scores: torch.Tensor, ids: list, eps: float, norm_by_std: bool) -> torch.Tensor:
     """The note's definition written as the obvious loop over samples."""
     out = torch.empty_like(scores)
     for i, gid in enumerate(ids):
-        members = torch.stack(
-            [scores[j] for j, other in enumerate(ids) if other == gid]
-        )
+        members = torch.stack([scores[j] for j, other in enumerate(ids) if other == gid])
         if members.numel() == 1:
             mean, std = (
                 torch.tensor(0.0, dtype=scores.dtype),
@@ -36,18 +32,12 @@ def reference(
 def grouped_scores(draw):
     sizes = draw(st.lists(st.integers(1, 5), min_size=1, max_size=6))
     kinds = draw(st.sampled_from(["str", "int"]))
-    ids = [
-        f"uid-{g}" if kinds == "str" else 100 - g
-        for g, n in enumerate(sizes)
-        for _ in range(n)
-    ]
+    ids = [f"uid-{g}" if kinds == "str" else 100 - g for g, n in enumerate(sizes) for _ in range(n)]
     perm = draw(st.permutations(range(len(ids))))
     ids = [ids[p] for p in perm]
     values = draw(
         st.lists(
-            st.one_of(
-                st.sampled_from([-1.0, 0.0, 1.0]), st.floats(-5, 5, allow_nan=False)
-            ),
+            st.one_of(st.sampled_from([-1.0, 0.0, 1.0]), st.floats(-5, 5, allow_nan=False)),
             min_size=len(ids),
             max_size=len(ids),
         )
@@ -60,9 +50,7 @@ def grouped_scores(draw):
 def test_matches_reference_loop(data, norm_by_std) -> None:
     scores, ids = data
     got = grpo_advantage(scores, ids, norm_by_std=norm_by_std)
-    torch.testing.assert_close(
-        got, reference(scores, ids, 1e-6, norm_by_std), rtol=1e-9, atol=1e-9
-    )
+    torch.testing.assert_close(got, reference(scores, ids, 1e-6, norm_by_std), rtol=1e-9, atol=1e-9)
 
 
 @SETTINGS
@@ -96,9 +84,7 @@ def test_size_one_group_uses_mean_zero_std_one() -> None:
     adv = grpo_advantage(scores, ["a", "b", "b", "c"], eps=1e-6)
     assert adv[0].item() == pytest.approx(1.0 / (1.0 + 1e-6))
     assert adv[3].item() == pytest.approx(0.5 / (1.0 + 1e-6))
-    assert (
-        grpo_advantage(scores, ["a", "b", "b", "c"], norm_by_std=False)[0].item() == 1.0
-    )
+    assert grpo_advantage(scores, ["a", "b", "b", "c"], norm_by_std=False)[0].item() == 1.0
 
 
 def test_concrete_group_values() -> None:
@@ -128,6 +114,4 @@ def test_bad_inputs() -> None:
 
 def test_empty_batch() -> None:
     assert grpo_advantage(torch.zeros(0), []).shape == (0,)
-    assert grpo_advantage(torch.zeros(0), torch.zeros(0, dtype=torch.long)).shape == (
-        0,
-    )
+    assert grpo_advantage(torch.zeros(0), torch.zeros(0, dtype=torch.long)).shape == (0,)

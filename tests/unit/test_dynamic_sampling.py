@@ -233,12 +233,15 @@ def test_exhausted_raises_with_actionable_message() -> None:
     assert isinstance(info.value, RuntimeError)
 
 
-def test_exhausted_train_partial() -> None:
+def test_exhausted_train_partial(caplog: pytest.LogCaptureFixture) -> None:
     buf = DynamicSamplingBuffer(4, max_num_gen_batches=1, on_exhausted="train_partial")
     buf.begin_step(0)
     kept = mixed(3)
     buf.add_round(kept + flat(5))
-    batch = buf.take()
+    with caplog.at_level("WARNING", logger="dapo_megatron.algo.dynamic_sampling"):
+        batch = buf.take()
+    assert "3 of 4 groups kept after 1 generation rounds" in caplog.text
+    assert "training on the partial batch" in caplog.text
     assert [g.uid for g in batch] == [g.uid for g in kept]
     m = buf.metrics()
     assert m["dynamic_sampling/partial_batch"] == 1
@@ -279,12 +282,7 @@ def _drive(buf: DynamicSamplingBuffer, steps: range, seed: int) -> list:
             rounds += 1
         try:
             batch = buf.take()
-            log.append(
-                [
-                    (g.uid, g.born_step, g.metrics, g.payload["ids"].tolist())
-                    for g in batch
-                ]
-            )
+            log.append([(g.uid, g.born_step, g.metrics, g.payload["ids"].tolist()) for g in batch])
         except DynamicSamplingExhausted as err:
             log.append(str(err))
         log.append(buf.metrics())
@@ -378,9 +376,7 @@ class BufferMachine(RuleBasedStateMachine):
     def add_round(self, sizes, data) -> None:
         groups = []
         for n in sizes:
-            acc = data.draw(
-                st.lists(st.sampled_from([0.0, 1.0]), min_size=n, max_size=n)
-            )
+            acc = data.draw(st.lists(st.sampled_from([0.0, 1.0]), min_size=n, max_size=n))
             groups.append(group(acc, uid=f"u{self.next_uid}"))
             self.next_uid += 1
         self.buf.add_round(groups)
@@ -391,9 +387,7 @@ class BufferMachine(RuleBasedStateMachine):
         self.step_samples += sum(sizes)
         self.step_rounds += 1
 
-    @precondition(
-        lambda self: not self.taken and (self.buf.ready() or not self.buf.rounds_left())
-    )
+    @precondition(lambda self: not self.taken and (self.buf.ready() or not self.buf.rounds_left()))
     @rule()
     def take(self) -> None:
         was_ready = self.buf.ready()
@@ -420,15 +414,11 @@ class BufferMachine(RuleBasedStateMachine):
         assert born == sorted(born), "not oldest first"
         assert all(self.step - b <= self.config["max_carry_age"] for b in born)
         m = self.buf.metrics()
-        assert m["dynamic_sampling/carried_in_groups"] == sum(
-            b < self.step for b in born
-        )
+        assert m["dynamic_sampling/carried_in_groups"] == sum(b < self.step for b in born)
         assert m["dynamic_sampling/trained_samples"] == sum(g.size for g in batch)
         self.handed |= set(uids)
 
-    @precondition(
-        lambda self: not self.taken and not self.buf.ready() and self.buf.rounds_left()
-    )
+    @precondition(lambda self: not self.taken and not self.buf.ready() and self.buf.rounds_left())
     @rule()
     def take_too_early(self) -> None:
         try:
@@ -441,9 +431,7 @@ class BufferMachine(RuleBasedStateMachine):
 
     @rule(jump=st.integers(1, 3))
     def next_step(self, jump) -> None:
-        self.expired_before += int(
-            self.buf.metrics()["dynamic_sampling/expired_groups"]
-        )
+        self.expired_before += int(self.buf.metrics()["dynamic_sampling/expired_groups"])
         self.step += jump
         self.buf.begin_step(self.step)
         self.taken = False
@@ -461,26 +449,14 @@ class BufferMachine(RuleBasedStateMachine):
         carried = {g.uid for g in self.buf.pending}
         assert carried <= self.kept - self.handed
         expired = self.expired_before + int(m["dynamic_sampling/expired_groups"])
-        assert len(self.kept) == len(self.handed) + len(carried) + expired, (
-            "lost a kept group"
-        )
+        assert len(self.kept) == len(self.handed) + len(carried) + expired, "lost a kept group"
         assert m["dynamic_sampling/carried_groups"] == len(carried)
-        assert all(
-            self.step - g.born_step <= self.config["max_carry_age"]
-            for g in self.buf.pending
-        )
-        assert (
-            m["dynamic_sampling/kept_groups"] + m["dynamic_sampling/filtered_groups"]
-            == self.step_groups
-        )
+        assert all(self.step - g.born_step <= self.config["max_carry_age"] for g in self.buf.pending)
+        assert m["dynamic_sampling/kept_groups"] + m["dynamic_sampling/filtered_groups"] == self.step_groups
         assert m["dynamic_sampling/generated_samples"] == self.step_samples
         assert m["train/num_gen_batches"] == self.step_rounds
-        assert self.buf.should_generate() == (
-            not self.buf.ready() and self.buf.rounds_left()
-        )
+        assert self.buf.should_generate() == (not self.buf.ready() and self.buf.rounds_left())
 
 
-BufferMachine.TestCase.settings = settings(
-    max_examples=80, stateful_step_count=25, deadline=None
-)
+BufferMachine.TestCase.settings = settings(max_examples=80, stateful_step_count=25, deadline=None)
 TestBufferMachine = BufferMachine.TestCase

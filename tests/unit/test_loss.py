@@ -31,9 +31,7 @@ def batches(draw, min_b: int = 1, max_b: int = 6, max_t: int = 7):
     p_valid = draw(st.sampled_from([0.0, 0.3, 0.7, 1.0]))
     gen = torch.Generator().manual_seed(seed)
     log_prob = -torch.rand(b, t, generator=gen, dtype=torch.float64) * 3
-    old_log_prob = log_prob + 0.5 * torch.randn(
-        b, t, generator=gen, dtype=torch.float64
-    )
+    old_log_prob = log_prob + 0.5 * torch.randn(b, t, generator=gen, dtype=torch.float64)
     advantages = torch.randn(b, generator=gen, dtype=torch.float64)
     mask = torch.rand(b, t, generator=gen) < p_valid
     return log_prob, old_log_prob, advantages, mask
@@ -48,9 +46,7 @@ def batches(draw, min_b: int = 1, max_b: int = 6, max_t: int = 7):
 #   (1,2) r=20   -> dual clip: min(c=10, 20) = 10   (clipfrac_lower)
 RATIOS = torch.tensor([[1.0, 1.5, 0.5], [0.5, 1.1, 20.0]], dtype=torch.float64)
 ADV = torch.tensor([1.0, -1.0], dtype=torch.float64)
-EXPECTED_TOKEN_LOSS = torch.tensor(
-    [[-1.0, -1.28, -0.5], [0.8, 1.1, 10.0]], dtype=torch.float64
-)
+EXPECTED_TOKEN_LOSS = torch.tensor([[-1.0, -1.28, -0.5], [0.8, 1.1, 10.0]], dtype=torch.float64)
 
 
 def _hand_example(requires_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
@@ -130,10 +126,7 @@ def test_metrics_are_fractions_and_detached(batch, mode) -> None:
         assert 0.0 <= out[key].item() <= 1.0
     # The dual clip can only fire on negative-advantage tokens.
     negative = (advantages[:, None] < 0).expand_as(mask)
-    assert (
-        out["pg_clipfrac_lower"].item()
-        <= masked_mean(negative.double(), mask).item() + 1e-12
-    )
+    assert out["pg_clipfrac_lower"].item() <= masked_mean(negative.double(), mask).item() + 1e-12
     for key in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"):
         assert not out[key].requires_grad
     assert out["pg_loss"].requires_grad
@@ -151,9 +144,7 @@ def test_split_micro_batches_sum_to_global_loss(batch, data) -> None:
     log_prob, old, advantages, mask = batch
     b, t = mask.shape
     loss = (log_prob - old) * advantages[:, None]
-    cuts = sorted(
-        data.draw(st.lists(st.integers(1, max(1, b - 1)), max_size=3, unique=True))
-    )
+    cuts = sorted(data.draw(st.lists(st.integers(1, max(1, b - 1)), max_size=3, unique=True)))
     bounds = [0, *[c for c in cuts if c < b], b]
     chunks = [(lo, hi) for lo, hi in itertools.pairwise(bounds) if hi > lo]
     for mode in LOSS_AGG_MODES:
@@ -164,11 +155,7 @@ def test_split_micro_batches_sum_to_global_loss(batch, data) -> None:
             m = mask[lo:hi]
             valid_cols = torch.nonzero(m.any(0))
             width = int(valid_cols.max()) + 1 if valid_cols.numel() else 1
-            kwargs = (
-                {"global_num_tokens": total}
-                if mode == "token-mean"
-                else {"global_num_seqs": total}
-            )
+            kwargs = {"global_num_tokens": total} if mode == "token-mean" else {"global_num_seqs": total}
             parts.append(
                 aggregate_loss(
                     loss[lo:hi, :width],
@@ -178,9 +165,7 @@ def test_split_micro_batches_sum_to_global_loss(batch, data) -> None:
                     **kwargs,
                 )
             )
-        assert torch.stack(parts).sum().item() == pytest.approx(
-            full.item(), abs=1e-10
-        ), mode
+        assert torch.stack(parts).sum().item() == pytest.approx(full.item(), abs=1e-10), mode
 
 
 def test_policy_loss_split_with_global_num_tokens() -> None:
@@ -192,16 +177,12 @@ def test_policy_loss_split_with_global_num_tokens() -> None:
     full = policy_loss(log_prob, old, adv, mask)["pg_loss"]
     n = int(mask.sum())
     parts = [
-        policy_loss(log_prob[s], old[s], adv[s], mask[s], global_num_tokens=n)[
-            "pg_loss"
-        ]
+        policy_loss(log_prob[s], old[s], adv[s], mask[s], global_num_tokens=n)["pg_loss"]
         for s in (slice(0, 1), slice(1, 4), slice(4, 6))
     ]
     assert sum(p.item() for p in parts) == pytest.approx(full.item())
     # A tensor normaliser (as returned by an all-reduce) works the same.
-    tensor_part = policy_loss(
-        log_prob, old, adv, mask, global_num_tokens=torch.tensor(n)
-    )["pg_loss"]
+    tensor_part = policy_loss(log_prob, old, adv, mask, global_num_tokens=torch.tensor(n))["pg_loss"]
     assert tensor_part.item() == pytest.approx(full.item())
 
 
@@ -209,18 +190,10 @@ def test_concrete_modes() -> None:
     loss = torch.tensor([[1.0, 2.0, 3.0], [4.0, 0.0, 0.0], [9.0, 9.0, 9.0]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0], [0, 0, 0]])
     assert aggregate_loss(loss, mask, "token-mean").item() == pytest.approx(10 / 4)
-    assert aggregate_loss(loss, mask, "seq-mean-token-sum").item() == pytest.approx(
-        (6 + 4) / 2
-    )
-    assert aggregate_loss(loss, mask, "seq-mean-token-mean").item() == pytest.approx(
-        (2 + 4) / 2
-    )
-    assert aggregate_loss(
-        loss, mask, "seq-mean-token-sum-norm"
-    ).item() == pytest.approx(10 / 9)
-    assert aggregate_loss(
-        loss, mask, "seq-mean-token-sum-norm", max_response_length=5
-    ).item() == pytest.approx(10 / 15)
+    assert aggregate_loss(loss, mask, "seq-mean-token-sum").item() == pytest.approx((6 + 4) / 2)
+    assert aggregate_loss(loss, mask, "seq-mean-token-mean").item() == pytest.approx((2 + 4) / 2)
+    assert aggregate_loss(loss, mask, "seq-mean-token-sum-norm").item() == pytest.approx(10 / 9)
+    assert aggregate_loss(loss, mask, "seq-mean-token-sum-norm", max_response_length=5).item() == pytest.approx(10 / 15)
 
 
 @pytest.mark.parametrize("mode", LOSS_AGG_MODES)
@@ -234,16 +207,12 @@ def test_empty_mask_gives_zero_with_graph(mode: str) -> None:
     assert torch.all(log_prob.grad == 0)
     for key in ("pg_clipfrac", "pg_clipfrac_lower", "ppo_kl"):
         assert out[key].item() == 0.0
-    zero_global = aggregate_loss(
-        log_prob, mask, mode, global_num_tokens=0, global_num_seqs=0
-    )
+    zero_global = aggregate_loss(log_prob, mask, mode, global_num_tokens=0, global_num_seqs=0)
     assert zero_global.item() == 0.0
 
 
 def test_nan_padding_does_not_leak() -> None:
-    log_prob = torch.tensor(
-        [[-1.0, float("nan")], [-0.5, float("-inf")]], requires_grad=True
-    )
+    log_prob = torch.tensor([[-1.0, float("nan")], [-0.5, float("-inf")]], requires_grad=True)
     old = torch.tensor([[-1.1, float("-inf")], [-0.4, float("-inf")]])
     mask = torch.tensor([[True, False], [True, False]])
     adv = torch.tensor([[1.0, float("nan")], [-1.0, float("inf")]])
@@ -260,9 +229,7 @@ def test_masked_helpers() -> None:
     assert masked_sum(x, mask).item() == 3.0
     assert masked_mean(x, mask).item() == 1.5
     torch.testing.assert_close(masked_mean(x, mask, dim=-1), torch.tensor([1.5, 0.0]))
-    torch.testing.assert_close(
-        masked_sum(x, mask.bool(), dim=0), torch.tensor([1.0, 2.0, 0.0])
-    )
+    torch.testing.assert_close(masked_sum(x, mask.bool(), dim=0), torch.tensor([1.0, 2.0, 0.0]))
 
 
 @pytest.mark.parametrize("c", [1.0, 0.5, -3.0])
@@ -275,9 +242,7 @@ def test_clip_ratio_c_must_exceed_one(c: float) -> None:
 def test_other_bad_arguments() -> None:
     new, old = _hand_example()
     mask = torch.ones(2, 3)
-    with pytest.raises(
-        ValueError, match="token-mean, seq-mean-token-sum, seq-mean-token-mean"
-    ):
+    with pytest.raises(ValueError, match="token-mean, seq-mean-token-sum, seq-mean-token-mean"):
         policy_loss(new, old, ADV, mask, loss_agg_mode="sequence-mean")
     with pytest.raises(ValueError, match="seq-mean-token-sum-norm"):
         aggregate_loss(new, mask, "bogus")

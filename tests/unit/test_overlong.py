@@ -29,9 +29,7 @@ def configs(draw):
 @given(configs())
 def test_penalty_bounds_and_free_zone(cfg) -> None:
     l_max, l_buf, alpha, lengths = cfg
-    pen = overlong_penalty(
-        lengths, max_response_length=l_max, buffer_length=l_buf, penalty_factor=alpha
-    )
+    pen = overlong_penalty(lengths, max_response_length=l_max, buffer_length=l_buf, penalty_factor=alpha)
     assert pen.shape == (len(lengths),)
     assert torch.all(pen <= 0)
     assert torch.all(pen >= -alpha - 1e-4 * max(alpha, 1.0))
@@ -45,9 +43,7 @@ def test_penalty_bounds_and_free_zone(cfg) -> None:
 def test_penalty_is_monotone_in_length(cfg) -> None:
     l_max, l_buf, alpha, _ = cfg
     lengths = torch.arange(max(0, l_max - l_buf - 3), l_max + 1)
-    pen = overlong_penalty(
-        lengths, max_response_length=l_max, buffer_length=l_buf, penalty_factor=alpha
-    )
+    pen = overlong_penalty(lengths, max_response_length=l_max, buffer_length=l_buf, penalty_factor=alpha)
     assert torch.all(pen[1:] <= pen[:-1])
 
 
@@ -55,9 +51,7 @@ def test_recipe_values() -> None:
     kw = {"max_response_length": 20480, "buffer_length": 4096, "penalty_factor": 1.0}
     pen = overlong_penalty(torch.tensor([100, 16384, 16385, 18432, 20480]), **kw)
     torch.testing.assert_close(pen, torch.tensor([0.0, 0.0, -1 / 4096, -0.5, -1.0]))
-    shaped = apply_overlong_shaping(
-        torch.tensor([-1.0, 1.0]), torch.tensor([20480, 18432]), enable=True, **kw
-    )
+    shaped = apply_overlong_shaping(torch.tensor([-1.0, 1.0]), torch.tensor([20480, 18432]), enable=True, **kw)
     torch.testing.assert_close(shaped, torch.tensor([-2.0, 0.5]))
 
 
@@ -129,13 +123,9 @@ def test_bad_arguments_name_the_argument(kwargs, name) -> None:
 
 def test_bad_lengths() -> None:
     with pytest.raises(ValueError, match="response_lengths"):
-        overlong_penalty(
-            [-1], max_response_length=10, buffer_length=5, penalty_factor=1.0
-        )
+        overlong_penalty([-1], max_response_length=10, buffer_length=5, penalty_factor=1.0)
     with pytest.raises(ValueError, match="response_lengths"):
-        overlong_penalty(
-            [[1]], max_response_length=10, buffer_length=5, penalty_factor=1.0
-        )
+        overlong_penalty([[1]], max_response_length=10, buffer_length=5, penalty_factor=1.0)
 
 
 def test_truncation_mask_inputs() -> None:

@@ -40,9 +40,7 @@ def tok(tmp_path_factory):
             [
                 {
                     "role": "user",
-                    "content": DAPO_PROMPT_TEMPLATE.format(
-                        problem=f"What is {i} + {i}?"
-                    ),
+                    "content": DAPO_PROMPT_TEMPLATE.format(problem=f"What is {i} + {i}?"),
                 }
             ]
         )
@@ -52,14 +50,10 @@ def tok(tmp_path_factory):
     return AutoTokenizer.from_pretrained(out)
 
 
-def row(
-    problem: str, answer: str = "1", index: int | None = 0, source: str = "math_dapo"
-) -> dict:
+def row(problem: str, answer: str = "1", index: int | None = 0, source: str = "math_dapo") -> dict:
     return {
         "data_source": source,
-        "prompt": [
-            {"role": "user", "content": DAPO_PROMPT_TEMPLATE.format(problem=problem)}
-        ],
+        "prompt": [{"role": "user", "content": DAPO_PROMPT_TEMPLATE.format(problem=problem)}],
         "ability": "MATH",
         "reward_model": {"ground_truth": answer, "style": "rule-lighteval/MATH_v2"},
         "extra_info": None if index is None else {"index": index},
@@ -77,9 +71,7 @@ def load(files, tok, **kw):
 
 
 def chat_ids(tok, problem: str) -> list[int]:
-    text = render_chat(
-        [{"role": "user", "content": DAPO_PROMPT_TEMPLATE.format(problem=problem)}]
-    )
+    text = render_chat([{"role": "user", "content": DAPO_PROMPT_TEMPLATE.format(problem=problem)}])
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
@@ -133,9 +125,7 @@ def test_conflicting_duplicates_name_both_rows(tmp_path, tok):
         row("What is 1 + 1?", "3", 2),
     ]
     path = write(tmp_path / "c.parquet", rows)
-    with pytest.raises(
-        DataError, match=r"c\.parquet, row 0 and .*c\.parquet, row 2.*'2' and '3'"
-    ):
+    with pytest.raises(DataError, match=r"c\.parquet, row 0 and .*c\.parquet, row 2.*'2' and '3'"):
         load(path, tok)
 
 
@@ -147,14 +137,10 @@ def test_missing_file(tmp_path, tok):
 def test_missing_column(tmp_path, tok):
     path = tmp_path / "m.parquet"
     pq.write_table(
-        pa.table(
-            {"data_source": ["x"], "prompt": [[{"role": "user", "content": "q"}]]}
-        ),
+        pa.table({"data_source": ["x"], "prompt": [[{"role": "user", "content": "q"}]]}),
         path,
     )
-    with pytest.raises(
-        DataError, match=r"m\.parquet: missing column\(s\) 'reward_model'"
-    ):
+    with pytest.raises(DataError, match=r"m\.parquet: missing column\(s\) 'reward_model'"):
         load(path, tok)
 
 
@@ -170,9 +156,7 @@ def test_row_missing_ground_truth(tmp_path, tok):
 
 
 def test_ground_truth_wrong_type(tmp_path, tok):
-    schema = SCHEMA.set(
-        3, pa.field("reward_model", pa.struct([("ground_truth", pa.int64())]))
-    )
+    schema = SCHEMA.set(3, pa.field("reward_model", pa.struct([("ground_truth", pa.int64())])))
     rows = [row("What is 1 + 1?", 2, 0)]
     rows[0]["reward_model"] = {"ground_truth": 2}
     path = write(tmp_path / "t.parquet", rows, schema)
@@ -205,9 +189,7 @@ def test_prompt_not_a_message_list(tmp_path, tok):
 def test_empty_prompt_and_bad_message(tmp_path, tok):
     rows = [row("What is 1 + 1?", "2", 0), row("x", "1", 1)]
     rows[1]["prompt"] = []
-    with pytest.raises(
-        DataError, match=r"row 1: field 'prompt' must be .*got an empty list"
-    ):
+    with pytest.raises(DataError, match=r"row 1: field 'prompt' must be .*got an empty list"):
         load(write(tmp_path / "e.parquet", rows), tok)
     rows[1]["prompt"] = [{"role": "user", "content": None}]
     with pytest.raises(
@@ -218,9 +200,7 @@ def test_empty_prompt_and_bad_message(tmp_path, tok):
 
 
 def test_all_rows_too_long_is_an_error(tmp_path, tok):
-    rows = [row(f"What is {i} + {i}?", str(2 * i), i) for i in range(3)] + [
-        row("What is 0 + 0?", "0", 9)
-    ]
+    rows = [row(f"What is {i} + {i}?", str(2 * i), i) for i in range(3)] + [row("What is 0 + 0?", "0", 9)]
     path = write(tmp_path / "long.parquet", rows)
     with pytest.raises(
         DataError,
@@ -236,9 +216,7 @@ def test_filter_overlong_counts(tmp_path, tok):
         row("What is " + "9" * 40 + " + 1?", "1", 1),
     )
     limit = len(chat_ids(tok, "What is 1 + 1?"))
-    ds = load(
-        write(tmp_path / "f.parquet", [short, long]), tok, max_prompt_length=limit
-    )
+    ds = load(write(tmp_path / "f.parquet", [short, long]), tok, max_prompt_length=limit)
     assert len(ds) == 1 and ds.stats.num_too_long == 1 and ds.stats.num_truncated == 0
 
 
@@ -253,9 +231,7 @@ def test_overlong_error_names_row(tmp_path, tok):
 @pytest.mark.parametrize("side", ["left", "right"])
 def test_truncation(tmp_path, tok, side):
     problem = "What is " + "9" * 40 + " + 1?"
-    path = write(
-        tmp_path / "tr.parquet", [row(problem, "1", 0), row("What is 1 + 1?", "2", 1)]
-    )
+    path = write(tmp_path / "tr.parquet", [row(problem, "1", 0), row("What is 1 + 1?", "2", 1)])
     full = chat_ids(tok, problem)
     limit = len(chat_ids(tok, "What is 1 + 1?"))
     ds = load(
@@ -287,9 +263,7 @@ def test_uid_without_index_is_a_stable_content_hash(tmp_path, tok):
     first, second = load(path, tok), load(path, tok)
     uids = [r.uid for r in first]
     assert uids == [r.uid for r in second]
-    assert len(set(uids)) == 2 and all(
-        u.startswith("math_dapo:") and len(u) == 26 for u in uids
-    )
+    assert len(set(uids)) == 2 and all(u.startswith("math_dapo:") and len(u) == 26 for u in uids)
     duplicates = load(write(tmp_path / "h2.parquet", rows + rows), tok, dedup=False)
     assert len({r.uid for r in duplicates}) == 4
 
@@ -297,9 +271,7 @@ def test_uid_without_index_is_a_stable_content_hash(tmp_path, tok):
 def test_without_chat_template_and_custom_prompt_key(tmp_path, tok):
     rows = [row("What is 1 + 1?", "2", 0)]
     rows[0]["question"] = rows[0].pop("prompt")
-    schema = pa.schema(
-        [f if f.name != "prompt" else pa.field("question", f.type) for f in SCHEMA]
-    )
+    schema = pa.schema([f if f.name != "prompt" else pa.field("question", f.type) for f in SCHEMA])
     path = write(tmp_path / "q.parquet", rows, schema)
     ds = load(path, tok, prompt_key="question", apply_chat_template=False)
     content = DAPO_PROMPT_TEMPLATE.format(problem="What is 1 + 1?")

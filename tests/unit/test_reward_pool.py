@@ -158,12 +158,14 @@ def test_empty_batch() -> None:
     assert batch == ScoredBatch([], [], [], [])
 
 
-def test_inline_executor_catches_errors_in_process() -> None:
+def test_inline_executor_catches_errors_in_process(caplog: pytest.LogCaptureFixture) -> None:
     with RewardPool(scorer=chaos_scorer, executor="inline") as pool:
-        batch = pool.score(["Answer: 1", "raise"], ["1", "1"])
+        with caplog.at_level("WARNING", logger="dapo_megatron.reward.pool"):
+            batch = pool.score(["Answer: 1", "raise"], ["1", "1"])
         assert batch.acc == [True, False]
         assert batch.failed == [None, "error: ValueError: boom"]
         assert pool.metrics()["reward/num_errors"] == 1
+    assert "1 of 2 responses failed and scored -1.0 (first: response 1, error: ValueError: boom)" in caplog.text
 
 
 def test_strict_box_verify_is_passed_to_the_backend() -> None:

@@ -40,9 +40,7 @@ def test_each_epoch_is_a_permutation(num_items, sizes, seed):
     seed=st.integers(min_value=0, max_value=1000),
     drop_last=st.booleans(),
 )
-def test_state_round_trip_continues_identically(
-    num_items, before, after, seed, drop_last
-):
+def test_state_round_trip_continues_identically(num_items, before, after, seed, drop_last):
     if drop_last:
         before = [min(s, num_items) for s in before]
         after = [min(s, num_items) for s in after]

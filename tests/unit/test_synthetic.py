@@ -18,9 +18,7 @@ PROBLEM = re.compile(r"What is (\d+) ([+\-*]) (\d+)\?")
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory) -> TaskPaths:
-    return make_arithmetic_task(
-        tmp_path_factory.mktemp("task"), num_train=300, num_val=60, seed=1
-    )
+    return make_arithmetic_task(tmp_path_factory.mktemp("task"), num_train=300, num_val=60, seed=1)
 
 
 def _rows(path):
@@ -43,9 +41,7 @@ def test_rows_follow_dapo_schema_and_are_correct(task):
             }
         ]
         a, op, b = PROBLEM.fullmatch(info["problem"]).groups()
-        expected = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[
-            op
-        ]
+        expected = {"+": int(a) + int(b), "-": int(a) - int(b), "*": int(a) * int(b)}[op]
         assert r["reward_model"]["ground_truth"] == str(expected)
         assert info["solution"].splitlines()[-1] == f"Answer: {expected}"
         assert len(info["solution"].splitlines()) <= 3
@@ -71,9 +67,7 @@ def test_deterministic_bytes(task, tmp_path):
     for a, b in [(task.train, again.train), (task.val, again.val)]:
         assert a.read_bytes() == b.read_bytes()
     for name in ("tokenizer.json", "tokenizer_config.json"):
-        assert (task.tokenizer_dir / name).read_bytes() == (
-            again.tokenizer_dir / name
-        ).read_bytes()
+        assert (task.tokenizer_dir / name).read_bytes() == (again.tokenizer_dir / name).read_bytes()
     other = make_arithmetic_task(tmp_path / "other", num_train=300, num_val=60, seed=2)
     assert other.train.read_bytes() != task.train.read_bytes()
 
@@ -81,9 +75,7 @@ def test_deterministic_bytes(task, tmp_path):
 def test_loader_reads_task_with_short_prompts(task):
     tok = AutoTokenizer.from_pretrained(task.tokenizer_dir)
     ds = load_prompt_dataset([task.train], tok, max_prompt_length=32)
-    assert (
-        len(ds) == 300 and ds.stats.num_duplicates == 0 and ds.stats.num_too_long == 0
-    )
+    assert len(ds) == 300 and ds.stats.num_duplicates == 0 and ds.stats.num_too_long == 0
     assert max(len(r.prompt_ids) for r in ds) <= 16
     assert ds[0].uid == "synthetic_arith:0"
     solution = _rows(task.train)[0]["extra_info"]["solution"]
@@ -92,14 +84,10 @@ def test_loader_reads_task_with_short_prompts(task):
 
 
 def test_multiplication_and_argument_checks(tmp_path):
-    paths = make_arithmetic_task(
-        tmp_path, num_train=20, num_val=5, digits=(1, 2), ops=("*",)
-    )
+    paths = make_arithmetic_task(tmp_path, num_train=20, num_val=5, digits=(1, 2), ops=("*",))
     assert all(" * " in r["extra_info"]["problem"] for r in _rows(paths.train))
     with pytest.raises(ValueError, match="allow only 100"):
-        make_arithmetic_task(
-            tmp_path, num_train=100, num_val=1, digits=(1, 1), ops=("+",)
-        )
+        make_arithmetic_task(tmp_path, num_train=100, num_val=1, digits=(1, 1), ops=("+",))
     with pytest.raises(ValueError, match="ops must be"):
         make_arithmetic_task(tmp_path, ops=("/",))
     with pytest.raises(ValueError, match="digits must be"):

@@ -26,8 +26,7 @@ def _texts(n: int = 300, seed: int = 0) -> list[str]:
         a, b = rng.randint(0, 999), rng.randint(0, 999)
         prompt = DAPO_PROMPT_TEMPLATE.format(problem=f"What is {a} + {b}?")
         texts.append(
-            render_chat([{"role": "user", "content": prompt}])
-            + f"{a} + {b} = {a + b}\nAnswer: {a + b}{IM_END}"
+            render_chat([{"role": "user", "content": prompt}]) + f"{a} + {b} = {a + b}\nAnswer: {a + b}{IM_END}"
         )
     return texts
 
@@ -72,10 +71,7 @@ def test_special_tokens_and_eos(tok):
     assert tok.pad_token == PAD_TOKEN
     assert tok.eos_token_id == tok.convert_tokens_to_ids(IM_END)
     assert tok.pad_token_id == tok.convert_tokens_to_ids(PAD_TOKEN)
-    assert (
-        len({tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids(IM_START)})
-        == 3
-    )
+    assert len({tok.eos_token_id, tok.pad_token_id, tok.convert_tokens_to_ids(IM_START)}) == 3
     ids = tok(f"{IM_START}user\nhi{IM_END}", add_special_tokens=False)["input_ids"]
     assert ids[0] == tok.convert_tokens_to_ids(IM_START)
     assert ids[-1] == tok.eos_token_id
@@ -84,9 +80,7 @@ def test_special_tokens_and_eos(tok):
 
 
 def test_chat_template_is_qwen2_style(tok):
-    text = tok.apply_chat_template(
-        _user("What is 2 + 2?"), tokenize=False, add_generation_prompt=True
-    )
+    text = tok.apply_chat_template(_user("What is 2 + 2?"), tokenize=False, add_generation_prompt=True)
     assert text == "<|im_start|>user\nWhat is 2 + 2?<|im_end|>\n<|im_start|>assistant\n"
     conversation = [
         {"role": "system", "content": "Be brief."},
@@ -94,33 +88,25 @@ def test_chat_template_is_qwen2_style(tok):
         {"role": "assistant", "content": "4\nAnswer: 4"},
     ]
     for gen in (True, False):
-        rendered = tok.apply_chat_template(
-            conversation, tokenize=False, add_generation_prompt=gen
-        )
+        rendered = tok.apply_chat_template(conversation, tokenize=False, add_generation_prompt=gen)
         assert rendered == render_chat(conversation, add_generation_prompt=gen)
 
 
 def test_fixed_template_compresses_to_few_tokens(tok):
     prompt = DAPO_PROMPT_TEMPLATE.format(problem="What is 23 + 45?")
-    text = tok.apply_chat_template(
-        _user(prompt), tokenize=False, add_generation_prompt=True
-    )
+    text = tok.apply_chat_template(_user(prompt), tokenize=False, add_generation_prompt=True)
     assert len(tok(text, add_special_tokens=False)["input_ids"]) <= 16
 
 
 def test_build_is_deterministic_and_returns_loaded_tokenizer(tmp_path, tok_dir):
     again = build_tokenizer(_texts(), tmp_path, vocab_size=512)
-    assert (tmp_path / "tokenizer.json").read_bytes() == (
-        tok_dir / "tokenizer.json"
-    ).read_bytes()
+    assert (tmp_path / "tokenizer.json").read_bytes() == (tok_dir / "tokenizer.json").read_bytes()
     assert again("12 + 3", add_special_tokens=False)["input_ids"]
 
 
 def test_split_words_keeps_tokens_inside_words(tmp_path):
     tok = build_tokenizer(_texts(100), tmp_path, vocab_size=400, split_words=True)
-    pieces = tok.convert_ids_to_tokens(
-        tok("Solve the following", add_special_tokens=False)["input_ids"]
-    )
+    pieces = tok.convert_ids_to_tokens(tok("Solve the following", add_special_tokens=False)["input_ids"])
     assert all("Ġ" not in p[1:] for p in pieces)
 
 
@@ -132,11 +118,6 @@ def test_vocab_size_too_small(tmp_path):
 def test_vllm_loads_tokenizer(tok_dir, tok):
     vllm_tokenizers = pytest.importorskip("vllm.tokenizers")
     vtok = vllm_tokenizers.get_tokenizer(str(tok_dir))
-    text = tok.apply_chat_template(
-        _user("What is 7 - 9?"), tokenize=False, add_generation_prompt=True
-    )
-    assert (
-        vtok.encode(text, add_special_tokens=False)
-        == tok(text, add_special_tokens=False)["input_ids"]
-    )
+    text = tok.apply_chat_template(_user("What is 7 - 9?"), tokenize=False, add_generation_prompt=True)
+    assert vtok.encode(text, add_special_tokens=False) == tok(text, add_special_tokens=False)["input_ids"]
     assert vtok.eos_token_id == tok.eos_token_id
