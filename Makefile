@@ -26,13 +26,15 @@ demo: venv
 	$(BIN)/python -m dapo_megatron.demo --run-dir $(RUN_DIR)
 
 test: venv
+	$(BIN)/ruff check dapo_megatron tests bench
 	$(BIN)/python -m pytest -q tests
 
 test-unit: venv
 	$(BIN)/python -m pytest -q tests/unit
 
 lint: venv
-	$(BIN)/ruff check dapo_megatron tests launch bench
+	$(BIN)/ruff check dapo_megatron tests bench
+	$(BIN)/ruff format --check dapo_megatron tests bench
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

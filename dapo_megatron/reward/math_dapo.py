@@ -115,7 +115,23 @@ def last_boxed_content(text: str) -> str | None:
 
 
 def normalize_answer(text: str) -> str:
-    """Canonical string form of an answer; applied to both prediction and ground truth."""
+    """Canonical string form of an answer; applied to both prediction and ground truth.
+
+    Repeated to a fixed point: one pass can expose a pattern an earlier step
+    removes (dropping whitespace turns "\\ ," into the thin space "\\,"), and
+    a non-idempotent normaliser would make "a == b" depend on how often each
+    side had been normalised.
+    """
+    s = text
+    for _ in range(8):
+        again = _normalize_once(s)
+        if again == s:
+            break
+        s = again
+    return s
+
+
+def _normalize_once(text: str) -> str:
     s = text.strip().strip("*").strip()
     s = s.replace("\u2212", "-").replace("{,}", ",")
     s = _unwrap(s, ("boxed", "fbox"))
