@@ -28,6 +28,7 @@ that cannot even start) do raise, because retrying cannot fix them.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import logging
 import math
@@ -294,15 +295,15 @@ def _failed(reason: str) -> _Outcome:
     return FAILED_SCORE, False, TIMEOUT_PRED if reason == "timeout" else ERROR_PRED, reason
 
 
-class _Executor:
-    def run(self, items: list[tuple[str, str]]) -> list[_Outcome]:
-        raise NotImplementedError
+class _Executor(abc.ABC):
+    @abc.abstractmethod
+    def run(self, items: list[tuple[str, str]]) -> list[_Outcome]: ...
 
     def pop_restarts(self) -> int:
         return 0
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - executors without resources need no clean-up
+        return None
 
 
 class _InlineExecutor(_Executor):

@@ -204,10 +204,6 @@ def test_get_scorer_rejects_unknown_backend() -> None:
 
 
 class TestMathVerifyBackend:
-    @pytest.fixture(autouse=True)
-    def _need_math_verify(self) -> None:
-        pytest.importorskip("math_verify")
-
     @pytest.mark.parametrize(
         ("response", "truth", "acc"),
         [

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-transformers = pytest.importorskip("transformers")
+import transformers
 
 from dapo_megatron.models import get_mapping, pad_vocab_size, read_rope_theta  # noqa: E402
 

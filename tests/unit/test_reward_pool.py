@@ -174,7 +174,6 @@ def test_strict_box_verify_is_passed_to_the_backend() -> None:
 
 
 def test_math_verify_backend_in_worker_processes() -> None:
-    pytest.importorskip("math_verify")
     with RewardPool("math_verify", num_workers=2, timeout_s=20.0) as pool:
         batch = pool.score(["Answer: 0.5", "Answer: $x^2+1$", "Answer: 3"], ["\\frac12", "1+x^2", "4"])
     assert batch.failed == [None, None, None]

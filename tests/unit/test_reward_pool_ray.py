@@ -12,8 +12,8 @@ import pytest
 # Before ray is imported: no usage reporting, no token file written to ~/.ray.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-ray = pytest.importorskip("ray")
-psutil = pytest.importorskip("psutil")
+import psutil  # noqa: E402
+import ray  # noqa: E402
 
 from dapo_megatron.reward.math_dapo import compute_score  # noqa: E402
 from dapo_megatron.reward.pool import RewardPool  # noqa: E402
