@@ -5,7 +5,7 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-EXTRAS ?= cpu,dev,math_verify,plot,ray
+EXTRAS ?= cpu,dev,math_verify,plot,ray,logging
 RUN_DIR ?= runs/demo
 
 .PHONY: venv demo test test-unit test-dist lint clean

@@ -39,6 +39,7 @@ EXTRAS = {
     "math_verify": ["math-verify>=0.7"],
     "ray": ["ray>=2.40"],
     "plot": ["matplotlib>=3.8"],
+    "logging": ["tensorboard>=2.15", "wandb>=0.17"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "pytest-timeout>=2.3"],
 }
 
@@ -55,6 +56,7 @@ setup(
     entry_points={
         "console_scripts": [
             "dapo-make-task=dapo_megatron.data.synthetic:main",
+            "dapo-plot=dapo_megatron.plot:main",
         ]
     },
 )

@@ -11,7 +11,6 @@ shaping, the dynamic-sampling buffer, GRPO advantages and the DAPO loss.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import time
@@ -30,7 +29,9 @@ from dapo_megatron.data.parquet_dataset import load_prompt_dataset
 from dapo_megatron.data.records import PromptRecord
 from dapo_megatron.data.sampler import ResumableSampler
 from dapo_megatron.data.synthetic import make_arithmetic_task
+from dapo_megatron.plot import plot_run
 from dapo_megatron.reward.pool import RewardPool
+from dapo_megatron.tracking import MetricsLogger
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny_cpu.yaml"
 
@@ -98,7 +99,7 @@ def run(cfg: DapoConfig, run_dir: Path, steps: int) -> dict:
     # Success rates spread from hopeless to solved, so some groups are uninformative.
     skills = {r.uid: rng.choice([0.0, 0.0, 0.2, 0.5, 0.8, 1.0, 1.0]) for r in dataset}
     n, max_len = cfg.rollout.n, cfg.data.max_response_length
-    history = []
+    tracker = MetricsLogger(run_dir, ["jsonl"])
     with RewardPool(
         cfg.reward.backend,
         num_workers=cfg.reward.num_workers,
@@ -185,7 +186,7 @@ def run(cfg: DapoConfig, run_dir: Path, steps: int) -> dict:
                 }
             )
             metrics.update({k: float(v) for k, v in pool.metrics().items()})
-            history.append({"step": step, **metrics})
+            tracker.log(metrics, step=step)
             m = metrics
             print(
                 f"[step {step}] gen rounds {m['train/num_gen_batches']:.0f}, "
@@ -196,15 +197,13 @@ def run(cfg: DapoConfig, run_dir: Path, steps: int) -> dict:
                 f"(clip {m['response_length/clip_ratio']:.2f})"
             )
 
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with open(run_dir / "metrics.jsonl", "w") as f:
-        for row in history:
-            f.write(json.dumps(row) + "\n")
+    tracker.close()
+    plots = plot_run(run_dir)
     timings["total"] = time.perf_counter() - t0
     summary = {"steps": steps, "timings_s": dict(timings), "metrics_file": str(run_dir / "metrics.jsonl")}
     print("\n=== summary (simulated policy; the Megatron actor and vLLM rollout are not wired in yet) ===")
     print("time per stage: " + ", ".join(f"{k} {v:.2f}s" for k, v in timings.items()))
-    print(f"metrics: {summary['metrics_file']}")
+    print(f"metrics: {summary['metrics_file']}; plots: {plots[-1]}")
     return summary
 
 

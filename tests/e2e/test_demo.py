@@ -22,6 +22,7 @@ def test_demo_runs_and_dynamic_sampling_trains_only_informative_groups(tmp_path)
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "=== summary" in proc.stdout
+    assert (run_dir / "plots" / "dashboard.png").stat().st_size > 10_000
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     carried = 0.0
