@@ -57,6 +57,7 @@ setup(
         "console_scripts": [
             "dapo-make-task=dapo_megatron.data.synthetic:main",
             "dapo-plot=dapo_megatron.plot:main",
+            "dapo-plan=dapo_megatron.plan:main",
         ]
     },
 )

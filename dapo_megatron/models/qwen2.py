@@ -59,8 +59,10 @@ import math
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported lazily: the planner reads layouts without paying for torch
+    import torch
 
 __all__ = [
     "DecoderLayout",
@@ -72,7 +74,7 @@ __all__ = [
     "qwen2_layout",
 ]
 
-HFGetter = Callable[[str], torch.Tensor]
+HFGetter = Callable[[str], "torch.Tensor"]
 """Returns the full HF tensor for an HF parameter name (raises KeyError if absent)."""
 
 # TP split kinds
@@ -290,7 +292,7 @@ class DecoderMapping:
         self._check_tp(megatron_name, tp_size)
         if kind == GATED_FC1:
             gate, up = full.chunk(2, dim=0)
-            return torch.cat(
+            return _cat(
                 [_chunk(megatron_name, gate, 0, tp_rank, tp_size), _chunk(megatron_name, up, 0, tp_rank, tp_size)],
                 dim=0,
             )
@@ -304,8 +306,8 @@ class DecoderMapping:
         self._check_tp(megatron_name, len(shards))
         if kind == GATED_FC1:
             halves = [s.chunk(2, dim=0) for s in shards]
-            return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
-        return torch.cat(shards, dim=self.partition_dim(megatron_name))
+            return _cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+        return _cat(shards, dim=self.partition_dim(megatron_name))
 
     # ----------------------------------------------------------- HF <-> Megatron
     def hf_to_megatron_full(self, megatron_name: str, get_hf: HFGetter, layer_offset: int = 0) -> torch.Tensor:
@@ -323,7 +325,7 @@ class DecoderMapping:
             self._expect(hf[1], k, (L.num_query_groups * L.head_dim,), rest)
             self._expect(hf[2], v, (L.num_query_groups * L.head_dim,), rest)
             ng = L.num_query_groups
-            fused = torch.cat(
+            fused = _cat(
                 [
                     q.reshape(ng, L.heads_per_group * L.head_dim, *rest),
                     k.reshape(ng, L.head_dim, *rest),
@@ -336,7 +338,7 @@ class DecoderMapping:
             gate, up = tensors
             self._expect(hf[0], gate, (L.ffn_hidden_size, L.hidden_size))
             self._expect(hf[1], up, (L.ffn_hidden_size, L.hidden_size))
-            return torch.cat([gate, up], dim=0)
+            return _cat([gate, up], dim=0)
         (t,) = tensors
         if kind == ROW:
             inner = L.num_attention_heads * L.head_dim if "linear_proj" in megatron_name else L.ffn_hidden_size
@@ -348,7 +350,7 @@ class DecoderMapping:
             self._expect(hf[0], t, (L.vocab_size, L.hidden_size))
             if L.padded_vocab_size > L.vocab_size:
                 pad = t.new_zeros(L.padded_vocab_size - L.vocab_size, t.shape[1])
-                t = torch.cat([t, pad], dim=0)
+                t = _cat([t, pad], dim=0)
             return t
         return t
 
@@ -397,6 +399,12 @@ class DecoderMapping:
         want = tuple(lead) + tuple(rest)
         if tuple(t.shape) != want:
             raise ValueError(f"HF tensor {hf_name!r} has shape {tuple(t.shape)}, expected {want}")
+
+
+def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
+    import torch
+
+    return torch.cat(tensors, dim=dim)
 
 
 def _chunk(name: str, t: torch.Tensor, dim: int, rank: int, size: int) -> torch.Tensor:
