@@ -477,10 +477,10 @@ def _validate_layout(c: _Checker, cfg: DapoConfig, world_size: int) -> None:
         return
     dp = world_size // model_parallel
     c.require(
-        (a.ppo_mini_batch_size * r.n) % dp == 0,
+        a.ppo_mini_batch_size % dp == 0,
         "actor.ppo_mini_batch_size",
-        f"ppo_mini_batch_size x rollout.n = {a.ppo_mini_batch_size * r.n} trajectories cannot be split "
-        f"evenly over data-parallel size {dp}",
+        f"{a.ppo_mini_batch_size} prompt groups per mini-batch cannot be split evenly over data-parallel "
+        f"size {dp} (each rank trains whole groups)",
     )
     c.require(
         world_size % r.tensor_model_parallel_size == 0,

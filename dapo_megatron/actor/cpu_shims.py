@@ -44,14 +44,32 @@ imported alias in ``megatron.core.fusions.fused_softmax``)
     CPU.  (Only ever applied when CUDA is unavailable, where the original can
     only raise.)
 
-More shims (DDP streams, optimizer ``device='cuda'`` factories, ``Tensor.type``
-checks) will be added here when the optimizer/DDP slice needs them.
+``torch`` module global of the training-loop modules -> :class:`_CpuTorchProxy`
+    The pipeline schedules (``total_num_tokens = torch.zeros(..., device="cuda")``),
+    the optimizers (``found_inf``/``_scale_one`` on ``device='cuda'``), ``clip_grads``
+    (grad-norm accumulators), ``megatron.core.utils`` (the fallback
+    ``local_multi_tensor_l2_norm`` used for the grad norm without apex) and DDP's buffers (``torch.cuda.Stream``,
+    ``torch.cuda.default_stream()``, ``torch.cuda.synchronize``) hard-code CUDA.
+    Instead of patching ``torch`` itself, the ``torch`` name inside exactly those
+    modules (:data:`_TORCH_PROXY_MODULES`) is rebound to a proxy that forwards every
+    attribute to the real torch, except that tensor factories map a CUDA ``device``
+    argument to CPU and ``proxy.cuda`` offers no-op streams/synchronisation.  A global
+    ``TorchFunctionMode`` would do the same but costs 15-20 ms per micro-batch (note).
+
+``torch.Tensor.type()`` (no arguments) reports ``torch.cuda.*Tensor`` for CPU tensors
+    ``MixedPrecisionOptimizer`` / ``DistributedOptimizer`` / ``clip_grads`` sort
+    parameters by ``param.type() == 'torch.cuda.FloatTensor'`` and raise on anything
+    else.  Only the zero-argument form is changed; ``t.type(dtype)`` conversions are
+    untouched.  This one is process-wide (like ``Tensor.cuda``): after the shims, code
+    comparing ``t.type()`` with ``"torch.FloatTensor"`` would see the CUDA name.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import threading
+import types
 
 import torch
 
@@ -147,6 +165,141 @@ def _patch_causal_mask() -> None:
     fused_softmax.get_default_causal_mask = get_default_causal_mask
 
 
+# Modules whose global ``torch`` is swapped for the CPU proxy (see the module docstring).
+_TORCH_PROXY_MODULES: tuple[str, ...] = (
+    "megatron.core.pipeline_parallel.schedules",
+    "megatron.core.pipeline_parallel.p2p_communication",
+    "megatron.core.distributed.distributed_data_parallel",
+    "megatron.core.distributed.param_and_grad_buffer",
+    "megatron.core.distributed.finalize_model_grads",
+    "megatron.core.optimizer.optimizer",
+    "megatron.core.optimizer.distrib_optimizer",
+    "megatron.core.optimizer.clip_grads",
+    "megatron.core.optimizer.grad_scaler",
+    "megatron.core.utils",
+)
+
+_FACTORIES = frozenset(
+    {
+        "zeros",
+        "ones",
+        "empty",
+        "full",
+        "tensor",
+        "arange",
+        "rand",
+        "randn",
+        "randint",
+        "zeros_like",
+        "ones_like",
+        "empty_like",
+        "full_like",
+        "as_tensor",
+        "linspace",
+        "eye",
+    }
+)
+
+
+def _cpu_device(device):
+    """Map any CUDA device spec (``"cuda"``, ``"cuda:0"``, int, torch.device) to ``"cpu"``."""
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return "cpu"
+    if isinstance(device, torch.device):
+        return "cpu" if device.type == "cuda" else device
+    if isinstance(device, str) and device.startswith("cuda"):
+        return "cpu"
+    return device
+
+
+class _NullStream:
+    """Stand-in for ``torch.cuda.Stream``: CPU work is synchronous, so waits are no-ops."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def wait_stream(self, other) -> None:
+        pass
+
+    def synchronize(self) -> None:
+        pass
+
+    def record_event(self, event=None):
+        return event
+
+
+class _CpuCudaNamespace(types.SimpleNamespace):
+    """``torch.cuda`` as seen by the proxied modules: streams and syncs are no-ops."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cuda, name)
+
+
+def _make_cuda_namespace() -> _CpuCudaNamespace:
+    null = _NullStream()
+    return _CpuCudaNamespace(
+        Stream=_NullStream,
+        current_stream=lambda *a, **k: null,
+        default_stream=lambda *a, **k: null,
+        stream=lambda *a, **k: contextlib.nullcontext(),
+        synchronize=lambda *a, **k: None,
+        empty_cache=lambda: None,
+        current_device=_cpu_current_device,
+        is_available=lambda: False,
+    )
+
+
+class _CpuTorchProxy(types.ModuleType):
+    """The real ``torch`` module, except CUDA ``device=`` factory arguments become CPU."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.__dict__["cuda"] = _make_cuda_namespace()
+        for name in _FACTORIES:
+            self.__dict__[name] = self._wrap_factory(getattr(torch, name))
+
+    @staticmethod
+    def _wrap_factory(fn):
+        def factory(*args, **kwargs):
+            if "device" in kwargs:
+                kwargs["device"] = _cpu_device(kwargs["device"])
+            return fn(*args, **kwargs)
+
+        factory.__name__ = fn.__name__
+        factory.__doc__ = fn.__doc__
+        return factory
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+
+def _patch_module_torch_globals() -> None:
+    proxy = _CpuTorchProxy()
+    for mod_name in _TORCH_PROXY_MODULES:
+        mod = importlib.import_module(mod_name)
+        if getattr(mod, "torch", None) is not torch:
+            raise RuntimeError(f"{mod_name} has no global 'torch' to proxy (megatron-core layout changed?)")
+        mod.torch = proxy
+
+
+_ORIGINAL_TENSOR_TYPE = torch.Tensor.type
+
+
+def _tensor_type_cuda_names(self, dtype=None, non_blocking: bool = False, **kwargs):
+    if dtype is None and not kwargs:
+        name = _ORIGINAL_TENSOR_TYPE(self)
+        if self.device.type == "cpu" and name.startswith("torch.") and not name.startswith("torch.cuda."):
+            return "torch.cuda." + name[len("torch.") :]
+        return name
+    return _ORIGINAL_TENSOR_TYPE(self, dtype, non_blocking, **kwargs)
+
+
+def _patch_tensor_type() -> None:
+    torch.Tensor.type = _tensor_type_cuda_names  # type: ignore[method-assign]
+
+
 def apply_cpu_shims() -> None:
     """Apply every CPU shim once (idempotent, thread-safe).
 
@@ -166,4 +319,6 @@ def apply_cpu_shims() -> None:
         _patch_rng()
         _patch_causal_mask()
         _patch_tensor_cuda()
+        _patch_tensor_type()
+        _patch_module_torch_globals()
         _APPLIED = True

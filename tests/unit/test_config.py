@@ -146,11 +146,9 @@ def test_layout_against_world_size():
     ):
         validate(cfg, world_size=64)
 
-    tiny = load_config(
-        str(TINY), ["actor.parallel.tensor_model_parallel_size=1", "actor.ppo_mini_batch_size=1", "rollout.n=3"]
-    )
+    tiny = load_config(str(TINY), ["actor.parallel.tensor_model_parallel_size=1", "actor.ppo_mini_batch_size=1"])
     with pytest.raises(
-        ConfigError, match=r"actor\.ppo_mini_batch_size: ppo_mini_batch_size x rollout\.n = 3 trajectories"
+        ConfigError, match=r"actor\.ppo_mini_batch_size: 1 prompt groups per mini-batch cannot be split"
     ):
         validate(tiny, world_size=2)
 
