@@ -1,1 +1,8 @@
-"""Per-step actor -> engine weight resharding: gather, rename, bucket, push. Issue 5."""
+"""Per-step actor -> engine weight sync: gather, rename, bucket, push, verify.
+
+* ``gather``: the actor as a stream of full HF tensors on every rank (TP all-gather, PP broadcast, cast);
+* ``buckets``: size-capped grouping and flat packing;
+* ``transport``: how a bucket reaches the engine (``ColocatedTransport``: same process);
+* ``verify``: checksums read back from inside the engine vs the actor's, naming every mismatch;
+* ``sync``: :func:`sync_weights` ties them together and marks the engine unusable on failure.
+"""

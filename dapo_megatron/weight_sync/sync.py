@@ -1,0 +1,109 @@
+"""One weight sync: actor (Megatron, any TP/PP) -> colocated rollout engine (any rollout TP).
+
+``sync_weights`` walks the actor in HF order (:mod:`.gather`: TP all-gather, PP
+broadcast from the owning stage, mapping to HF names, cast to the rollout dtype), groups
+the stream into buckets of ``rollout.weight_sync.bucket_size_mb`` (:mod:`.buckets`) and
+hands each bucket to the engine (:mod:`.transport`), which loads it with vLLM's
+layerwise in-place reload and shards it for its own TP rank.  Memory in flight per rank:
+one bucket plus one tensor -- never a second copy of the model.
+
+Collective: every rank calls it (every rank is both an actor shard and an engine member).
+Failure handling: any exception after the engine started loading marks the engine
+unusable (``generate`` refuses, naming the cause) and re-raises; the exception must be
+raised on every rank at the same point (true for errors that depend on the data, e.g. a
+bad shape), otherwise the surviving ranks block in the next collective until the job's
+timeout -- the same contract as any SPMD step.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from dapo_megatron.weight_sync.buckets import bucket_bytes_from_mb, iter_buckets
+from dapo_megatron.weight_sync.gather import iter_actor_hf_weights
+from dapo_megatron.weight_sync.transport import Transport
+from dapo_megatron.weight_sync.verify import compare_checksums
+
+__all__ = ["SyncStats", "sync_weights", "verify_weights", "WeightSyncError"]
+
+
+class WeightSyncError(RuntimeError):
+    """A weight sync failed part-way; the engine is marked unusable."""
+
+
+@dataclass
+class SyncStats:
+    tensors: int
+    bytes: int
+    buckets: int
+    seconds: float
+    verified: int = 0  # tensors checked by verification mode (0: off)
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes / max(self.seconds, 1e-9) / 1e9
+
+
+def sync_weights(
+    model: torch.nn.Module,
+    hf_config,
+    transport: Transport,
+    *,
+    dtype: torch.dtype,
+    bucket_size_mb: float,
+    verify: bool = False,
+    engine=None,
+) -> SyncStats:
+    """Push the actor's current weights into the engine (collective over all ranks).
+
+    Args:
+        model: this rank's Megatron model shard (possibly DDP/Float16 wrapped).
+        hf_config: the HF config of the model (selects the mapping).
+        transport: e.g. ``ColocatedTransport(engine)``.
+        dtype: the rollout dtype (tensors are cast before bucketing).
+        bucket_size_mb: bucket cap.
+        verify: afterwards compare checksums of every tensor inside the engine with
+            the actor's (needs ``engine`` with ``engine_checksums()``); raises
+            :class:`~dapo_megatron.weight_sync.verify.WeightMismatchError` naming them.
+
+    Raises:
+        WeightSyncError: from any failure while loading (chained to the cause).
+    """
+    cap = bucket_bytes_from_mb(bucket_size_mb)
+    t0 = time.perf_counter()
+    n_tensors = n_bytes = n_buckets = 0
+    transport.begin()
+    try:
+        for bucket in iter_buckets(iter_actor_hf_weights(model, hf_config, dtype=dtype), cap):
+            transport.send(bucket)
+            n_buckets += 1
+            n_tensors += len(bucket)
+            n_bytes += sum(t.numel() * t.element_size() for _, t in bucket)
+            del bucket
+        transport.finish()
+    except BaseException as e:
+        reason = f"weight sync failed after {n_tensors} tensors / {n_buckets} buckets: {type(e).__name__}: {e}"
+        transport.abort(reason)
+        raise WeightSyncError(reason) from e
+    stats = SyncStats(tensors=n_tensors, bytes=n_bytes, buckets=n_buckets, seconds=time.perf_counter() - t0)
+    if verify:
+        if engine is None:
+            raise ValueError("verify=True needs the engine (to read its weights back)")
+        stats.verified = verify_weights(model, hf_config, engine, dtype=dtype)
+    return stats
+
+
+def verify_weights(model: torch.nn.Module, hf_config, engine, *, dtype: torch.dtype) -> int:
+    """Compare every engine tensor shard with the actor's (collective); returns tensors checked on this rank."""
+    shards = engine.engine_checksums()
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    desc = f"rank {rank} (rollout replica {engine.layout.replica}, engine TP rank {engine.layout.rank_in_replica})"
+    try:
+        return compare_checksums(shards, iter_actor_hf_weights(model, hf_config, dtype=dtype), rank_desc=desc)
+    except BaseException as e:
+        engine.mark_broken(f"verification failed: {e}")
+        raise

@@ -1,0 +1,51 @@
+"""Transports: how a bucket of HF-named tensors reaches the engine.  One class per transport.
+
+Only the colocated in-process transport exists: the engine lives in the same process
+as the actor shard, so a bucket is handed over as a Python list of tensors (no copy,
+no serialisation).  A transport to an engine in another process would pack buckets with
+:class:`~dapo_megatron.weight_sync.buckets.PackedBucket` and ship the buffer instead.
+"""
+
+from __future__ import annotations
+
+import abc
+
+import torch
+
+__all__ = ["Transport", "ColocatedTransport"]
+
+
+class Transport(abc.ABC):
+    """begin -> send(bucket)* -> finish; abort on any failure in between."""
+
+    @abc.abstractmethod
+    def begin(self) -> None: ...
+
+    @abc.abstractmethod
+    def send(self, bucket: list[tuple[str, torch.Tensor]]) -> None: ...
+
+    @abc.abstractmethod
+    def finish(self) -> None: ...
+
+    @abc.abstractmethod
+    def abort(self, reason: str) -> None:
+        """Leave the receiver marked unusable (its weights are half-updated)."""
+
+
+class ColocatedTransport(Transport):
+    """Hands buckets to a :class:`~dapo_megatron.rollout.vllm_engine.VllmEngine` in this process."""
+
+    def __init__(self, engine):
+        self.engine = engine
+
+    def begin(self) -> None:
+        self.engine.begin_weight_update()
+
+    def send(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        self.engine.load_weight_bucket(bucket)
+
+    def finish(self) -> None:
+        self.engine.finish_weight_update()
+
+    def abort(self, reason: str) -> None:
+        self.engine.mark_broken(reason)
