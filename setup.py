@@ -40,7 +40,7 @@ EXTRAS = {
     "ray": ["ray>=2.40"],
     "plot": ["matplotlib>=3.8"],
     "logging": ["tensorboard>=2.15", "wandb>=0.17"],
-    "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "pytest-timeout>=2.3"],
+    "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "pytest-timeout>=2.3", "mbridge==0.15.1"],
 }
 
 setup(
@@ -58,6 +58,7 @@ setup(
             "dapo-make-task=dapo_megatron.data.synthetic:main",
             "dapo-plot=dapo_megatron.plot:main",
             "dapo-plan=dapo_megatron.plan:main",
+            "dapo-convert=dapo_megatron.convert:main",
         ]
     },
 )

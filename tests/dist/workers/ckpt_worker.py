@@ -1,0 +1,129 @@
+"""Checkpoint save/load checks under torchrun (2 ranks, gloo), all in one launch.
+
+Usage::
+
+    torchrun --nproc_per_node=2 ckpt_worker.py --hf-dir HF --root DIR
+
+1. TP=2: load HF weights, save steps 1..3 with extra and per-rank state, keep_last=2.
+2. A save that fails before the rename (unpicklable extra state) raises on every rank,
+   leaves ``latest`` at step 3; the next save cleans the stale ``tmp-`` directory.
+3. PP=2: load the latest checkpoint (saved at TP=2): logits equal the TP=2 model's and HF's;
+   each rank gets its own rank state back.
+4. Loading with another model's config fails naming the mismatching key.
+Prints ``CKPT-OK`` on rank 0 when everything passed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from ckpt_common import fixed_tokens, forward_logits, hf_logits  # noqa: E402
+
+TOL = 1e-4
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--hf-dir", required=True)
+    ap.add_argument("--root", required=True)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+
+    from transformers import AutoConfig
+
+    from dapo_megatron.actor import checkpoint as ck
+    from dapo_megatron.actor.hf_loading import load_hf_weights_into_model
+    from dapo_megatron.actor.model import build_gpt_model
+    from dapo_megatron.actor.parallel import destroy_parallel, init_parallel
+
+    cfg = AutoConfig.from_pretrained(args.hf_dir)
+    root = Path(args.root)
+    tokens = fixed_tokens(cfg.vocab_size)
+    ref = hf_logits(args.hf_dir, tokens)
+
+    # 1. TP=2 saves, keep_last
+    init_parallel(2, 1, seed=0)
+    model = build_gpt_model(cfg)
+    load_hf_weights_into_model(model, args.hf_dir, cfg)
+    logits_tp2 = forward_logits(model, tokens, cfg.hidden_size)
+    assert (logits_tp2 - ref).abs().max().item() < TOL
+    rng = torch.get_rng_state()
+    for step in (1, 2, 3):
+        out = ck.save_checkpoint(
+            root,
+            step,
+            model,
+            cfg,
+            extra_state={"step": step, "rng": rng},
+            rank_state={"rank": dist.get_rank(), "step": step},
+            keep_last=2,
+        )
+        assert out == root / ck.step_dir_name(step), out
+    dist.barrier()
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["latest", "step_00000002", "step_00000003"], names
+    assert ck.find_latest(root) == root / "step_00000003"
+    meta = ck.read_checkpoint_metadata(root)
+    assert meta["saved_layout"] == {"tp": 2, "pp": 1} and meta["step"] == 3, meta
+    dist.barrier()  # every rank has looked before rank 0 starts the next save
+
+    # 2. a failing save never moves `latest`
+    try:
+        ck.save_checkpoint(root, 4, model, cfg, extra_state={"fn": lambda: 0})
+    except Exception as e:  # every rank must raise
+        print(f"rank {dist.get_rank()} failed save raised {type(e).__name__}: {e}", flush=True)
+    else:
+        raise AssertionError("save with unpicklable extra_state did not raise")
+    dist.barrier()
+    assert (root / "tmp-step_00000004").is_dir()
+    assert ck.find_latest(root) == root / "step_00000003"
+    assert (root / "latest").read_text().strip() == "step_00000003"
+    dist.barrier()
+    ck.save_checkpoint(
+        root, 5, model, cfg, extra_state={"step": 5, "rng": rng}, rank_state={"rank": dist.get_rank()}, keep_last=2
+    )
+    dist.barrier()
+    names = sorted(p.name for p in root.iterdir())
+    assert names == ["latest", "step_00000003", "step_00000005"], names
+    destroy_parallel(destroy_process_group=False)
+
+    # 3. PP=2 loads the TP=2 checkpoint
+    init_parallel(1, 2, seed=0)
+    model_pp = build_gpt_model(cfg)
+    extra = ck.load_checkpoint(root, model_pp, cfg)
+    assert extra["step"] == 5 and torch.equal(extra["rng"], rng), extra
+    assert ck.load_rank_state(root) == {"rank": dist.get_rank()}
+    logits_pp2 = forward_logits(model_pp, tokens, cfg.hidden_size)
+    if logits_pp2 is not None:
+        d_tp = (logits_pp2 - logits_tp2).abs().max().item()
+        d_hf = (logits_pp2 - ref).abs().max().item()
+        print(f"CKPT tp2->pp2 max_abs_vs_tp2={d_tp:.3e} max_abs_vs_hf={d_hf:.3e}", flush=True)
+        assert d_tp < TOL and d_hf < TOL, (d_tp, d_hf)
+
+    # 4. another model's config is refused, naming the key
+    other = AutoConfig.from_pretrained(args.hf_dir)
+    other.num_hidden_layers = cfg.num_hidden_layers + 2
+    try:
+        ck.load_checkpoint(root, model_pp, other)
+    except ck.CheckpointMismatchError as e:
+        assert "num_layers" in str(e), e
+    else:
+        raise AssertionError("loading into another model did not fail")
+    destroy_parallel(destroy_process_group=False)
+
+    dist.barrier()
+    if dist.get_rank() == 0:
+        print("CKPT-OK", flush=True)
+    destroy_parallel()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
