@@ -26,14 +26,14 @@ demo: venv
 	$(BIN)/python -m dapo_megatron.demo --run-dir $(RUN_DIR)
 
 test: venv
-	$(BIN)/ruff check dapo_megatron tests bench
+	$(BIN)/ruff check dapo_megatron tests bench launch
 	$(BIN)/python -m pytest -q tests
 
 test-unit: venv
 	$(BIN)/python -m pytest -q tests/unit
 
 lint: venv
-	$(BIN)/ruff check dapo_megatron tests bench
+	$(BIN)/ruff check dapo_megatron tests bench launch
 	$(BIN)/ruff format --check dapo_megatron tests bench
 	bash -n slurm/launch.sh slurm/dapo_32b_h800.sbatch scripts/slurm_local.sh
 

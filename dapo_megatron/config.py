@@ -174,6 +174,14 @@ class OverlongBufferConfig:
 
 
 @dataclass
+class RolloutISConfig:
+    """Truncated importance sampling over the rollout-vs-actor probability ratio."""
+
+    enable: bool = False
+    cap: float = 2.0
+
+
+@dataclass
 class AlgorithmConfig:
     adv_estimator: str = "grpo"
     norm_adv_by_std: bool = True
@@ -185,6 +193,7 @@ class AlgorithmConfig:
     overlong_buffer: OverlongBufferConfig = field(default_factory=OverlongBufferConfig)
     # Overlong filtering (paper): drop truncated responses from the loss.
     mask_truncated_responses: bool = False
+    rollout_is: RolloutISConfig = field(default_factory=RolloutISConfig)
 
 
 # ------------------------------------------------------------------------- reward
@@ -361,6 +370,7 @@ def validate(cfg: DapoConfig, *, world_size: int | None = None, check_files: boo
         fg.max_num_gen_batches >= 0, "algorithm.filter_groups.max_num_gen_batches", "must be >= 0 (0 = unlimited)"
     )
     c.require(fg.max_carry_age >= 0, "algorithm.filter_groups.max_carry_age", "must be >= 0 (0 = discard surplus)")
+    c.require(alg.rollout_is.cap > 0, "algorithm.rollout_is.cap", f"must be > 0, got {alg.rollout_is.cap}")
     ob = alg.overlong_buffer
     if ob.enable:
         c.positive(ob.len, "algorithm.overlong_buffer.len")

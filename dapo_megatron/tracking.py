@@ -128,7 +128,10 @@ class MetricsLogger:
         if self._wandb_run is not None:
             self._wandb_run.log(clean, step=step)
         if "console" in self.backends:
-            print(format_console_line(step, clean), flush=True)
+            # tqdm.write keeps a progress bar (if one is shown) intact below the line.
+            from tqdm import tqdm
+
+            tqdm.write(format_console_line(step, clean))
 
     def close(self) -> None:
         self._jsonl.close()

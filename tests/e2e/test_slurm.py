@@ -2,8 +2,9 @@
 
 scripts/slurm_local.sh starts slurmctld + slurmd under a temp dir with eight fake GPU
 devices, so the 32B sbatch script's GPU directives are checked by the real scheduler,
-and a real 2-task job runs slurm/launch.sh (dry run: planner + rendezvous, since the
-trainer entry point is a later issue). The daemons are stopped by PID at the end.
+a real 2-task job runs slurm/launch.sh (dry run: planner + rendezvous), and a real job
+trains the tiny model through slurm/launch.sh -> torchrun -> launch/train.py and
+checkpoints. The daemons are stopped by PID at the end.
 """
 
 from __future__ import annotations
@@ -121,7 +122,46 @@ def test_launcher_runs_the_planner_per_task_and_refuses_infeasible_jobs(slurm, t
     assert "rendezvous" not in text
 
 
-# Stands in for launch/train.py (a later issue): trains until SIGUSR1, then "checkpoints" and exits 0.
+@pytest.mark.e2e
+def test_sbatch_trains_the_tiny_model_and_checkpoints(slurm, tiny_task, tmp_path):
+    """One node, one task, torchrun with 2 ranks: the same path a 16-node job takes."""
+    out_dir, job_out = tmp_path / "run", tmp_path / "job.out"
+    env = dict(
+        slurm,
+        PYTHON=sys.executable,
+        GPUS_PER_NODE="2",
+        GPU_MEMORY_GB="16",
+        MODEL_CONFIG=str(tiny_task.init_model / "config.json"),
+        RDZV_PORT="29612",
+        OMP_NUM_THREADS="1",
+        LOG_DIR=str(tmp_path / "logs"),
+    )
+    overrides = " ".join(
+        [
+            *tiny_task.data_overrides(),
+            f"actor.model_path={tiny_task.init_model}",
+            f"trainer.output_dir={out_dir}",
+            "trainer.total_training_steps=2",
+            "trainer.checkpoint.save_freq=2",
+            "trainer.test_freq=-1",
+            "trainer.val_before_train=false",
+            "algorithm.filter_groups.enable=false",  # a random policy: no group would pass the filter
+        ]
+    )
+    launch = f"srun bash slurm/launch.sh --config configs/tiny_cpu.yaml {overrides}"
+    job = sbatch(
+        env, "--parsable", "--nodes=1", "--ntasks=1", f"--chdir={ROOT}", f"--output={job_out}", "--wrap", launch
+    )
+    assert job.returncode == 0, job.stderr
+    state, code = wait_for_job(slurm, job.stdout.strip().split(";")[0], timeout=600)
+    assert (state, code) == ("COMPLETED", "0:0"), job_out.read_text()[-5000:]
+    from dapo_megatron.tracking import read_jsonl
+
+    assert [r["step"] for r in read_jsonl(out_dir / "metrics.jsonl")] == [1, 2]
+    assert (out_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
+
+
+# Stands in for launch/train.py: trains until SIGUSR1, then "checkpoints" and exits 0.
 FAKE_TRAINER = """
 import os, signal, sys, time
 rank = os.environ["RANK"]

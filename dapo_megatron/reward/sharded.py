@@ -1,0 +1,38 @@
+"""Score one round across all ranks: each scores a slice, everyone gets the whole.
+
+Why: every rank holds the full round (the engine gathers it), and the dynamic-sampling
+buffer must make the same decision on every rank. Scoring everything everywhere would
+multiply verifier work by the world size; slicing and all-gathering keeps it at one pass.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch.distributed as dist
+
+from dapo_megatron.reward.pool import RewardPool, ScoredBatch
+
+
+def score_sharded(
+    pool: RewardPool, responses: Sequence[str], ground_truths: Sequence[str], *, group=None
+) -> ScoredBatch:
+    """Collective over ``group`` (default world) when distributed; plain ``pool.score`` otherwise."""
+    if len(responses) != len(ground_truths):
+        raise ValueError(f"{len(responses)} responses but {len(ground_truths)} ground truths")
+    if not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return pool.score(responses, ground_truths)
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    bounds = [len(responses) * r // world for r in range(world + 1)]
+    lo, hi = bounds[rank], bounds[rank + 1]
+    mine = pool.score(responses[lo:hi], ground_truths[lo:hi])
+    parts: list[ScoredBatch | None] = [None] * world
+    dist.all_gather_object(parts, mine, group=group)
+    out = ScoredBatch([], [], [], [])
+    for part in parts:
+        assert part is not None
+        out.scores += part.scores
+        out.acc += part.acc
+        out.preds += part.preds
+        out.failed += part.failed
+    return out

@@ -1,0 +1,509 @@
+"""The DAPO loop: one call per stage, in the order data flows through a step.
+
+SPMD: every torchrun rank runs this same loop. Every rank draws the same prompts,
+the engine returns the whole round to every rank, scoring is sliced across ranks
+and gathered, so the dynamic-sampling buffer makes the same decision everywhere;
+then each data-parallel rank trains on its share of every mini-batch. Rank 0
+logs and writes the trainer state next to the distributed checkpoint.
+
+Steps are training steps (not generation rounds), so the LR schedule, test_freq
+and save_freq mean what they say however many rounds dynamic sampling needs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import signal
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dapo_megatron import experience
+from dapo_megatron.algo.dynamic_sampling import DynamicSamplingBuffer, Group
+from dapo_megatron.config import DapoConfig, data_parallel_size, to_dict, validate
+
+logger = logging.getLogger(__name__)
+
+TRAINER_STATE_VERSION = 1
+
+
+class StopRequested(Exception):
+    """Raised out of the loop after a pre-emption signal was honoured (checkpoint written)."""
+
+
+class DapoTrainer:
+    def __init__(self, cfg: DapoConfig) -> None:
+        self.cfg = cfg
+        self.timings: dict[str, float] = defaultdict(float)
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        from transformers import AutoConfig, AutoTokenizer
+
+        from dapo_megatron.actor.actor import MegatronActor
+        from dapo_megatron.actor.parallel import init_parallel
+        from dapo_megatron.data.parquet_dataset import load_prompt_dataset
+        from dapo_megatron.data.sampler import ResumableSampler
+        from dapo_megatron.reward.pool import RewardPool
+        from dapo_megatron.rollout.vllm_engine import VllmEngine
+        from dapo_megatron.weight_sync.transport import ColocatedTransport
+
+        cfg = self.cfg
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        validate(cfg, world_size=world, check_files=True)
+        if torch.cuda.is_available():
+            self._preflight()
+        # Data first: a bad file should fail in seconds, before any process group or model exists.
+        model_path = cfg.actor.model_path
+        self.tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer_path or model_path)
+        self.hf_config = AutoConfig.from_pretrained(model_path)
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        load = dict(
+            max_prompt_length=cfg.data.max_prompt_length,
+            prompt_key=cfg.data.prompt_key,
+            dedup=cfg.data.dedup_prompts,
+            filter_overlong_prompts=cfg.data.filter_overlong_prompts,
+            truncation=cfg.data.truncation,
+        )
+        self.train_set = load_prompt_dataset(cfg.data.train_files, self.tokenizer, **load)
+        self.val_set = []
+        if cfg.data.val_files:
+            val = load_prompt_dataset(cfg.data.val_files, self.tokenizer, **load)
+            limit = cfg.data.val_max_samples
+            self.val_set = list(val) if limit < 0 else list(val)[:limit]
+        self._check_resume_target()
+        par = cfg.actor.parallel
+        init_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=cfg.actor.seed)
+        from megatron.core import parallel_state as ps
+
+        self.rank = dist.get_rank()
+        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_size = data_parallel_size(cfg, world)
+        self.is_logger = self.rank == 0
+        self.total_steps = self._total_steps()
+        self.actor = MegatronActor(
+            cfg.actor,
+            cfg.algorithm,
+            self.hf_config,
+            weights=model_path,
+            temperature=cfg.rollout.temperature,
+            total_training_steps=self.total_steps,
+            pad_token_id=self.pad_id,
+        )
+        self.engine = VllmEngine.from_config(
+            cfg.rollout, model_path, max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length
+        )
+        self.transport = ColocatedTransport(self.engine)
+        self.pool = RewardPool(
+            cfg.reward.backend,
+            num_workers=cfg.reward.num_workers,
+            timeout_s=cfg.reward.timeout_s,
+            strict_box_verify=cfg.reward.strict_box_verify,
+            executor=cfg.reward.executor,
+        )
+        self.sampler = ResumableSampler(len(self.train_set), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
+        fg = cfg.algorithm.filter_groups
+        self.buffer = DynamicSamplingBuffer(
+            cfg.data.train_batch_size,
+            enable=fg.enable,
+            metric=fg.metric,
+            std_tolerance=fg.std_tolerance,
+            max_num_gen_batches=fg.max_num_gen_batches,
+            on_exhausted=fg.on_exhausted,
+            max_carry_age=fg.max_carry_age,
+        )
+        self.step = 0
+        resumed = self._maybe_resume()
+        self.tracker = None
+        if self.is_logger:
+            from dapo_megatron.tracking import MetricsLogger
+
+            self.tracker = MetricsLogger(
+                cfg.trainer.output_dir,
+                cfg.trainer.logger,
+                project=cfg.trainer.project_name,
+                experiment=cfg.trainer.experiment_name,
+                config=to_dict(cfg),
+                resume_step=self.step if resumed else None,
+            )
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._on_signal)
+
+    def _preflight(self) -> None:
+        """Refuse a config whose memory estimate does not fit this GPU, before loading anything.
+
+        CPU runs skip it: the planner models GPU memory (weights, optimizer, KV cache).
+        """
+        from dapo_megatron.plan import Assumptions, Cluster, make_plan, suggest
+        from dapo_megatron.plan_memory import load_model_shape
+
+        t = self.cfg.trainer
+        gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+        cluster = Cluster(nodes=t.nnodes, gpus_per_node=t.n_gpus_per_node, gpu_memory_gib=gib)
+        shape = load_model_shape(os.path.join(self.cfg.actor.model_path, "config.json"))
+        plan = make_plan(self.cfg, shape, cluster, Assumptions())
+        for warning in plan.warnings:
+            logger.warning("preflight: %s", warning)
+        if not plan.feasible:
+            hints = suggest(self.cfg, shape, cluster, Assumptions())
+            raise RuntimeError(
+                "preflight plan refuses this run on "
+                f"{t.nnodes} x {t.n_gpus_per_node} x {gib:.0f} GiB:\n  - "
+                + "\n  - ".join(plan.problems)
+                + ("\ntry: " + " | ".join(hints) if hints else "")
+            )
+
+    @property
+    def ckpt_root(self) -> Path:
+        return Path(self.cfg.trainer.output_dir) / "checkpoints"
+
+    def _resume_path(self) -> Path | None:
+        from dapo_megatron.actor.checkpoint import find_latest
+
+        mode = self.cfg.trainer.checkpoint.resume
+        if mode == "disable":
+            return None
+        return find_latest(self.ckpt_root) if mode == "auto" else Path(mode)
+
+    def _check_resume_target(self) -> None:
+        """A checkpoint of another model is refused before anything is built."""
+        from dapo_megatron.actor.checkpoint import check_compatible, read_checkpoint_metadata, resolve_checkpoint_dir
+
+        path = self._resume_path()
+        if path is not None:
+            directory = resolve_checkpoint_dir(path)
+            check_compatible(read_checkpoint_metadata(directory), self.hf_config, where=f"checkpoint {directory}")
+
+    def _total_steps(self) -> int:
+        t = self.cfg.trainer
+        if t.total_training_steps is not None:
+            return t.total_training_steps
+        # At least one generation round per step: an epoch is at most this many steps.
+        return t.total_epochs * math.ceil(len(self.train_set) / self.cfg.data.gen_batch_size)
+
+    def _on_signal(self, signum, frame) -> None:
+        logger.warning("received signal %d: checkpointing after the current step, then exiting", signum)
+        self._stop_signal = signum
+
+    # ------------------------------------------------------------------ resume
+    def _trainer_state(self) -> dict:
+        return {
+            "version": TRAINER_STATE_VERSION,
+            "step": self.step,
+            "sampler": self.sampler.state_dict(),
+            "buffer": self.buffer.state_dict(),
+            "actor_update_count": self.actor.update_count,
+            "rng": {
+                "python": random.getstate(),
+                "numpy": np.random.get_state(),
+                "torch": torch.get_rng_state(),
+            },
+        }
+
+    def _maybe_resume(self) -> bool:
+        from dapo_megatron.actor.checkpoint import load_checkpoint
+
+        path = self._resume_path()
+        if path is None:
+            return False
+        state = load_checkpoint(path, self.actor.model, self.hf_config, optimizer=self.actor.optimizer)
+        if not state or state.get("version") != TRAINER_STATE_VERSION:
+            raise ValueError(f"checkpoint {path} has no trainer state of version {TRAINER_STATE_VERSION}")
+        self.step = int(state["step"])
+        self.sampler.load_state_dict(state["sampler"])
+        self.buffer.load_state_dict(state["buffer"])
+        self.actor.update_count = int(state["actor_update_count"])
+        random.setstate(state["rng"]["python"])
+        np.random.set_state(state["rng"]["numpy"])
+        torch.set_rng_state(state["rng"]["torch"])
+        # The engine started from the HF weights: give it the resumed actor's.
+        self._sync_weights()
+        logger.info("resumed from %s at step %d", path, self.step)
+        return True
+
+    def save_checkpoint(self) -> Path:
+        from dapo_megatron.actor.checkpoint import save_checkpoint
+
+        with self._timer("save_checkpoint"):
+            return save_checkpoint(
+                self.ckpt_root,
+                self.step,
+                self.actor.model,
+                self.hf_config,
+                optimizer=self.actor.optimizer,
+                extra_state=self._trainer_state(),
+                keep_last=self.cfg.trainer.checkpoint.keep_last,
+            )
+
+    # ------------------------------------------------------------------ stages
+    @contextmanager
+    def _timer(self, name: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[name] += time.perf_counter() - t0
+
+    def _generation_seed(self, round_index: int) -> int:
+        return self.cfg.rollout.seed * 1_000_003 + self.step * 1_009 + round_index
+
+    def _generate_round(self, round_index: int) -> experience.RoundResult:
+        from dapo_megatron.reward.sharded import score_sharded
+        from dapo_megatron.rollout.sampling import train_sampling
+
+        cfg = self.cfg
+        records = [self.train_set[i] for i in self.sampler.next_batch(cfg.data.gen_batch_size)]
+        spec = train_sampling(cfg.rollout, cfg.data.max_response_length)
+        with self._timer("gen"):
+            rollouts = self.engine.generate(
+                [r.prompt_ids for r in records], cfg.rollout.n, spec, self._generation_seed(round_index)
+            )
+        with self._timer("reward"):
+            texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
+            truths = [r.ground_truth for r in records for _ in range(cfg.rollout.n)]
+            scored = score_sharded(self.pool, texts, truths)
+        return experience.build_round(cfg, records, rollouts, scored)
+
+    def _collect_batch(self) -> tuple[list[Group], list[experience.RoundResult]]:
+        self.buffer.begin_step(self.step)
+        rounds = []
+        while self.buffer.should_generate():
+            result = self._generate_round(len(rounds))
+            self.buffer.add_round(result.groups)
+            rounds.append(result)
+        groups = self.buffer.take()
+        mini = self.cfg.actor.ppo_mini_batch_size
+        if len(groups) % mini:
+            # A partial batch (on_exhausted=train_partial) trains on whole mini-batches only.
+            usable = len(groups) - len(groups) % mini
+            if usable == 0:
+                raise RuntimeError(
+                    f"dynamic sampling kept {len(groups)} groups at step {self.step}, fewer than one mini-batch "
+                    f"(actor.ppo_mini_batch_size={mini}); raise algorithm.filter_groups.max_num_gen_batches"
+                )
+            logger.warning(
+                "step %d: training on %d of %d kept groups (whole mini-batches)", self.step, usable, len(groups)
+            )
+            groups = groups[:usable]
+        return groups, rounds
+
+    def _train_on(self, groups: list[Group]) -> dict[str, float]:
+        from dapo_megatron.algo.rollout_correction import is_weight_metrics, truncated_is_weights
+        from dapo_megatron.rollout.mismatch import logprob_mismatch
+
+        cfg = self.cfg
+        mine = experience.dp_shard(
+            groups, mini_batch_groups=cfg.actor.ppo_mini_batch_size, dp_size=self.dp_size, dp_rank=self.dp_rank
+        )
+        with self._timer("adv"):
+            adv = experience.advantages_for(mine, norm_by_std=cfg.algorithm.norm_adv_by_std)
+            batch = experience.to_actor_batch(
+                mine,
+                max_response_length=cfg.data.max_response_length,
+                pad_token_id=self.pad_id,
+                mask_truncated=cfg.algorithm.mask_truncated_responses,
+                advantages=adv,
+            )
+        with self._timer("old_log_prob"):
+            old, _ = self.actor.compute_log_probs(batch, compute_entropy=False)
+        metrics: dict[str, float] = {}
+        mask = batch.response_mask.bool()
+        rollout_lp = experience.rollout_log_probs(mine, cfg.data.max_response_length)
+        if bool(mask.any()):
+            mm = logprob_mismatch(old, rollout_lp, mask)
+            metrics.update({f"rollout/actor_mismatch_{k}": v for k, v in mm.items() if k != "tokens"})
+        if cfg.algorithm.rollout_is.enable:
+            # Token-level advantages A * w are exactly the TIS-weighted loss (see rollout_correction).
+            cap = cfg.algorithm.rollout_is.cap
+            weights = truncated_is_weights(old, rollout_lp, mask, cap=cap)
+            metrics.update(is_weight_metrics(weights, mask, cap=cap))
+            batch = dataclasses.replace(batch, advantages=adv.unsqueeze(-1) * weights)
+        batch = dataclasses.replace(batch, old_log_probs=old)
+        with self._timer("update_actor"):
+            metrics.update(self.actor.update(batch))
+        metrics["critic/advantages/mean"] = float(adv.mean())
+        metrics["critic/advantages/max"] = float(adv.max())
+        metrics["critic/advantages/min"] = float(adv.min())
+        return metrics
+
+    def _sync_weights(self) -> dict[str, float]:
+        from dapo_megatron.rollout.vllm_engine import torch_dtype
+        from dapo_megatron.weight_sync.sync import sync_weights
+
+        ws = self.cfg.rollout.weight_sync
+        with self._timer("update_weights"):
+            stats = sync_weights(
+                self.actor.model,
+                self.hf_config,
+                self.transport,
+                dtype=torch_dtype(self.cfg.rollout.dtype),
+                bucket_size_mb=ws.bucket_size_mb,
+                verify=ws.verify,
+                engine=self.engine,
+            )
+        return {
+            "weight_sync/seconds": stats.seconds,
+            "weight_sync/gbps": stats.gbps,
+            "weight_sync/buckets": float(stats.buckets),
+            "weight_sync/verified_tensors": float(stats.verified),
+        }
+
+    def _validate(self) -> dict[str, float]:
+        from dapo_megatron.validation import validate as run_validation
+
+        if not self.val_set:
+            return {}
+        with self._timer("testing"):
+            return run_validation(self.cfg, self.engine, self.pool, self.tokenizer, self.val_set)
+
+    # ------------------------------------------------------------------ loop
+    def _batch_metrics(self, groups: Sequence[Group], rounds: Sequence[experience.RoundResult]) -> dict[str, float]:
+        scores = torch.tensor([s for g in groups for s in g.metrics["score"]])
+        rewards = torch.tensor([s for g in groups for s in g.metrics["seq_reward"]])
+        lengths = torch.tensor([len(r) for g in groups for r in g.payload["response_ids"]], dtype=torch.float32)
+        prompt_lengths = torch.tensor([len(g.payload["prompt_ids"]) for g in groups], dtype=torch.float32)
+        truncated = torch.tensor([t for g in groups for t in g.payload["truncated"]], dtype=torch.float32)
+        gen_tokens = float(sum(int(r.lengths.sum()) for r in rounds))
+        out = {
+            "critic/score/mean": float(scores.mean()),
+            "critic/score/max": float(scores.max()),
+            "critic/score/min": float(scores.min()),
+            "critic/rewards/mean": float(rewards.mean()),
+            "critic/rewards/max": float(rewards.max()),
+            "critic/rewards/min": float(rewards.min()),
+            "response_length/mean": float(lengths.mean()),
+            "response_length/max": float(lengths.max()),
+            "response_length/min": float(lengths.min()),
+            "response_length/clip_ratio": float(truncated.mean()),
+            "prompt_length/mean": float(prompt_lengths.mean()),
+            "prompt_length/max": float(prompt_lengths.max()),
+            "prompt_length/min": float(prompt_lengths.min()),
+            "rollout/generated_tokens": gen_tokens,
+        }
+        if rounds:  # carried-over groups can fill a step without any new generation
+            out["rollout/acc_all_generated"] = float(torch.cat([r.scores for r in rounds]).gt(0).float().mean())
+        return out
+
+    def _pool_metrics(self) -> dict[str, float]:
+        """Each rank scored a slice: counts and seconds are summed over ranks."""
+        local = self.pool.metrics()
+        keys = sorted(local)
+        values = torch.tensor([local[k] for k in keys], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(values)
+        return dict(zip(keys, values.tolist(), strict=True))
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        if self.tracker is not None:
+            self.tracker.log(metrics, step=self.step)
+
+    def fit(self) -> dict[str, float]:
+        """Run to total_training_steps; returns the last step's metrics."""
+        cfg = self.cfg.trainer
+        if self.step == 0 and cfg.val_before_train:
+            val = self._validate()
+            if val:
+                self._log({**val, "timing_s/testing": self.timings.pop("testing", 0.0)})
+        metrics: dict[str, float] = {}
+        bar = None
+        if self.is_logger and "console" in cfg.logger:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, desc="dapo", unit="step", dynamic_ncols=True)
+        from dapo_megatron.actor.actor import NonFiniteUpdateError
+
+        while self.step < self.total_steps:
+            self.step += 1
+            last_save = self.timings.pop("save_checkpoint", None)
+            self.timings.clear()
+            if last_save is not None:  # spent after the previous step's row was written
+                self.timings["save_checkpoint"] = last_save
+            t0 = time.perf_counter()
+            groups, rounds = self._collect_batch()
+            metrics = self._batch_metrics(groups, rounds)
+            metrics.update(self.buffer.metrics())
+            try:
+                metrics.update(self._train_on(groups))
+            except NonFiniteUpdateError:
+                # Skipped steps left the weights at the last finite update: keep them and the
+                # data position, so a fixed config resumes exactly here.
+                logger.exception("non-finite updates at step %d; checkpointing before stopping", self.step)
+                self.save_checkpoint()
+                raise
+            metrics.update(self._sync_weights())
+            metrics.update(self._pool_metrics())
+            if cfg.test_freq > 0 and (self.step % cfg.test_freq == 0 or self.step == self.total_steps):
+                metrics.update(self._validate())
+            stop = self._stop_agreed()
+            step_time = time.perf_counter() - t0
+            metrics.update({f"timing_s/{k}": v for k, v in self.timings.items()})
+            metrics["timing_s/step"] = step_time
+            metrics["perf/time_per_step"] = step_time
+            metrics["perf/throughput"] = metrics["rollout/generated_tokens"] / max(step_time, 1e-9) / self.dp_size
+            metrics["train/epoch"] = float(self.sampler.epoch)
+            # Log before saving: a crash in between redoes this step (its row is dropped on
+            # resume); saving first could lose the row of a step that the checkpoint holds.
+            self._log(metrics)
+            save_freq = cfg.checkpoint.save_freq
+            if stop or (save_freq > 0 and (self.step % save_freq == 0 or self.step == self.total_steps)):
+                self.save_checkpoint()
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix(
+                    score=f"{metrics['critic/score/mean']:+.2f}",
+                    entropy=f"{metrics.get('actor/entropy', float('nan')):.2f}",
+                    rounds=int(metrics["train/num_gen_batches"]),
+                    s_per_step=f"{step_time:.1f}",
+                )
+            if stop:
+                raise StopRequested(f"stopped by signal {self._stop_signal} after step {self.step}")
+        if bar is not None:
+            bar.close()
+        return metrics
+
+    def _stop_agreed(self) -> bool:
+        """All ranks stop together if any received a pre-emption signal."""
+        flag = torch.tensor([1 if self._stop_signal is not None else 0])
+        if dist.is_initialized():
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag) and self._stop_signal is None:
+            self._stop_signal = -1
+        return bool(int(flag))
+
+    def close(self) -> None:
+        if self.tracker is not None:
+            self.tracker.close()
+        self.pool.close()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+
+    from dapo_megatron.config import load_config
+
+    parser = argparse.ArgumentParser(description="DAPO training (run under torchrun)")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("overrides", nargs="*", help="key.sub=value")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    cfg = load_config(args.config, args.overrides)
+    trainer = DapoTrainer(cfg)
+    trainer.setup()
+    try:
+        trainer.fit()
+    except StopRequested as stop:
+        logger.warning("%s; re-run the same command to resume", stop)
+    finally:
+        trainer.close()
+    return 0
