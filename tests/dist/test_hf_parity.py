@@ -12,11 +12,10 @@ import sys
 
 import pytest
 import torch
+import transformers
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
 from _launch import REPO_ROOT, run_torchrun  # noqa: E402
-
-import transformers
 
 LAYOUTS = ["1x1", "2x1", "2x1sp", "1x2"]  # TPxPP (+sequence parallel) on 2 ranks
 

@@ -11,11 +11,10 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _launch import run_torchrun  # noqa: E402
-
-import transformers
 
 SYNTHETIC = ["pad300of384_T1", "pad300of384_T0.7_chunked", "nopad384_T1.3", "rank1_all_padding", "no_entropy"]
 MODEL = ["model_T1.0", "model_T0.6"]
