@@ -228,6 +228,7 @@ class TrainerConfig:
     nnodes: int = 1
     n_gpus_per_node: int = 8  # processes per node (CPU ranks on CPU)
     logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])
+    gpu_peak_tflops: float = 989.0  # dense bf16 peak of one GPU (H100/H800): the MFU denominator
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 0
 
@@ -450,6 +451,7 @@ def validate(cfg: DapoConfig, *, world_size: int | None = None, check_files: boo
         "must be -1 (off) or > 0",
     )
     c.require(t.checkpoint.keep_last >= 1, "trainer.checkpoint.keep_last", "must be >= 1")
+    c.positive(t.gpu_peak_tflops, "trainer.gpu_peak_tflops")
     c.positive(t.nnodes, "trainer.nnodes")
     c.positive(t.n_gpus_per_node, "trainer.n_gpus_per_node")
     for name in t.logger:

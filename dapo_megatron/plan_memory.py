@@ -479,6 +479,15 @@ def attention_flops_forward(shape: ModelShape, seq_len: int) -> float:
     return 2.0 * shape.num_layers * shape.num_attention_heads * shape.head_dim * seq_len**2
 
 
+def model_training_flops(shape: ModelShape, seq_lengths, *, epochs: int = 1) -> float:
+    """Model FLOPs (no recompute) of forward + backward over the given sequences: 6 P T + 3 x attention.
+
+    The numerator of MFU: recomputed activations are excluded, as in the usual definition.
+    """
+    params = shape.total_params()
+    return float(epochs) * sum(6.0 * params * n + 3.0 * attention_flops_forward(shape, int(n)) for n in seq_lengths)
+
+
 def estimate_cost(
     cfg: DapoConfig,
     shape: ModelShape,

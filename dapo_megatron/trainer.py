@@ -330,12 +330,24 @@ class DapoTrainer:
             metrics.update(is_weight_metrics(weights, mask, cap=cap))
             batch = dataclasses.replace(batch, advantages=adv.unsqueeze(-1) * weights)
         batch = dataclasses.replace(batch, old_log_probs=old)
+        t0 = time.perf_counter()
         with self._timer("update_actor"):
             metrics.update(self.actor.update(batch))
+        if torch.cuda.is_available():  # a CPU has no meaningful peak to compare with
+            metrics["perf/mfu/actor"] = self._actor_mfu(batch.seq_lengths.tolist(), time.perf_counter() - t0)
         metrics["critic/advantages/mean"] = float(adv.mean())
         metrics["critic/advantages/max"] = float(adv.max())
         metrics["critic/advantages/min"] = float(adv.min())
         return metrics
+
+    def _actor_mfu(self, seq_lengths: list[int], seconds: float) -> float:
+        """Model FLOPs of this DP rank's share x DP size, over the whole job's peak for that time."""
+        from dapo_megatron.plan_memory import model_shape_from_hf, model_training_flops
+
+        shape = model_shape_from_hf(self.hf_config)
+        flops = model_training_flops(shape, seq_lengths, epochs=self.cfg.actor.ppo_epochs) * self.dp_size
+        world = dist.get_world_size()
+        return flops / max(seconds, 1e-9) / (world * self.cfg.trainer.gpu_peak_tflops * 1e12)
 
     def _sync_weights(self) -> dict[str, float]:
         from dapo_megatron.rollout.vllm_engine import torch_dtype

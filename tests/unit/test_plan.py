@@ -282,3 +282,25 @@ def test_model_shape_incompatible_with_layout_is_infeasible(capsys):
                      "actor.parallel.pipeline_model_parallel_size=3")  # fmt: skip
     assert rc == EXIT_INFEASIBLE
     assert "actor.parallel.pipeline_model_parallel_size: 3 does not divide the model's 64 layers" in out
+
+
+def test_model_training_flops_by_hand():
+    from dapo_megatron.plan_memory import ModelShape, model_training_flops
+
+    shape = ModelShape(
+        num_layers=2,
+        hidden_size=8,
+        num_attention_heads=2,
+        num_kv_heads=1,
+        head_dim=4,
+        ffn_hidden_size=16,
+        vocab_size=10,
+        tie_word_embeddings=True,
+    )
+    # params: layer = qkv (2+2)*4*8=128 + proj 8*8=64 + 3*8*16=384 -> 576, norms 16 -> 592;
+    # 2 layers 1184 + final norm 8 + tied embedding 80 = 1272.
+    assert shape.total_params() == 1272
+    # attention forward for s=3: 2 * L * nq * d * s^2 = 2*2*2*4*9 = 288
+    want = 2 * (6 * 1272 * 3 + 3 * 288) + (6 * 1272 * 5 + 3 * (2 * 2 * 2 * 4 * 25))
+    assert model_training_flops(shape, [3, 5], epochs=1) + model_training_flops(shape, [3], epochs=1) == want
+    assert model_training_flops(shape, [3, 5], epochs=2) == 2 * model_training_flops(shape, [3, 5])
