@@ -151,7 +151,9 @@ def load_hf_weights_into_model(
 
 
 @torch.no_grad()
-def iter_hf_weights(model: torch.nn.Module, hf_config) -> Iterator[tuple[str, torch.Tensor]]:
+def iter_hf_weights(
+    model: torch.nn.Module, hf_config, *, dtype: torch.dtype | None = None
+) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield ``(hf_name, full_tensor)`` for every parameter of this PP stage, one at a time.
 
     Collective over the tensor-parallel group: every TP rank of the stage must iterate
@@ -159,6 +161,10 @@ def iter_hf_weights(model: torch.nn.Module, hf_config) -> Iterator[tuple[str, to
     materialised at a time.  Vocab padding is removed; a tied output layer is skipped.
     Tensors keep the parameter dtype/device.  Pipeline stages yield disjoint names
     (global layer numbering); gathering across PP is the caller's business.
+
+    ``dtype`` casts each TP shard *before* the all-gather: syncing an fp32 actor into a bf16
+    engine then sends half the bytes, and since the cast is elementwise and the merge only
+    rearranges, the result equals gather-then-cast.
     """
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -169,7 +175,7 @@ def iter_hf_weights(model: torch.nn.Module, hf_config) -> Iterator[tuple[str, to
     inner = unwrap_model(model)
     offset = layer_offset_of(inner)
     for name, param in inner.named_parameters():
-        shard = param.detach()
+        shard = param.detach() if dtype is None else param.detach().to(dtype)
         if tp_size > 1 and mapping.partition_dim(name) is not None:
             parts = [torch.empty_like(shard) for _ in range(tp_size)]
             dist.all_gather(parts, shard.contiguous(), group=tp_group)
@@ -178,4 +184,4 @@ def iter_hf_weights(model: torch.nn.Module, hf_config) -> Iterator[tuple[str, to
         else:
             full = shard
         yield from mapping.megatron_full_to_hf(name, full, layer_offset=offset)
-        del full
+        del full, shard

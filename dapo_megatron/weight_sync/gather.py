@@ -1,8 +1,8 @@
 """Stream the actor's weights as full HF tensors on every rank, across TP and PP.
 
-Within a PP stage, :func:`iter_stage_hf_weights` casts each parameter's TP shard to the
-rollout dtype, all-gathers the shards and converts the result with the shared mapping
-(models/) -- the same walk as ``actor.hf_loading.iter_hf_weights`` with the cast first.  Across
+Within a PP stage, :func:`iter_stage_hf_weights` (``actor.hf_loading.iter_hf_weights`` with a
+dtype) casts each parameter's TP shard to the rollout dtype, all-gathers the shards and
+converts the result with the shared mapping (models/).  Across
 stages, each stage's tensors are broadcast from that stage over the pipeline group, one
 tensor at a time, in global order (stage 0's names, then stage 1's, ...), so every rank
 ends up seeing the whole model as a stream but never holds more than one full tensor.
@@ -21,41 +21,17 @@ from collections.abc import Iterator
 import torch
 import torch.distributed as dist
 
-from dapo_megatron.actor.hf_loading import layer_offset_of, unwrap_model
+from dapo_megatron.actor.hf_loading import iter_hf_weights, layer_offset_of, unwrap_model
 from dapo_megatron.models import get_mapping
 
 __all__ = ["iter_actor_hf_weights", "iter_stage_hf_weights", "stage_plan"]
 
 
-@torch.no_grad()
 def iter_stage_hf_weights(
     model: torch.nn.Module, hf_config, *, dtype: torch.dtype | None = None
 ) -> Iterator[tuple[str, torch.Tensor]]:
-    """This PP stage's ``(hf_name, full tensor)`` pairs, TP shards cast to ``dtype`` *before* the all-gather.
-
-    Same stream as :func:`dapo_megatron.actor.hf_loading.iter_hf_weights` (collective over
-    the TP group, one parameter at a time), but casting first halves the bytes every TP
-    rank sends when syncing an fp32 actor into a bf16 engine; the cast is elementwise and
-    the merge only rearranges, so the result is identical to gather-then-cast.
-    """
-    from megatron.core import parallel_state as ps
-
-    tp_size = ps.get_tensor_model_parallel_world_size()
-    tp_group = ps.get_tensor_model_parallel_group()
-    mapping = get_mapping(hf_config, tp=tp_size)
-    inner = unwrap_model(model)
-    offset = layer_offset_of(inner)
-    for name, param in inner.named_parameters():
-        shard = param.detach() if dtype is None else param.detach().to(dtype)
-        if tp_size > 1 and mapping.partition_dim(name) is not None:
-            parts = [torch.empty_like(shard) for _ in range(tp_size)]
-            dist.all_gather(parts, shard.contiguous(), group=tp_group)
-            full = mapping.merge_tp_shards(name, parts)
-            del parts
-        else:
-            full = shard
-        yield from mapping.megatron_full_to_hf(name, full, layer_offset=offset)
-        del full, shard
+    """This PP stage's ``(hf_name, full tensor)`` pairs, shards cast to ``dtype`` before the TP gather."""
+    return iter_hf_weights(model, hf_config, dtype=dtype)
 
 
 def stage_plan(model: torch.nn.Module, hf_config, tp_size: int) -> list[tuple[str, tuple[int, ...]]]:
