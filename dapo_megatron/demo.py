@@ -52,8 +52,9 @@ def run(run_dir: Path, config: str, overrides: list[str], *, sft_steps: int, npr
     run_dir.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    # One- and two-digit problems: learnable by a tiny model, not solved by it after a short warm-up.
-    task = make_arithmetic_task(run_dir / "task", num_train=2000, num_val=200, seed=0, digits=(1, 2))
+    # One- and two-digit problems, 8000 of them: with fewer, the tiny model memorises the
+    # training problems (2000 gave 7-18 % held-out accuracy; 8000 gave 34 % after the warm-up).
+    task = make_arithmetic_task(run_dir / "task", num_train=8000, num_val=200, seed=0, digits=(1, 2))
     init_model = run_dir / "init_model"
     if not (init_model / "config.json").exists():
         make_tiny_qwen2(init_model, task.tokenizer_dir)
@@ -80,6 +81,10 @@ def run(run_dir: Path, config: str, overrides: list[str], *, sft_steps: int, npr
                 str(sft_model),
                 "--steps",
                 str(sft_steps),
+                "--batch-prompts",
+                "64",
+                "--lr",
+                "3e-3",
                 *paths,
                 f"actor.model_path={init_model}",
             ],
@@ -131,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--run-dir", default="runs/tiny")
-    parser.add_argument("--sft-steps", type=int, default=400)
+    parser.add_argument("--sft-steps", type=int, default=600)
     parser.add_argument("--nproc", type=int, default=2)
     parser.add_argument("--fresh", action="store_true", help="discard an earlier run in --run-dir")
     parser.add_argument("overrides", nargs="*", help="key.sub=value for the DAPO run")
