@@ -108,6 +108,10 @@ class ActorConfig:
     entropy_coeff: float = 0.0
     # Non-finite loss/gradient: the step is skipped; this many in a row stops training.
     max_consecutive_nonfinite: int = 3
+    # Fault drill, as Megatron-LM's --error-injection-rate: every mini-batch loss of these
+    # training steps (1-based) is made NaN, so the skip / checkpoint / stop path can be
+    # rehearsed end to end on a real cluster before a long run depends on it.
+    inject_nan_loss_at_steps: list[int] = field(default_factory=list)
     seed: int = 1234
 
 
@@ -398,6 +402,11 @@ def validate(cfg: DapoConfig, *, world_size: int | None = None, check_files: boo
     c.positive(a.max_tokens_per_micro_batch, "actor.max_tokens_per_micro_batch")
     c.positive(a.micro_batch_size, "actor.micro_batch_size")
     c.require(a.max_consecutive_nonfinite >= 1, "actor.max_consecutive_nonfinite", "must be >= 1")
+    c.require(
+        all(s >= 1 for s in a.inject_nan_loss_at_steps),
+        "actor.inject_nan_loss_at_steps",
+        f"training steps are 1-based, got {list(a.inject_nan_loss_at_steps)}",
+    )
     if a.use_dynamic_bsz:
         longest = d.max_prompt_length + d.max_response_length
         c.require(

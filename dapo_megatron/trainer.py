@@ -319,6 +319,7 @@ class DapoTrainer:
             old, _ = self.actor.compute_log_probs(batch, compute_entropy=False)
         metrics: dict[str, float] = {}
         mask = batch.response_mask.bool()
+        self._require_finite_policy(old, mask)
         rollout_lp = experience.rollout_log_probs(mine, cfg.data.max_response_length)
         if bool(mask.any()):
             mm = logprob_mismatch(old, rollout_lp, mask)
@@ -339,6 +340,32 @@ class DapoTrainer:
         metrics["critic/advantages/max"] = float(adv.max())
         metrics["critic/advantages/min"] = float(adv.min())
         return metrics
+
+    def _require_finite_policy(self, old_log_probs: torch.Tensor, mask: torch.Tensor) -> None:
+        """Stop when the weights themselves have overflowed, without checkpointing them.
+
+        A NaN loss with healthy weights is skipped by the actor; non-finite log-probs of the
+        responses the engine just sampled mean the last update already broke the weights, so
+        every further step would be skipped too, and saving them would point ``latest`` at a
+        policy nobody can resume from.
+        """
+        from dapo_megatron.actor.actor import NonFinitePolicyError
+        from dapo_megatron.actor.checkpoint import find_latest
+
+        bad = (~torch.isfinite(old_log_probs) & mask).sum()
+        flag = bad.clamp(max=1).to(torch.long)
+        if torch.cuda.is_available():
+            flag = flag.cuda()
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if int(flag):
+            latest = find_latest(self.ckpt_root)
+            raise NonFinitePolicyError(
+                f"step {self.step}: the actor's log-probs of the sampled responses are non-finite "
+                f"({int(bad)} of {int(mask.sum())} tokens on this rank): the weights overflowed in an earlier "
+                f"update (see actor/grad_norm and actor/lr in metrics.jsonl). These weights are not "
+                f"checkpointed; resume from {latest or 'the initial model'} with a lower actor.optim.lr "
+                f"(now {self.cfg.actor.optim.lr}) or a tighter actor.optim.clip_grad"
+            )
 
     def _actor_mfu(self, seq_lengths: list[int], seconds: float) -> float:
         """Model FLOPs of this DP rank's share x DP size, over the whole job's peak for that time."""

@@ -47,7 +47,7 @@ from dapo_megatron.actor.optimizer import build_optimizer, lr_at_step, set_lr, w
 from dapo_megatron.algo.loss import aggregate_loss, local_normalizer, policy_loss
 from dapo_megatron.config import ActorConfig, AlgorithmConfig
 
-__all__ = ["MegatronActor", "NonFiniteUpdateError"]
+__all__ = ["MegatronActor", "NonFinitePolicyError", "NonFiniteUpdateError"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # order of the per-micro-batch statistics vector returned by the loss function
@@ -56,6 +56,10 @@ _STATS = ("pg_loss", "entropy", "clipfrac_sum", "clipfrac_lower_sum", "kl_sum", 
 
 class NonFiniteUpdateError(RuntimeError):
     """Too many consecutive optimizer steps had a non-finite loss or gradient norm."""
+
+
+class NonFinitePolicyError(RuntimeError):
+    """The current weights themselves give non-finite log-probs: skipping steps cannot help."""
 
 
 def _recompute_overrides(mode: str) -> dict:
@@ -259,9 +263,10 @@ class MegatronActor:
             raise ValueError("DP ranks received different numbers of mini-batches (uneven batch split)")
         return [torch.arange(i, i + per_rank) for i in range(0, n, per_rank)]
 
-    def forward_backward(self, batch: ActorBatch) -> dict[str, float]:
+    def forward_backward(self, batch: ActorBatch, *, inject_nan: bool = False) -> dict[str, float]:
         """Forward + backward of ONE mini-batch (all of ``batch``); gradients are left in the DDP
-        buffers, reduced over DP, ready for the optimizer.  Returns the mini-batch statistics."""
+        buffers, reduced over DP, ready for the optimizer.  Returns the mini-batch statistics.
+        ``inject_nan`` makes the loss NaN (``actor.inject_nan_loss_at_steps``)."""
         if batch.old_log_probs is None or batch.advantages is None:
             raise ValueError("update needs ActorBatch.old_log_probs and ActorBatch.advantages")
         mode = self.algo.loss_agg_mode
@@ -300,10 +305,13 @@ class MegatronActor:
                 max_response_length=max_len,
             )
             loss = out["pg_loss"] - coeff * ent_agg if coeff else out["pg_loss"]
+            pg_loss = out["pg_loss"].detach()
+            if inject_nan:
+                loss, pg_loss = loss * float("nan"), pg_loss * float("nan")
             ntok = mb.label_mask.sum().float()
             stats = torch.stack(
                 [
-                    out["pg_loss"].detach(),
+                    pg_loss,
                     ent_agg.detach(),
                     out["pg_clipfrac"] * ntok,
                     out["pg_clipfrac_lower"] * ntok,
@@ -386,12 +394,13 @@ class MegatronActor:
         lr = lr_at_step(self.update_count, self.cfg.optim, self.total_training_steps)
         set_lr(self.optimizer, lr)
         slices = self._mini_batch_slices(batch)
+        inject_nan = self.update_count + 1 in self.cfg.inject_nan_loss_at_steps
         rows: list[dict[str, float]] = []
         skipped = 0
         for _ in range(self.cfg.ppo_epochs):
             for idx in slices:
                 self.zero_grad()
-                m = self.forward_backward(batch.select(idx))
+                m = self.forward_backward(batch.select(idx), inject_nan=inject_nan)
                 stepped, norm = self._optimizer_step(m["pg_loss"])
                 skipped += not stepped
                 m["grad_norm"] = norm

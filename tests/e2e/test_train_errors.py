@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
-from _runs import TINY, run, train_args
+from _runs import TINY, metric_rows, run, train_args
 
 from dapo_megatron.config import ConfigError, load_config
 from dapo_megatron.data.parquet_dataset import DataError
@@ -65,3 +67,52 @@ def test_no_informative_group_within_the_round_limit(tiny_task, tmp_path):
     assert proc.returncode != 0
     assert "dynamic sampling exhausted at step 1: 0 of 8 groups kept after 2 generation rounds" in proc.stdout
     assert "raise max_num_gen_batches or gen_batch_size" in proc.stdout
+
+
+def _nan_args(env, out, *extra: str) -> list[str]:
+    return train_args(
+        out,
+        *env.data_overrides(),
+        f"actor.model_path={env.policy}",
+        "trainer.val_before_train=false",
+        "trainer.test_freq=-1",
+        "trainer.checkpoint.save_freq=-1",
+        *extra,
+    )
+
+
+def test_nan_loss_drill_skips_steps_then_checkpoints_stops_and_resumes(tiny_env, tmp_path):
+    """Steps 2 and 3 get a NaN loss (the fault drill): 2 mini-batches each, 3 skips in a row stop at step 3."""
+    out = tmp_path / "out"
+    drill = ["actor.inject_nan_loss_at_steps=[2,3]", "actor.max_consecutive_nonfinite=3"]
+    proc = run(_nan_args(tiny_env, out, *drill, "trainer.total_training_steps=5"), log=tmp_path / "run.log")
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "3 consecutive optimizer steps had a non-finite loss or gradient norm" in proc.stdout
+    assert "actor.max_consecutive_nonfinite=3" in proc.stdout
+    assert "optimizer step skipped (2 in a row)" in proc.stdout
+    rows = metric_rows(out)
+    assert sorted(rows) == [1, 2], sorted(rows)  # step 3 raised before its row
+    assert rows[1]["actor/nonfinite_skips"] == 0.0 and math.isfinite(rows[1]["actor/grad_norm"])
+    assert rows[2]["actor/nonfinite_skips"] == 2.0 and math.isnan(rows[2]["actor/pg_loss"])
+    assert (out / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+
+    # The fixed config resumes from that checkpoint and trains normally.
+    proc = run(_nan_args(tiny_env, out, "trainer.total_training_steps=4"), log=tmp_path / "resume.log")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    rows = metric_rows(out)
+    assert sorted(rows) == [1, 2, 4], sorted(rows)
+    assert rows[4]["actor/nonfinite_skips"] == 0.0 and math.isfinite(rows[4]["actor/pg_loss"])
+
+
+def test_overflowed_weights_stop_without_a_checkpoint(tiny_env, tmp_path):
+    """lr 1e30 overflows the weights in the first update (no fault injected); the next step's
+    log-probs are non-finite, and the run stops naming the cause instead of saving broken weights."""
+    out = tmp_path / "out"
+    overflow = ["actor.optim.lr=1e30", "actor.optim.lr_warmup_steps=0", "algorithm.filter_groups.enable=false"]
+    proc = run(_nan_args(tiny_env, out, *overflow, "trainer.total_training_steps=4"), log=tmp_path / "run.log")
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "the actor's log-probs of the sampled responses are non-finite" in proc.stdout
+    assert (
+        "These weights are not checkpointed; resume from the initial model with a lower actor.optim.lr" in proc.stdout
+    )
+    assert not (out / "checkpoints" / "latest").exists()
