@@ -6,7 +6,9 @@ Three launches (each runs every check of ``workers/rollout_sync_worker.py`` for 
 * rollout TP=2 (one replica), fp32, actor TP2 / PP2;
 * rollout TP=1, bf16 engine, actor TP2 / PP2 (cast before gather + verification of bf16 weights).
 
-Per layout: sync into a dummy-initialised engine with checksum verification, greedy log-prob
+Per layout: sync into a dummy-initialised engine with checksum verification, bytes received
+from other pipeline stages equal to what the rank's engine keeps (its vLLM TP slices; with
+engine TP=2 a wrong slice is caught by verification), greedy log-prob
 parity engine vs actor (< 1e-3), change after perturb + re-sync on cached prompts, a negative
 control showing the prefix-cache reset is needed, verification naming unsynced tensors, an
 interrupted sync leaving the engine refusing to generate, and recovery.  Finally the sampled
@@ -29,6 +31,7 @@ from _launch import run_torchrun  # noqa: E402
 
 FP32_CHECKS = [
     "sync",
+    "stage_traffic",
     "parity_initial",
     "parity_after_update",
     "changed_after_update",
@@ -94,6 +97,8 @@ def _launch(hf_dir, out_dir, actor: str, rollout_tp: int, dtype: str = "float32"
 def test_sync_and_generate_fp32(hf_dir, out_dir, rollout_tp, actors):
     stdout = _launch(hf_dir, out_dir, ",".join(actors), rollout_tp)
     expected = {(a, c) for a in actors for c in FP32_CHECKS}
+    if rollout_tp > 1:  # actor PP=2: a receiver asking for the wrong slice is caught
+        expected.add(("1x2", "wrong_slice_detected"))
     assert expected <= _checks(stdout), (sorted(expected - _checks(stdout)), stdout)
     for m in re.finditer(r"CHECK actor=\S+ (parity\S*) max_abs_diff=(\S+)", stdout):
         assert float(m.group(2)) < 1e-3, m.group(0)
