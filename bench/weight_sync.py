@@ -10,7 +10,9 @@ The default model is a Qwen2 of ~155M parameters (620 MB fp32 actor; 310 MB per 
 The actor is built from the config with random weights (no checkpoint needed); the engine
 starts with dummy weights.  Measured on every rank, reported by rank 0 (min over repeats):
 
-* ``gather``: walking the actor in HF order only (TP all-gather + PP broadcast + cast), no engine;
+* ``gather``: walking the actor in HF order only (TP all-gather + cross-stage transfer + cast), no
+  engine; with PP > 1 twice: every tensor whole to every rank (what crossed stages before), and only
+  the slices each rank's engine keeps (what the sync does now), with the bytes that crossed stages;
 * ``sync``: the full sync at each bucket size (gather + hand-over + vLLM's layerwise reload,
   which on CPU re-packs every Linear for oneDNN);
 * ``copy``: ``Tensor.copy_`` of the same number of bytes into a preallocated buffer (memory
@@ -62,7 +64,7 @@ def main(argv=None) -> int:
     from dapo_megatron.actor.model import build_gpt_model
     from dapo_megatron.actor.parallel import init_parallel
     from dapo_megatron.rollout.vllm_engine import VllmEngine
-    from dapo_megatron.weight_sync.gather import iter_actor_hf_weights
+    from dapo_megatron.weight_sync.gather import StageTraffic, iter_actor_hf_weights
     from dapo_megatron.weight_sync.sync import sync_weights, verify_weights
     from dapo_megatron.weight_sync.transport import ColocatedTransport
 
@@ -120,6 +122,18 @@ def main(argv=None) -> int:
         ),
         "sync_s": {},
     }
+    need = engine.weight_slices()
+    results["gather_sliced_s"] = _min_time(
+        lambda: sum(1 for _ in iter_actor_hf_weights(model, hf_config, dtype=dtype, need=need)), args.repeats
+    )
+    # bytes that crossed pipeline stages, summed over ranks: whole tensors vs the engines' slices
+    for key, want in (("stage_bytes_whole", None), ("stage_bytes_sliced", need)):
+        traffic = StageTraffic()
+        for _ in iter_actor_hf_weights(model, hf_config, dtype=dtype, need=want, traffic=traffic):
+            pass
+        per_rank = [None] * dist.get_world_size()
+        dist.all_gather_object(per_rank, traffic.received_bytes)
+        results[key] = per_rank
     for mb in (float(x) for x in args.buckets.split(",")):
         results["sync_s"][mb] = _min_time(
             lambda mb=mb: sync_weights(model, hf_config, transport, dtype=dtype, bucket_size_mb=mb), args.repeats
@@ -130,7 +144,16 @@ def main(argv=None) -> int:
         gb = total_bytes / 1e9
         print(f"model: {n_params / 1e6:.1f}M actor params on this rank; sync moves {gb * 1e3:.0f} MB ({args.dtype})")
         print(f"plain copy of the same bytes: {results['copy_s']:.3f} s ({gb / results['copy_s']:.2f} GB/s)")
-        print(f"gather only (TP/PP collectives + cast): {results['gather_s']:.3f} s")
+        print(
+            f"gather only (TP/PP collectives + cast): whole tensors {results['gather_s']:.3f} s, "
+            f"engine slices {results['gather_sliced_s']:.3f} s"
+        )
+        whole, sliced = sum(results["stage_bytes_whole"]), sum(results["stage_bytes_sliced"])
+        if whole:
+            print(
+                f"bytes across PP stages (all ranks): whole tensors {whole / 1e6:.1f} MB, engine slices "
+                f"{sliced / 1e6:.1f} MB ({sliced / whole:.3f}x); per rank {results['stage_bytes_sliced']}"
+            )
         print("| bucket MB | sync s | GB/s | x plain copy |")
         print("|---|---|---|---|")
         for mb, s in results["sync_s"].items():

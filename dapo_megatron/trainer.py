@@ -396,6 +396,7 @@ class DapoTrainer:
             "weight_sync/gbps": stats.gbps,
             "weight_sync/buckets": float(stats.buckets),
             "weight_sync/verified_tensors": float(stats.verified),
+            "weight_sync/stage_received_mb": stats.stage_received_bytes / (1 << 20),
         }
 
     def _validate(self) -> dict[str, float]:

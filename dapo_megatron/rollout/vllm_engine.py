@@ -108,6 +108,7 @@ class VllmEngine(RolloutEngine):
         self._state = "ready"
         self._broken_reason: str | None = None
         self.weights_version = 0
+        self._weight_slices: dict | None = None
 
     @classmethod
     def from_config(cls, rollout_cfg, model_path, *, max_model_len: int, **overrides) -> VllmEngine:
@@ -280,6 +281,15 @@ class VllmEngine(RolloutEngine):
         self.load_weight_bucket(batch)
         self.finish_weight_update()
         return count
+
+    def weight_slices(self) -> dict:
+        """HF name -> :class:`~dapo_megatron.weight_sync.slices.TensorSlice` this rank's engine keeps (cached).
+
+        Fixed for the engine's lifetime (its TP layout and model do not change).
+        """
+        if self._weight_slices is None:
+            self._weight_slices = self.llm.collective_rpc("dm_weight_slices")[0]
+        return self._weight_slices
 
     def engine_checksums(self) -> dict:
         """This rank's per-HF-tensor shard checksums (see :mod:`dapo_megatron.weight_sync.verify`)."""

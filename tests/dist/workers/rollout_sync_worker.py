@@ -102,6 +102,9 @@ class FailingTransport:
     def __init__(self, inner, fail_at: int):
         self.inner, self.fail_at, self.sent = inner, fail_at, 0
 
+    def needed_slices(self):
+        return self.inner.needed_slices()
+
     def begin(self):
         self.inner.begin()
 
@@ -116,6 +119,113 @@ class FailingTransport:
 
     def abort(self, reason):
         self.inner.abort(reason)
+
+
+def expected_stage_bytes(model, hf_config, hf_dir: str, slices: dict, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes this rank's engine needs from other PP stages, bytes of those tensors in full) -- from the HF file.
+
+    The full shapes come from the checkpoint on disk and the stage's own tensors from its plan, so
+    the count does not reuse the gather's bookkeeping; the slices are the engine's (vLLM's layout).
+    """
+    from megatron.core import parallel_state as ps
+    from safetensors import safe_open
+
+    from dapo_megatron.weight_sync.gather import stage_plan
+
+    own = {name for name, _ in stage_plan(model, hf_config, ps.get_tensor_model_parallel_world_size())}
+    size = torch.empty((), dtype=dtype).element_size()
+    need = full = 0
+    with safe_open(os.path.join(hf_dir, "model.safetensors"), framework="pt") as f:
+        for name in f.keys():
+            if name in own:
+                continue
+            shape = list(f.get_slice(name).get_shape())
+            n = 1
+            for x in shape:
+                n *= x
+            full += n * size
+            part = slices[name]
+            need += (n if part.dim is None else n // shape[part.dim] * part.length) * size
+    return need, full
+
+
+class WrongSliceTransport:
+    """Asks, on ``rank``, for a shifted slice of ``name``: what the engine loads must then be NaN (caught)."""
+
+    def __init__(self, inner, name: str, rank: int):
+        self.inner, self.name, self.rank = inner, name, rank
+
+    def needed_slices(self):
+        from dapo_megatron.weight_sync.slices import TensorSlice
+
+        slices = dict(self.inner.needed_slices())
+        if dist.get_rank() == self.rank:
+            right = slices[self.name]
+            assert right.dim == 0 and right.start > 0, right
+            slices[self.name] = TensorSlice(0, 0, right.length)  # TP rank 0's rows instead of its own
+        return slices
+
+    def begin(self):
+        self.inner.begin()
+
+    def send(self, bucket):
+        self.inner.send(bucket)
+
+    def finish(self):
+        self.inner.finish()
+
+    def abort(self, reason):
+        self.inner.abort(reason)
+
+
+def check_stage_traffic(engine, model, hf_config, args, actor: str, stats) -> None:
+    """Each rank received from other PP stages exactly the slices its engine keeps, and nothing more."""
+    from megatron.core import parallel_state as ps
+
+    pp = ps.get_pipeline_model_parallel_world_size()
+    need, full = expected_stage_bytes(model, hf_config, args.hf_dir, engine.weight_slices(), torch.float32)
+    per_rank = [None] * dist.get_world_size()
+    dist.all_gather_object(per_rank, (stats.stage_sent_bytes, stats.stage_received_bytes, need, full))
+    sent = sum(r[0] for r in per_rank)
+    received = sum(r[1] for r in per_rank)
+    if pp == 1:
+        assert sent == received == 0, per_rank
+    else:
+        for r, (_s, got, want, whole) in enumerate(per_rank):
+            assert got == want, f"rank {r} received {got} B from other stages, its engine needs {want} B"
+            if args.rollout_tp > 1:  # engine TP shards: well under the full tensors (norms stay whole)
+                assert got < 0.6 * whole, (r, got, whole)
+            else:
+                assert got == whole, (r, got, whole)
+        assert sent == received, per_rank
+    if dist.get_rank() == 0:
+        detail = " ".join(f"rank{r}:recv={x[1]}/full={x[3]}" for r, x in enumerate(per_rank))
+        print(f"CHECK actor={actor} stage_traffic {detail}", flush=True)
+
+
+def check_wrong_slice_detected(engine, model, hf_config, transport, actor: str) -> None:
+    """A receiver asking for the wrong rows loads NaN there; verification names it on every rank."""
+    from dapo_megatron.weight_sync.sync import sync_weights, verify_weights
+    from dapo_megatron.weight_sync.verify import WeightMismatchError
+
+    f32 = torch.float32
+    # the last rank is on the last PP stage (receives layer 0 from stage 0) and is an engine TP rank > 0
+    rank = dist.get_world_size() - 1
+    name = "model.layers.0.self_attn.q_proj.weight"
+    wrong = WrongSliceTransport(transport, name, rank)
+    sync_weights(model, hf_config, wrong, dtype=f32, bucket_size_mb=1.0)
+    try:
+        verify_weights(model, hf_config, engine, dtype=f32)
+    except WeightMismatchError as e:
+        msg = str(e)
+        assert f"on rank {rank} " in msg and name in msg, msg
+        assert all(f"on rank {r} " not in msg for r in range(rank)), msg  # only the receiver that asked wrong
+    else:
+        raise AssertionError("a receiver holding the wrong slice passed verification")
+    stats = sync_weights(model, hf_config, transport, dtype=f32, bucket_size_mb=1.0, verify=True, engine=engine)
+    assert stats.verified > 0
+    if dist.get_rank() == 0:
+        print(f"CHECK actor={actor} wrong_slice_detected", flush=True)
 
 
 def check_layout(engine, hf_config, args, actor: str) -> None:
@@ -145,6 +255,11 @@ def check_layout(engine, hf_config, args, actor: str) -> None:
             f"CHECK actor={actor} sync tensors={stats.tensors} buckets={stats.buckets} verified={stats.verified}",
             flush=True,
         )
+    check_stage_traffic(engine, model, hf_config, args, actor, stats)
+    from megatron.core import parallel_state as ps
+
+    if ps.get_pipeline_model_parallel_world_size() > 1 and args.rollout_tp > 1:
+        check_wrong_slice_detected(engine, model, hf_config, transport, actor)
 
     # 3: greedy parity
     _, lp_before = greedy_parity(engine, model, prompts, vocab, f"actor={actor} parity_initial")
