@@ -123,11 +123,17 @@ def test_hangs_exceptions_and_crashes_become_incorrect(chaos_pool: RewardPool) -
 
 def test_workers_persist_across_calls() -> None:
     with RewardPool(scorer=pid_scorer, num_workers=2, timeout_s=5.0) as pool:
-        first = set(pool.score(["0.05"] * 6, ["x"] * 6).preds)
-        second = set(pool.score(["0.05"] * 6, ["x"] * 6).preds)
-    assert len(first) == 2
-    assert first == second
-    assert str(os.getpid()) not in first
+        seen: set[str] = set()
+        for _ in range(20):  # on a loaded machine the second worker may become ready calls later
+            seen |= set(pool.score(["0.05"] * 6, ["x"] * 6).preds)
+            if len(seen) == 2:
+                break
+        later = set(pool.score(["0.05"] * 6, ["x"] * 6).preds)
+        restarts = pool.metrics()["reward/num_worker_restarts"]
+    assert len(seen) == 2
+    assert later <= seen  # the same two processes, no new one
+    assert restarts == 0
+    assert str(os.getpid()) not in seen
 
 
 def test_timeout_is_per_response_not_per_batch() -> None:
