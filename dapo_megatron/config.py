@@ -123,6 +123,9 @@ class ValSamplingConfig:
     top_p: float = 0.7
     top_k: int = -1
     do_sample: bool = True
+    # Fixed: two evaluations of the same weights agree, so a change between steps is the
+    # policy's; vary it to measure how much the estimate itself moves (bench/val_noise.py).
+    seed: int = 20240101
 
 
 @dataclass
@@ -229,6 +232,7 @@ class TrainerConfig:
     total_epochs: int = 1
     test_freq: int = 5  # -1 disables
     val_before_train: bool = True
+    val_only: bool = False  # evaluate the initial (or resumed) weights, log, and exit
     nnodes: int = 1
     n_gpus_per_node: int = 8  # processes per node (CPU ranks on CPU)
     logger: list[str] = field(default_factory=lambda: ["console", "jsonl"])

@@ -451,6 +451,12 @@ class DapoTrainer:
     def fit(self) -> dict[str, float]:
         """Run to total_training_steps; returns the last step's metrics."""
         cfg = self.cfg.trainer
+        if cfg.val_only:
+            val = self._validate()
+            if not val:
+                raise ValueError("trainer.val_only=true needs data.val_files")
+            self._log({**val, "timing_s/testing": self.timings.pop("testing", 0.0)})
+            return val
         if self.step == 0 and cfg.val_before_train:
             val = self._validate()
             if val:

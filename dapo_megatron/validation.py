@@ -3,7 +3,8 @@
 Why one generate call with n = k: every problem gets exactly k samples from the
 validation sampling parameters (top_p 0.7 in the recipe), and their per-problem
 mean is what avg@k averages; a fixed seed makes validation of the same weights
-repeatable, so a change between two evaluations is the policy's, not the dice's.
+repeatable, so a change between two evaluations is the policy's, not the dice's
+(``rollout.val.seed``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,6 @@ from dapo_megatron.reward.val_metrics import avg_at_k
 from dapo_megatron.rollout.engine import RolloutEngine
 from dapo_megatron.rollout.sampling import val_sampling
 
-VAL_SEED = 20240101
-
 
 def validate(
     cfg: DapoConfig,
@@ -29,15 +28,13 @@ def validate(
     pool: RewardPool,
     tokenizer,
     records: Sequence[PromptRecord],
-    *,
-    seed: int = VAL_SEED,
 ) -> dict[str, float]:
     """avg@k accuracy per data source plus mean score and response length (collective)."""
     if not records:
         raise ValueError("validation set is empty")
     k = cfg.rollout.val.n
     spec = val_sampling(cfg.rollout.val, cfg.data.max_response_length, tuple(cfg.rollout.stop))
-    rollouts = engine.generate([r.prompt_ids for r in records], k, spec, seed)
+    rollouts = engine.generate([r.prompt_ids for r in records], k, spec, cfg.rollout.val.seed)
     texts = tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
     truths = [r.ground_truth for r in records for _ in range(k)]
     scored = score_sharded(pool, texts, truths)

@@ -100,8 +100,19 @@ def kill_tree(popen: subprocess.Popen) -> None:
     popen.wait()
 
 
+# The tests' runs check behaviour, not learning: a quarter of the demo's batch keeps them quick.
+SMALL_BATCH = ("data.gen_batch_size=16", "data.train_batch_size=8", "actor.ppo_mini_batch_size=4")
+
+
 def train_args(out: Path, *overrides: str) -> list[str]:
-    return [str(ROOT / "launch" / "train.py"), "--config", str(TINY), f"trainer.output_dir={out}", *overrides]
+    return [
+        str(ROOT / "launch" / "train.py"),
+        "--config",
+        str(TINY),
+        f"trainer.output_dir={out}",
+        *SMALL_BATCH,
+        *overrides,
+    ]
 
 
 def metric_rows(out: Path) -> dict[int, dict]:

@@ -1,4 +1,13 @@
-"""The README's main command runs the whole pipeline and leaves metrics, plots and a summary."""
+"""The README's main command, with its defaults, learns: held-out accuracy rises well beyond its noise.
+
+What the margin rests on (bench/RESULTS.md, "Learning and its noise"): from the demo's
+warmed-up policy, three DAPO runs with different rollout and data seeds gained +9.4, +7.1
+and +9.7 points of held-out avg@8 by step 100; the estimate of one policy's accuracy moves
+by a standard deviation of about one point when only the validation seed changes. A gain
+of at least 4 points is therefore about three times the end-to-end seed spread below the
+smallest gain seen, and several times the measurement noise; a run that does not learn
+(learning rate 1e-12) ends exactly where it started.
+"""
 
 import subprocess
 import sys
@@ -9,41 +18,32 @@ import pytest
 from dapo_megatron.tracking import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
+MIN_GAIN = 0.04
 
 
 @pytest.mark.e2e
-def test_demo_runs_end_to_end_and_resumes(tmp_path):
+def test_demo_learns_and_a_rerun_resumes(tmp_path):
     run_dir = tmp_path / "demo"
-    cmd = [
-        sys.executable,
-        "-m",
-        "dapo_megatron.demo",
-        "--run-dir",
-        str(run_dir),
-        "--sft-steps",
-        "60",
-        "trainer.total_training_steps=3",
-        "trainer.test_freq=3",
-        "data.val_max_samples=40",
-        "trainer.checkpoint.save_freq=3",
-        "algorithm.rollout_is.enable=true",
-    ]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    cmd = [sys.executable, "-m", "dapo_megatron.demo", "--run-dir", str(run_dir)]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=2400)
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     assert "=== dapo-megatron demo summary ===" in proc.stdout
     assert "held-out accuracy (avg@k): step 0:" in proc.stdout
     rows = read_jsonl(run_dir / "dapo" / "metrics.jsonl")
-    assert [r["step"] for r in rows] == [0, 1, 2, 3]
-    assert any(k.startswith("val-core/synthetic_arith/acc/mean@4") for k in rows[-1])
+    assert [r["step"] for r in rows] == list(range(0, 101))
+    key = "val-core/synthetic_arith/acc/mean@8"
+    val = [(r["step"], r[key]) for r in rows if key in r]
+    assert [s for s, _ in val] == [0, 25, 50, 75, 100], val
+    gain = val[-1][1] - val[0][1]
+    assert gain >= MIN_GAIN, f"held-out accuracy {val[0][1]:.3f} -> {val[-1][1]:.3f} ({gain:+.3f}): {val}"
     for r in rows[1:]:
         assert r["weight_sync/verified_tensors"] > 0  # tiny_cpu.yaml verifies every sync
         assert r["rollout/actor_mismatch_max_abs_diff"] < 1e-3
-        assert 0.9 < r["rollout_is/weight_mean"] < 1.1  # actor and engine share weights: w near 1
     assert (run_dir / "dapo" / "plots" / "dashboard.png").stat().st_size > 10_000
-    assert (run_dir / "dapo" / "checkpoints" / "latest").read_text().strip() == "step_00000003"
+    assert (run_dir / "dapo" / "checkpoints" / "latest").read_text().strip() == "step_00000100"
 
     # A re-run reuses the warm-up and resumes from the last checkpoint: nothing left to train.
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-5000:] + again.stderr[-5000:]
     assert "supervised warm-up" not in again.stdout
-    assert [r["step"] for r in read_jsonl(run_dir / "dapo" / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert [r["step"] for r in read_jsonl(run_dir / "dapo" / "metrics.jsonl")] == list(range(0, 101))

@@ -25,6 +25,8 @@ def _overrides(env, *extra: str) -> list[str]:
         "trainer.logger=[jsonl]",
         # Carry surplus groups over, so the buffer holds groups at the checkpoint.
         "algorithm.filter_groups.max_carry_age=2",
+        # Truncated importance sampling on: its weights must resume exactly too.
+        "algorithm.rollout_is.enable=true",
         *extra,
     ]
 
@@ -54,6 +56,8 @@ def test_sigkill_mid_step_then_resume_matches_uninterrupted_run(tiny_env, tmp_pa
     assert sorted(a) == sorted(b) == list(range(1, STEPS + 1))
     for step in range(1, STEPS + 1):
         assert deterministic(b[step]) == deterministic(a[step]), f"step {step} differs after resume"
+    for step in range(1, STEPS + 1):  # actor and engine share weights: the IS weights stay near 1
+        assert 0.9 < a[step]["rollout_is/weight_mean"] < 1.1, a[step]
     # Nothing was skipped or repeated: same prompts (scores), same carried groups, same updates.
     assert any(a[s]["dynamic_sampling/carried_in_groups"] > 0 for s in range(3, STEPS + 1)) or any(
         a[s]["dynamic_sampling/carried_groups"] > 0 for s in range(1, 3)

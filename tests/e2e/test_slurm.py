@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _runs import SMALL_BATCH
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM_LOCAL = ROOT / "scripts" / "slurm_local.sh"
@@ -138,6 +139,7 @@ def test_sbatch_trains_the_tiny_model_and_checkpoints(slurm, tiny_task, tmp_path
     )
     overrides = " ".join(
         [
+            *SMALL_BATCH,
             *tiny_task.data_overrides(),
             f"actor.model_path={tiny_task.init_model}",
             f"trainer.output_dir={out_dir}",
