@@ -30,8 +30,8 @@ default) is deprecated and fails with "flattened_range is not supported" on this
 The price of ``fully_reshardable``: a save all-gathers each model-parallel shard's
 optimizer state over DP into host memory (12 bytes per parameter of the shard, on every
 DP rank), and a load reads that whole shard state on every rank before slicing it.
-Checkpoints written in ``dp_reshardable`` by earlier versions still load, at the layout
-they were saved with only (:func:`check_optimizer_layout`).  The learning-rate schedule
+``dp_reshardable`` state (earlier versions' format, still written on request) loads only
+at the TP x PP it was saved with (:func:`check_optimizer_layout`).  The learning-rate schedule
 is a pure function of the actor's update count (trainer state, ``extra_state``).
 
 Two megatron defects with torch's Adam (no Apex/TE: the CPU stack, or a GPU install
@@ -174,8 +174,8 @@ def check_compatible(saved: Mapping[str, Any], hf_config, *, where: str = "check
 def check_optimizer_layout(saved: Mapping[str, Any], tp: int, pp: int, *, where: str = "checkpoint") -> str:
     """The optimizer sharding type of ``saved`` (``dapo_checkpoint.json``), checked against a TP x PP load.
 
-    ``fully_reshardable`` state loads at any layout; ``dp_reshardable`` state (written by
-    earlier versions) only at the TP x PP it was saved with.
+    ``fully_reshardable`` state loads at any layout; ``dp_reshardable`` state (earlier
+    versions' default) only at the TP x PP it was saved with.
 
     Raises:
         ValueError: no optimizer state, an unknown sharding type, or a layout-bound state at
