@@ -177,13 +177,24 @@ class DapoTrainer:
         return find_latest(self.ckpt_root) if mode == "auto" else Path(mode)
 
     def _check_resume_target(self) -> None:
-        """A checkpoint of another model is refused before anything is built."""
-        from dapo_megatron.actor.checkpoint import check_compatible, read_checkpoint_metadata, resolve_checkpoint_dir
+        """Refuse, before anything is built, a checkpoint of another model or one whose optimizer
+        state cannot load at this layout (only legacy ``dp_reshardable`` state is layout-bound;
+        current checkpoints resume at any TP x PP x DP)."""
+        from dapo_megatron.actor.checkpoint import (
+            check_compatible,
+            check_optimizer_layout,
+            read_checkpoint_metadata,
+            resolve_checkpoint_dir,
+        )
 
         path = self._resume_path()
         if path is not None:
             directory = resolve_checkpoint_dir(path)
-            check_compatible(read_checkpoint_metadata(directory), self.hf_config, where=f"checkpoint {directory}")
+            meta = read_checkpoint_metadata(directory)
+            where = f"checkpoint {directory}"
+            check_compatible(meta, self.hf_config, where=where)
+            par = self.cfg.actor.parallel
+            check_optimizer_layout(meta, par.tensor_model_parallel_size, par.pipeline_model_parallel_size, where=where)
 
     def _total_steps(self) -> int:
         t = self.cfg.trainer

@@ -21,15 +21,27 @@ Why the commit protocol: a save writes into ``DIR/tmp-step_N``, renames it to
 previous complete checkpoint; stale ``tmp-*`` directories are ignored by
 :func:`find_latest` and removed by the next save.
 
-Optimizer state (``optimizer=``) uses megatron's ``dp_reshardable`` format for the
-distributed optimizer (the default ``fully_sharded_model_space`` fails on this stack,
-see the megatron-on-cpu note); that format can only be resharded across DP, so an
-optimizer state must be loaded at the TP x PP layout it was saved with.  Model-only
-loads work at any layout.
+Why ``fully_reshardable`` for the distributed optimizer's state (``optimizer=``): it
+stores every Adam moment and fp32 main weight in *model space* (one tensor per model
+parameter, keyed like the parameter), so like the weights it loads into any TP x PP x DP
+layout.  Megatron's alternatives do not fit: ``dp_reshardable`` stores the optimizer's
+internal flat buckets, which only reshard across DP; ``fully_sharded_model_space`` (the
+default) is deprecated and fails with "flattened_range is not supported" on this stack.
+The price of ``fully_reshardable``: a save all-gathers each model-parallel shard's
+optimizer state over DP into host memory (12 bytes per parameter of the shard, on every
+DP rank), and a load reads that whole shard state on every rank before slicing it.
+``dp_reshardable`` state (earlier versions' format, still written on request) loads only
+at the TP x PP it was saved with (:func:`check_optimizer_layout`).  The learning-rate schedule
+is a pure function of the actor's update count (trainer state, ``extra_state``).
+
+Two megatron defects with torch's Adam (no Apex/TE: the CPU stack, or a GPU install
+without either) are worked around on load, see :func:`_adam_step_passthrough` and
+:func:`_restore_step_counters`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -49,6 +61,7 @@ __all__ = [
     "OPTIMIZER_SHARDING_METADATA",
     "apply_checkpoint_cpu_shim",
     "check_compatible",
+    "check_optimizer_layout",
     "find_latest",
     "load_checkpoint",
     "load_rank_state",
@@ -65,7 +78,11 @@ EXTRA_STATE_FILE = "extra_state.pt"
 RANK_STATE_DIR = "rank_state"
 LATEST_FILE = "latest"
 FORMAT_VERSION = 1
-OPTIMIZER_SHARDING_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
+# what save_checkpoint passes to megatron's DistributedOptimizer.sharded_state_dict
+OPTIMIZER_SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
+# sharding types this module loads, and the ones bound to the TP x PP layout of the save
+_LOADABLE_SHARDINGS = ("fully_reshardable", "dp_reshardable")
+_LAYOUT_BOUND_SHARDINGS = ("dp_reshardable",)
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 # keys of model_metadata() compared on load: a mismatch means "another model"
@@ -154,6 +171,34 @@ def check_compatible(saved: Mapping[str, Any], hf_config, *, where: str = "check
         raise CheckpointMismatchError(f"{where} belongs to another model: " + "; ".join(diffs))
 
 
+def check_optimizer_layout(saved: Mapping[str, Any], tp: int, pp: int, *, where: str = "checkpoint") -> str:
+    """The optimizer sharding type of ``saved`` (``dapo_checkpoint.json``), checked against a TP x PP load.
+
+    ``fully_reshardable`` state loads at any layout; ``dp_reshardable`` state (earlier
+    versions' default) only at the TP x PP it was saved with.
+
+    Raises:
+        ValueError: no optimizer state, an unknown sharding type, or a layout-bound state at
+            another layout (the message says how to proceed).
+    """
+    if not saved.get("has_optimizer"):
+        raise ValueError(f"{where} has no optimizer state (has_optimizer=false)")
+    sharding = (saved.get("optimizer_sharding") or {}).get("distrib_optim_sharding_type")
+    if sharding not in _LOADABLE_SHARDINGS:
+        raise ValueError(
+            f"{where}: optimizer_sharding.distrib_optim_sharding_type={sharding!r} is not one of {_LOADABLE_SHARDINGS}"
+        )
+    layout = saved.get("saved_layout") or {}
+    if sharding in _LAYOUT_BOUND_SHARDINGS and (layout.get("tp"), layout.get("pp")) != (tp, pp):
+        raise ValueError(
+            f"{where} holds optimizer state in megatron's {sharding!r} format, saved at tp={layout.get('tp')} "
+            f"pp={layout.get('pp')}; that format only loads at the same tensor/pipeline layout (now tp={tp} pp={pp}). "
+            "Resume once at the saved layout and save again (new checkpoints use 'fully_reshardable', which loads "
+            "at any layout), or load the model only"
+        )
+    return sharding
+
+
 def write_checkpoint_metadata(
     directory: str | os.PathLike,
     hf_config,
@@ -164,6 +209,7 @@ def write_checkpoint_metadata(
     has_optimizer: bool,
     has_extra_state: bool,
     rank_state_world_size: int | None = None,
+    optimizer_sharding: str = OPTIMIZER_SHARDING_METADATA["distrib_optim_sharding_type"],
 ) -> None:
     """Write ``dapo_checkpoint.json`` (single writer: call on one rank only)."""
     meta = {
@@ -171,7 +217,7 @@ def write_checkpoint_metadata(
         "step": step,
         "saved_layout": {"tp": tp, "pp": pp},
         "has_optimizer": has_optimizer,
-        "optimizer_sharding": OPTIMIZER_SHARDING_METADATA if has_optimizer else None,
+        "optimizer_sharding": {"distrib_optim_sharding_type": optimizer_sharding} if has_optimizer else None,
         "has_extra_state": has_extra_state,
         "rank_state_world_size": rank_state_world_size,
         "model": model_metadata(hf_config),
@@ -308,6 +354,7 @@ def save_checkpoint(
     extra_state: Mapping[str, Any] | None = None,
     rank_state: Mapping[str, Any] | None = None,
     keep_last: int | None = None,
+    optimizer_sharding: str = OPTIMIZER_SHARDING_METADATA["distrib_optim_sharding_type"],
 ) -> Path:
     """Save this rank's model shard (and optimizer state) as ``root/step_N``; collective.
 
@@ -323,6 +370,9 @@ def save_checkpoint(
             written by every rank; pass it on all ranks or on none.  Read back with
             :func:`load_rank_state` (same world size only).
         keep_last: keep only the newest ``keep_last`` complete checkpoints (None = all).
+        optimizer_sharding: megatron's ``distrib_optim_sharding_type``.  The default
+            ``fully_reshardable`` loads at any layout; ``dp_reshardable`` saves without the
+            DP all-gather (no extra host memory) but loads only at the same TP x PP.
 
     Returns:
         The committed step directory.
@@ -334,6 +384,8 @@ def save_checkpoint(
 
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
+    if optimizer_sharding not in _LOADABLE_SHARDINGS:
+        raise ValueError(f"optimizer_sharding must be one of {_LOADABLE_SHARDINGS}, got {optimizer_sharding!r}")
     apply_checkpoint_cpu_shim()
     root = Path(root)
     final = root / step_dir_name(step)
@@ -352,7 +404,9 @@ def save_checkpoint(
 
     sharded = {"model": _model_sharded_state_dict(model)}
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(sharded["model"], metadata=OPTIMIZER_SHARDING_METADATA)
+        sharded["optimizer"] = optimizer.sharded_state_dict(
+            sharded["model"], metadata={"distrib_optim_sharding_type": optimizer_sharding}
+        )
     dist_checkpointing.save(sharded, str(tmp))
     world = dist.get_world_size() if dist.is_initialized() else 1
     if rank_state is not None:
@@ -377,6 +431,7 @@ def save_checkpoint(
             has_optimizer=optimizer is not None,
             has_extra_state=extra_state is not None,
             rank_state_world_size=world if rank_state is not None else None,
+            optimizer_sharding=optimizer_sharding,
         )
         os.rename(tmp, final)
         _atomic_write_text(root / LATEST_FILE, final.name + "\n")
@@ -420,16 +475,55 @@ def _materialize_optimizer_state(optimizer) -> None:
             g["lr"], g["weight_decay"] = lr, wd
 
 
+@contextlib.contextmanager
+def _adam_step_passthrough():
+    """Let megatron's model-space optimizer loaders run with torch's Adam (no Apex/TE).
+
+    Root cause of the ``KeyError: 'step'`` that ``fully_reshardable`` loads raise without
+    Apex/TE (megatron-core 0.16.1 and 0.19.2 alike): ``load_parameter_state_from_fully_reshardable``
+    deliberately leaves ``step`` out of the tensors it hands over (the step count travels in
+    the param groups and ``DistributedOptimizer.load_state_dict`` has already put it into the
+    state), but ``DistributedOptimizer._set_main_param_and_optimizer_states`` copies *every
+    key of the destination* state from that dict.  Apex/TE FusedAdam keep ``step`` in the
+    param group, so their per-parameter state has no ``step`` and megatron's own runs never
+    hit this; ``torch.optim.Adam`` keeps a per-parameter ``step`` tensor, hence the KeyError.
+
+    For the duration of the load the method is wrapped so that a missing ``step`` is taken
+    from the destination itself (a no-op copy), i.e. the value ``load_state_dict`` set from
+    the param groups is kept, which is what megatron intends.  Only the plain (not
+    precision-aware) branch copies destination keys, so only it is touched.  Restored on exit.
+    """
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    original = DistributedOptimizer._set_main_param_and_optimizer_states
+
+    def set_states(self, model_param, tensors):
+        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
+            group_index, group_order = self.model_param_group_index_map[model_param]
+            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
+            step = self.optimizer.state[main_param].get("step")
+            if torch.is_tensor(step):
+                tensors = {**tensors, "step": step}
+        return original(self, model_param, tensors)
+
+    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
+    try:
+        yield
+    finally:
+        DistributedOptimizer._set_main_param_and_optimizer_states = original
+
+
 def _restore_step_counters(optimizer) -> None:
     """Give every parameter its own, correct Adam ``step`` after a distributed-optimizer load.
 
-    Without Apex/TE (torch Adam fallback, e.g. on CPU) megatron 0.16's
+    Without Apex/TE (torch Adam fallback, e.g. on CPU) megatron's (0.16, 0.19)
     ``DistributedOptimizer.load_state_dict`` stores the saved step count in each param
-    group (``group["step"]``) but (a) hands *one* ``step`` tensor object to all parameters,
-    which torch Adam then increments once per parameter, and (b) keeps the per-parameter
-    value of an already-initialised state (our :func:`_materialize_optimizer_state`) instead
-    of the saved one.  Both break the bias correction of the next step; found by the
-    bit-exact resume test.  The per-parameter counters are rebuilt from the group's value.
+    group (``group["step"]``) but hands *one* ``step`` tensor object to all parameters,
+    which torch Adam then increments once per parameter; with ``dp_reshardable`` state the
+    parameter loader then also copies the step of the already-initialised state (our
+    :func:`_materialize_optimizer_state`) over the saved one.  Both break the bias
+    correction of the next step; found by the bit-exact resume test.  The per-parameter
+    counters are rebuilt from the group's value.
     """
     for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
         inner = opt.optimizer
@@ -457,14 +551,16 @@ def load_checkpoint(
         path: a step directory, or a root (its ``latest`` checkpoint is loaded).
         model: this rank's megatron model, any TP x PP layout.
         hf_config: the HF config the model was built from; compared with the saved one.
-        optimizer: the optimizer to restore (requires the same TP x PP layout as the save).
+        optimizer: the optimizer to restore; any layout for ``fully_reshardable`` state,
+            the saved TP x PP for ``dp_reshardable`` state (see :func:`check_optimizer_layout`).
 
     Returns:
         The ``extra_state`` dict saved with the checkpoint, or None.
 
     Raises:
         CheckpointMismatchError: the checkpoint belongs to another model (names the keys).
-        ValueError: an optimizer is requested but the checkpoint has none, or the layout differs.
+        ValueError: an optimizer is requested but the checkpoint has none, or its state is
+            layout-bound and the layout differs.
     """
     from megatron.core import dist_checkpointing
 
@@ -473,24 +569,16 @@ def load_checkpoint(
     check_compatible(meta, hf_config, where=f"checkpoint {directory}")
     sharded = {"model": _model_sharded_state_dict(model)}
     if optimizer is not None:
-        if not meta.get("has_optimizer"):
-            raise ValueError(f"checkpoint {directory} has no optimizer state (has_optimizer=false)")
-        saved = meta.get("saved_layout", {})
-        tp, pp = _layout()
-        if (saved.get("tp"), saved.get("pp")) != (tp, pp):
-            raise ValueError(
-                f"optimizer state of {directory} was saved at tp={saved.get('tp')} pp={saved.get('pp')}; "
-                f"it can only be loaded at the same layout (now tp={tp} pp={pp}); load the model only"
-            )
+        sharding = check_optimizer_layout(meta, *_layout(), where=f"checkpoint {directory}")
         _materialize_optimizer_state(optimizer)
         sharded["optimizer"] = optimizer.sharded_state_dict(
-            sharded["model"], is_loading=True, metadata=OPTIMIZER_SHARDING_METADATA
+            sharded["model"], is_loading=True, metadata={"distrib_optim_sharding_type": sharding}
         )
     loaded = dist_checkpointing.load(sharded, str(directory))
     inner = unwrap_model(model)
     inner.load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
-        with torch.no_grad():
+        with torch.no_grad(), _adam_step_passthrough():
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_step_counters(optimizer)
     extra = directory / EXTRA_STATE_FILE

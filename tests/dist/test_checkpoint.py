@@ -1,4 +1,5 @@
-"""Distributed checkpoints: atomic save, keep-last, resharding TP=2 -> PP=2, model identity checks."""
+"""Distributed checkpoints: atomic save, keep-last, resharding TP=2 -> PP=2, model identity checks,
+bit-exact optimizer resume in both optimizer formats, which optimizer state loads at which layout."""
 
 from __future__ import annotations
 
@@ -28,7 +29,8 @@ def test_checkpoint_save_load_reshard(hf_dirs, tmp_path):
 @pytest.mark.dist
 def test_checkpoint_with_distributed_optimizer_resumes_bit_exact(hf_dirs, tmp_path):
     proc = run_torchrun("ckpt_optim_worker.py", ["--hf-dir", hf_dirs[0], "--root", tmp_path / "ckpt"], timeout=300)
-    assert "OPTIM-OK" in proc.stdout, proc.stdout
+    assert "OPTIM-OK fully_reshardable" in proc.stdout, proc.stdout
+    assert "OPTIM-OK dp_reshardable" in proc.stdout, proc.stdout
 
 
 def _qwen2_config():
@@ -80,3 +82,30 @@ def test_check_compatible_names_every_mismatching_key():
     assert "vocab_size: checkpoint has 151936, model has 1000" in msg
     assert "num_key_value_heads: checkpoint has 2, model has 4" in msg
     assert "hidden_size" not in msg
+
+
+def test_check_optimizer_layout_binds_only_legacy_state_to_its_layout(tmp_path):
+    """In-process: fully_reshardable loads anywhere; dp_reshardable only at the saved TP x PP; bad metadata names the field."""
+    from dapo_megatron.actor import checkpoint as ck
+
+    cfg = _qwen2_config()
+    for sharding in ("fully_reshardable", "dp_reshardable"):
+        d = tmp_path / sharding
+        d.mkdir()
+        ck.write_checkpoint_metadata(
+            d, cfg, step=1, tp=2, pp=1, has_optimizer=True, has_extra_state=False, optimizer_sharding=sharding
+        )
+    new = ck.read_checkpoint_metadata(tmp_path / "fully_reshardable")
+    legacy = ck.read_checkpoint_metadata(tmp_path / "dp_reshardable")
+    assert new["optimizer_sharding"] == {"distrib_optim_sharding_type": "fully_reshardable"}
+    for tp, pp in ((2, 1), (1, 2), (1, 1), (4, 2)):
+        assert ck.check_optimizer_layout(new, tp, pp) == "fully_reshardable"
+    assert ck.check_optimizer_layout(legacy, 2, 1) == "dp_reshardable"
+    with pytest.raises(ValueError, match=r"'dp_reshardable' format, saved at tp=2 pp=1.*now tp=1 pp=2"):
+        ck.check_optimizer_layout(legacy, 1, 2, where="ckpt X")
+    with pytest.raises(ValueError, match="has no optimizer state"):
+        ck.check_optimizer_layout({**new, "has_optimizer": False}, 2, 1)
+    with pytest.raises(ValueError, match="optimizer_sharding.distrib_optim_sharding_type='fully_sharded_model_space'"):
+        ck.check_optimizer_layout(
+            {**new, "optimizer_sharding": {"distrib_optim_sharding_type": "fully_sharded_model_space"}}, 2, 1
+        )

@@ -4,17 +4,18 @@ Usage::
 
     torchrun --nproc_per_node=2 ckpt_optim_worker.py --hf-dir HF --root DIR
 
-Takes two Adam steps (weight decay, gradient clipping), saves model + optimizer
-(``dp_reshardable``), takes two more; then a fresh model/optimizer loads the checkpoint and
-takes the same two steps: every parameter must match bit for bit (Adam moments and step
-counts restored).  Prints
-``OPTIM-OK`` on rank 0.
+Takes two Adam steps (weight decay, gradient clipping), saves model + optimizer in both
+optimizer formats (``fully_reshardable``, the default, and the legacy ``dp_reshardable``),
+takes two more; then for each format a fresh model/optimizer loads the checkpoint and takes
+the same two steps: every parameter must match bit for bit (Adam moments and step counts
+restored).  Prints ``OPTIM-OK <format>`` on rank 0 per format.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -82,23 +83,28 @@ def main(argv=None) -> int:
     ddp, opt = build(cfg, args.hf_dir)
     for seed in (1, 2):
         train_step(ddp, opt, seed=seed)
-    save_checkpoint(args.root, 2, ddp, cfg, optimizer=opt, extra_state={"step": 2})
+    formats = ("fully_reshardable", "dp_reshardable")
+    for sharding in formats:
+        save_checkpoint(
+            Path(args.root) / sharding, 2, ddp, cfg, optimizer=opt, extra_state={"step": 2}, optimizer_sharding=sharding
+        )
     for seed in (3, 4):
         train_step(ddp, opt, seed=seed)
     want = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
 
-    ddp2, opt2 = build(cfg, args.hf_dir)  # fresh weights from HF, fresh Adam state
-    assert load_checkpoint(args.root, ddp2, cfg, optimizer=opt2) == {"step": 2}
-    for seed in (3, 4):
-        train_step(ddp2, opt2, seed=seed)
-    got = dict(ddp2.module.named_parameters())
-    bad = [n for n in want if not torch.equal(want[n], got[n].detach())]
-    if bad:
-        diffs = {n: (want[n] - got[n].detach()).abs().max().item() for n in bad}
-        raise AssertionError(f"parameters differ after the resumed step: {diffs}")
-    dist.barrier()
-    if dist.get_rank() == 0:
-        print("OPTIM-OK", flush=True)
+    for sharding in formats:
+        ddp2, opt2 = build(cfg, args.hf_dir)  # fresh weights from HF, fresh Adam state
+        assert load_checkpoint(Path(args.root) / sharding, ddp2, cfg, optimizer=opt2) == {"step": 2}
+        for seed in (3, 4):
+            train_step(ddp2, opt2, seed=seed)
+        got = dict(ddp2.module.named_parameters())
+        bad = [n for n in want if not torch.equal(want[n], got[n].detach())]
+        if bad:
+            diffs = {n: (want[n] - got[n].detach()).abs().max().item() for n in bad}
+            raise AssertionError(f"{sharding}: parameters differ after the resumed step: {diffs}")
+        dist.barrier()
+        if dist.get_rank() == 0:
+            print(f"OPTIM-OK {sharding}", flush=True)
     destroy_parallel()
     return 0
 
