@@ -205,7 +205,16 @@ class AlgorithmConfig:
 
 # ------------------------------------------------------------------------- reward
 @dataclass
+class CustomRewardFunctionConfig:
+    """A reward function from a Python file (verl's ``custom_reward_function``); replaces ``backend``."""
+
+    path: str | None = None
+    name: str = "compute_score"
+
+
+@dataclass
 class RewardConfig:
+    custom_function: CustomRewardFunctionConfig = field(default_factory=CustomRewardFunctionConfig)
     backend: str = "math_dapo"
     strict_box_verify: bool = False
     executor: str = "process"
@@ -451,6 +460,12 @@ def validate(cfg: DapoConfig, *, world_size: int | None = None, check_files: boo
     c.choice(cfg.reward.executor, "reward.executor", REWARD_EXECUTORS)
     c.positive(cfg.reward.num_workers, "reward.num_workers")
     c.positive(cfg.reward.timeout_s, "reward.timeout_s")
+    if cfg.reward.custom_function.path:
+        c.require(
+            not cfg.reward.strict_box_verify,
+            "reward.strict_box_verify",
+            "applies to the built-in backends only, not to reward.custom_function",
+        )
 
     # trainer
     t = cfg.trainer
@@ -539,3 +554,6 @@ def _validate_files(c: _Checker, cfg: DapoConfig) -> None:
         c.require(os.path.isdir(tok), "data.tokenizer_path", f"tokenizer directory not found: {tok}")
     if cfg.actor.load is not None:
         c.require(os.path.isdir(cfg.actor.load), "actor.load", f"checkpoint directory not found: {cfg.actor.load}")
+    custom = cfg.reward.custom_function.path
+    if custom:
+        c.require(os.path.isfile(custom), "reward.custom_function.path", f"file not found: {custom}")

@@ -55,6 +55,7 @@ class DapoTrainer:
         from dapo_megatron.actor.parallel import init_parallel
         from dapo_megatron.data.parquet_dataset import load_prompt_dataset
         from dapo_megatron.data.sampler import ResumableSampler
+        from dapo_megatron.reward.custom import load_file_scorer
         from dapo_megatron.reward.pool import RewardPool
         from dapo_megatron.rollout.vllm_engine import VllmEngine
         from dapo_megatron.weight_sync.transport import ColocatedTransport
@@ -82,6 +83,9 @@ class DapoTrainer:
             val = load_prompt_dataset(cfg.data.val_files, self.tokenizer, **load)
             limit = cfg.data.val_max_samples
             self.val_set = list(val) if limit < 0 else list(val)[:limit]
+        custom = cfg.reward.custom_function
+        # Imported now: a wrong path or name fails before any process group or model exists.
+        scorer = load_file_scorer(custom.path, custom.name) if custom.path else None
         self._check_resume_target()
         par = cfg.actor.parallel
         init_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=cfg.actor.seed)
@@ -111,6 +115,7 @@ class DapoTrainer:
             timeout_s=cfg.reward.timeout_s,
             strict_box_verify=cfg.reward.strict_box_verify,
             executor=cfg.reward.executor,
+            scorer=scorer,
         )
         self.sampler = ResumableSampler(len(self.train_set), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         fg = cfg.algorithm.filter_groups

@@ -116,3 +116,35 @@ def test_overflowed_weights_stop_without_a_checkpoint(tiny_env, tmp_path):
         "These weights are not checkpointed; resume from the initial model with a lower actor.optim.lr" in proc.stdout
     )
     assert not (out / "checkpoints" / "latest").exists()
+
+
+FLAKY_REWARD = """
+import time
+import zlib
+
+from dapo_megatron.reward.math_dapo import compute_score as exact
+
+
+def compute_score(solution_str, ground_truth):
+    bucket = zlib.crc32(solution_str.encode()) % 40
+    if bucket == 0:
+        raise ValueError("flaky verifier")
+    if bucket == 1:
+        time.sleep(30)
+    return exact(solution_str, ground_truth)
+"""
+
+
+def test_reward_function_that_raises_or_hangs_is_counted_and_training_goes_on(tiny_env, tmp_path):
+    reward = tmp_path / "flaky_reward.py"
+    reward.write_text(FLAKY_REWARD)
+    out = tmp_path / "out"
+    extra = [f"reward.custom_function.path={reward}", "reward.timeout_s=1.0", "trainer.total_training_steps=2"]
+    proc = run(_nan_args(tiny_env, out, *extra), log=tmp_path / "run.log")
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    rows = metric_rows(out)
+    assert sorted(rows) == [1, 2]
+    assert sum(r["reward/num_errors"] for r in rows.values()) > 0
+    assert sum(r["reward/num_timeouts"] for r in rows.values()) > 0
+    assert "responses failed and scored -1.0" in proc.stdout
+    assert "ValueError: flaky verifier" in proc.stdout
