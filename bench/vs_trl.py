@@ -25,8 +25,10 @@ Matched on purpose:
   * prompt order: TRL reads the prompts in the order our sampler draws them
     (same data.seed), so its k-th batch is the batch our first generation
     round of step k would draw without dynamic sampling;
-  * fp32 on CPU with 2 cores each: ours 2 processes x 1 thread, TRL 1 process
-    x 2 threads.
+  * fp32 on CPU, one torch thread per process: ours 2 processes, TRL 1 (its
+    default --trl-threads 1: on the shared, oversubscribed 2-core machine two
+    intra-op threads spin-wait for each other; HF generate measured 8x the CPU
+    time and 5-10x the wall time with 2 threads instead of 1).
 
 Not matched (cannot be, or would stop being the systems compared):
   * dynamic sampling (ours only): groups whose samples all agree are dropped
@@ -89,8 +91,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--val-n", type=int, default=4, help="samples per held-out prompt (avg@K)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--nproc", type=int, default=2, help="processes for ours (torchrun)")
-    ap.add_argument("--trl-threads", type=int, default=2, help="torch threads for the single TRL process")
-    ap.add_argument("--systems", nargs="+", choices=SYSTEMS, default=list(SYSTEMS), help="which to (re)run")
+    ap.add_argument("--trl-threads", type=int, default=1, help="torch threads for the single TRL process")
+    ap.add_argument(
+        "--systems", nargs="*", choices=SYSTEMS, default=list(SYSTEMS), help="which to (re)run; none: only report"
+    )
     ap.add_argument("--overwrite", action="store_true", help="replace earlier results of the systems being run")
     ap.add_argument("overrides", nargs="*", help="extra key.sub=value for both (read by TRL where it has a match)")
     args = ap.parse_args(argv)
@@ -265,7 +269,7 @@ def hf_heldout_accuracy(model, tokenizer, records, cfg: DapoConfig, *, seed: int
     model.eval()
     acc: list[bool] = []
     lengths: list[int] = []
-    chunk = 50
+    chunk = 256  # prompts per generate call: fewer, wider decode loops cost less Python per token
     try:
         with torch.no_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
