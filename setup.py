@@ -39,6 +39,7 @@ EXTRAS = {
     "math_verify": ["math-verify>=0.7"],
     "ray": ["ray>=2.40"],
     "plot": ["matplotlib>=3.8"],
+    "bench": ["trl==1.16.0"],
     "logging": ["tensorboard>=2.15", "wandb>=0.17"],
     "dev": ["pytest>=8", "hypothesis>=6.100", "ruff>=0.6", "pytest-timeout>=2.3", "mbridge==0.15.1"],
 }
