@@ -24,12 +24,12 @@ def _cfg(vs_trl, tmp_path, *argv):
     return load_config(str(CONFIG), vs_trl.build_overrides(args, tmp_path / "ours"))
 
 
-def test_defaults_are_the_issue_settings_and_valid_for_two_processes(vs_trl, tmp_path):
+def test_defaults_mirror_the_demo_and_are_valid_for_two_processes(vs_trl, tmp_path):
     cfg = _cfg(vs_trl, tmp_path)
     validate(cfg, world_size=2)
-    assert (cfg.data.gen_batch_size, cfg.data.train_batch_size, cfg.rollout.n) == (16, 16, 8)
+    assert (cfg.data.gen_batch_size, cfg.data.train_batch_size, cfg.rollout.n) == (32, 32, 8)
     assert cfg.data.train_batch_size // cfg.actor.ppo_mini_batch_size == 2
-    assert cfg.actor.optim.lr == 1e-4 and cfg.actor.optim.lr_warmup_steps == 5
+    assert cfg.actor.optim.lr == 2e-4 and cfg.actor.optim.lr_warmup_steps == 10
     assert cfg.trainer.checkpoint.save_freq == -1 and not cfg.rollout.weight_sync.verify
     assert cfg.data.train_files == [str(Path("t").resolve() / "train.parquet")]
 
