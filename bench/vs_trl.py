@@ -247,9 +247,8 @@ def hf_heldout_accuracy(model, tokenizer, records, cfg: DapoConfig, *, seed: int
     from dapo_megatron.reward import get_scorer
     from dapo_megatron.reward.val_metrics import avg_at_k
     from dapo_megatron.rollout.sampling import val_sampling
-    from dapo_megatron.validation import VAL_SEED
 
-    seed = VAL_SEED if seed is None else seed  # the seed our validation uses
+    seed = cfg.rollout.val.seed if seed is None else seed  # the seed our validation uses
     k = cfg.rollout.val.n
     spec = val_sampling(cfg.rollout.val, cfg.data.max_response_length, tuple(cfg.rollout.stop))
     eos = tokenizer.eos_token_id
