@@ -337,9 +337,14 @@ class DapoTrainer:
         mask = batch.response_mask.bool()
         self._require_finite_policy(old, mask)
         rollout_lp = experience.rollout_log_probs(mine, cfg.data.max_response_length)
-        if bool(mask.any()):
-            mm = logprob_mismatch(old, rollout_lp, mask)
-            metrics.update({f"rollout/actor_mismatch_{k}": v for k, v in mm.items() if k != "tokens"})
+        # Groups carried over from an earlier step were sampled by earlier weights: their gap
+        # is off-policy staleness, not a sync error, so it gets its own metric.
+        born = torch.tensor([g.born_step for g in mine for _ in g.payload["response_ids"]])
+        fresh = mask & (born == self.step).unsqueeze(-1)
+        for prefix, part in (("rollout/actor_mismatch_", fresh), ("rollout/carried_mismatch_", mask & ~fresh)):
+            if bool(part.any()):
+                mm = logprob_mismatch(old, rollout_lp, part)
+                metrics.update({prefix + k: v for k, v in mm.items() if k != "tokens"})
         if cfg.algorithm.rollout_is.enable:
             # Token-level advantages A * w are exactly the TIS-weighted loss (see rollout_correction).
             cap = cfg.algorithm.rollout_is.cap
