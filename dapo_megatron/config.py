@@ -167,8 +167,10 @@ class FilterGroupsConfig:
     max_num_gen_batches: int = 10  # generation rounds per step; 0 = unlimited
     on_exhausted: str = "raise"  # or "train_partial"
     # Surplus informative groups are carried to the next steps for at most this
-    # many steps; 0 discards them as verl does.
-    max_carry_age: int = 1
+    # many steps. 0 (default) discards them as the paper and verl do: a carried group
+    # was sampled by older weights, and with gen_batch_size > train_batch_size whole
+    # steps could train on nothing else (rollout/carried_mismatch_* measures the gap).
+    max_carry_age: int = 0
 
 
 @dataclass

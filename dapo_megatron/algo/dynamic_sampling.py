@@ -94,7 +94,7 @@ class DynamicSamplingBuffer:
         std_tolerance: float = 1e-6,
         max_num_gen_batches: int = 10,
         on_exhausted: str = "raise",
-        max_carry_age: int = 1,
+        max_carry_age: int = 0,
     ) -> None:
         if train_batch_size <= 0:
             raise ValueError(f"train_batch_size must be > 0, got {train_batch_size}")

@@ -313,7 +313,7 @@ def test_state_dict_roundtrip_continues_identically(on_exhausted: str) -> None:
 
 
 def test_state_dict_loads_with_weights_only_for_tensor_payloads() -> None:
-    buf = DynamicSamplingBuffer(1)
+    buf = DynamicSamplingBuffer(1, max_carry_age=1)
     buf.begin_step(4)
     buf.add_round(mixed(3))
     buf.take()
@@ -321,7 +321,7 @@ def test_state_dict_loads_with_weights_only_for_tensor_payloads() -> None:
     torch.save(buf.state_dict(), stream)
     stream.seek(0)
     state = torch.load(stream, weights_only=True)
-    other = DynamicSamplingBuffer(1)
+    other = DynamicSamplingBuffer(1, max_carry_age=1)
     other.load_state_dict(state)
     assert [g.born_step for g in other.pending] == [4, 4]
     with pytest.raises(ValueError, match="step must increase"):
