@@ -1,12 +1,12 @@
 """The README's main command, with its defaults, learns: held-out accuracy rises well beyond its noise.
 
 What the margin rests on (bench/RESULTS.md, "Learning and its noise"): from the demo's
-warmed-up policy, three DAPO runs with different rollout and data seeds gained +9.4, +7.1
-and +9.7 points of held-out avg@8 by step 100 (step-100 accuracy spread between seeds: 1.4
-points); one policy's estimate moves by 0.8 points (standard deviation) when only the
-validation seed changes. A 4-point floor is the smallest gain seen minus two seed spreads,
-and five times the measurement noise; with the learning rate at 1e-12 the run ends
-exactly where it started.
+warmed-up policy, three DAPO runs with different rollout and data seeds gained +12.3, +6.5
+and +8.0 points of held-out avg@8 by step 100; one policy's estimate moves by 0.8 points
+(standard deviation) when only the validation seed changes, so a difference of two
+estimates by about 1.1. A 3-point floor is beyond the reach of a policy that does not learn
+(about 0.3 %), and below the smallest gain seen; with the learning rate at 1e-12 the run
+ends exactly where it started.
 """
 
 import subprocess
@@ -18,7 +18,7 @@ import pytest
 from dapo_megatron.tracking import read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
-MIN_GAIN = 0.04
+MIN_GAIN = 0.03
 
 
 @pytest.mark.e2e
