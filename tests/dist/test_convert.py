@@ -20,7 +20,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _launch import REPO_ROOT, WORKERS, run_torchrun  # noqa: E402
+from _launch import REPO_ROOT, WORKERS, repo_pythonpath, run_torchrun  # noqa: E402
 from test_hf_parity import _perturb  # noqa: E402
 
 COMMON = dict(
@@ -70,7 +70,7 @@ def save_tiny(name: str, out_dir: Path, seed: int, **save_kwargs) -> Path:
 
 
 def convert_many(*args: str, timeout: float = 300) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo_pythonpath(), PYTHONWARNINGS="ignore")
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         env.pop(k, None)
     proc = subprocess.run(
@@ -135,7 +135,7 @@ def test_cli_sharded_input_tokenizer_and_config_from(tmp_path):
     hf = save_tiny("qwen2_untied_gqa", tmp_path / "hf", 0, max_shard_size="100KB")
     assert (hf / "model.safetensors.index.json").is_file()
     build_tokenizer(["1 + 2 = 3", "4 - 1 = 3"] * 20, hf, vocab_size=300)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo_pythonpath(), PYTHONWARNINGS="ignore")
     ckpt, back = tmp_path / "ckpt", tmp_path / "back"
     for argv in (
         ["hf-to-mcore", "--hf-dir", hf, "--out", ckpt, "--tp", "2", "--no-progress"],
