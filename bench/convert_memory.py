@@ -10,10 +10,11 @@ RSS every 5 ms during the conversion (psutil; writer child processes reported se
 * ``hf-to-mcore --tp 2 --pp 2``,
 * ``mcore-to-hf --max-shard-size 100MB``.
 
-Reported: peak RSS, peak minus baseline, and both relative to the model size and to the
-largest tensor.  Expectation from the design: mcore-to-hf streams (one layer + one shard
-in flight); hf-to-mcore holds the converted model once (megatron's writer needs the whole
-state dict) plus the writer's staging.
+Reported: peak RSS and peak anonymous RSS (without file-backed pages such as the mapped
+safetensors), minus their values at the start, relative to the model size and to the
+largest tensor.  Expectation from the design: both directions stream one parameter of
+one layer at a time, so the extra memory is a small multiple of the largest tensor and
+does not grow with the number of layers (compare ``--layers 24``).
 """
 
 from __future__ import annotations

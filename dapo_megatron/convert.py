@@ -363,16 +363,7 @@ def mcore_to_hf(
         bar = _progress(names, desc="mcore->hf", total=len(names), enabled=progress)
         try:
             for name in bar:  # one parameter (of one layer) in memory at a time
-                region, stacked = _region(name, sharded[name], stored[sharded[name].key])
-                try:
-                    (full,) = reader.read([region])
-                except (KeyError, ValueError) as e:
-                    raise ConversionError(f"reading {name} from {directory}: {e}") from None
-                if stacked:
-                    full = full[0]
-                for hf_name, t in mapping.megatron_full_to_hf(name, full):
-                    writer.add(hf_name, t.to(out_dtype(name)))
-                del full
+                _export_one(reader, name, sharded[name], stored[sharded[name].key], mapping, writer, out_dtype(name))
         finally:
             writer.close()
         writer.finish()
@@ -383,6 +374,19 @@ def mcore_to_hf(
         if asset_dir.is_dir():
             copy_hf_assets(asset_dir, stage)
     return Path(out)
+
+
+def _export_one(
+    reader: TorchDistReader, name: str, entry, stored, mapping, writer: ShardedSafetensorsWriter, dtype: torch.dtype
+) -> None:
+    """Read one parameter (of one layer) and write its HF tensors; nothing outlives the call."""
+    region, stacked = _region(name, entry, stored)
+    try:
+        (full,) = reader.read([region])
+    except (KeyError, ValueError) as e:
+        raise ConversionError(f"reading {name} from {reader.directory}: {e}") from None
+    for hf_name, t in mapping.megatron_full_to_hf(name, full[0] if stacked else full):
+        writer.add(hf_name, t.to(dtype))
 
 
 def _region(name: str, entry, stored) -> tuple[Region, bool]:

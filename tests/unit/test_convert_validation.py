@@ -252,3 +252,24 @@ def test_writer_and_staging(tmp_path):
         "c": "model-00002-of-00002.safetensors",
     }
     assert index["metadata"]["total_size"] == 4 * 2 + 2 * 3 + 4 * 6
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_hf_reader_reopen_reads_the_same_tensors(tmp_path, shard):
+    """``reopen=True`` (one file handle per read, used by hf-to-mcore) serves the same tensors."""
+    from safetensors.torch import load_file
+
+    from dapo_megatron.actor.hf_loading import open_hf_safetensors
+
+    torch.manual_seed(0)
+    path = tmp_path / "m"
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL))
+    model.save_pretrained(path, **({} if shard is None else {"max_shard_size": shard}))
+    assert (path / "model.safetensors.index.json").is_file() == (shard is not None)
+    want = {}
+    for fn in sorted(path.glob("*.safetensors")):
+        want.update(load_file(fn))
+    with open_hf_safetensors(path, reopen=True) as get:
+        assert all(torch.equal(get(name), t) for name, t in want.items())
+        with pytest.raises(KeyError, match="has no tensor 'nope'"):
+            get("nope")
