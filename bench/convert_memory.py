@@ -10,10 +10,11 @@ RSS every 5 ms during the conversion (psutil; writer child processes reported se
 * ``hf-to-mcore --tp 2 --pp 2``,
 * ``mcore-to-hf --max-shard-size 100MB``.
 
-Reported: peak RSS, peak minus baseline, and both relative to the model size and to the
-largest tensor.  Expectation from the design: mcore-to-hf streams (one layer + one shard
-in flight); hf-to-mcore holds the converted model once (megatron's writer needs the whole
-state dict) plus the writer's staging.
+Reported: peak RSS and peak anonymous RSS (without file-backed pages such as the mapped
+safetensors), minus their values at the start, relative to the model size and to the
+largest tensor.  Expectation from the design: both directions stream one parameter of
+one layer at a time, so the extra memory is a small multiple of the largest tensor and
+does not grow with the number of layers (compare ``--layers 24``).
 """
 
 from __future__ import annotations
@@ -40,8 +41,16 @@ me = psutil.Process()
 if mode == "baseline":  # warm the fixed costs once, then measure from here
     with _SingleProcessGroup():
         _meta_sharded_state_dict(transformers.AutoConfig.from_pretrained(args[0]))
-rss0 = me.memory_info().rss
-peak = {"self": rss0, "tree": rss0}
+
+def anon_bytes():  # private memory only: RSS minus file-backed pages (mmap'd safetensors, libraries)
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+rss0, anon0 = me.memory_info().rss, anon_bytes()
+peak = {"self": rss0, "anon": anon0, "tree": rss0}
 stop = threading.Event()
 
 def sample():
@@ -54,6 +63,7 @@ def sample():
             except psutil.Error:
                 pass
         peak["self"] = max(peak["self"], own)
+        peak["anon"] = max(peak["anon"], anon_bytes())
         peak["tree"] = max(peak["tree"], own + kids)
         time.sleep(0.005)
 
@@ -63,12 +73,17 @@ if mode != "baseline":
     assert main([mode, *args, "--no-progress"]) == 0
 stop.set()
 t.join()
-print(json.dumps({"start_mb": rss0 / 2**20, "peak_mb": peak["self"] / 2**20, "tree_peak_mb": peak["tree"] / 2**20}))
+mb = 2**20
+print(json.dumps({
+    "start_mb": rss0 / mb, "peak_mb": peak["self"] / mb, "tree_peak_mb": peak["tree"] / mb,
+    "anon_start_mb": anon0 / mb, "anon_peak_mb": peak["anon"] / mb,
+}))
 """
 
 
 def run_child(*args: str) -> dict:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), PYTHONWARNINGS="ignore")
+    path = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")]))  # keep e.g. /tmp/mc19
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=path, PYTHONWARNINGS="ignore")
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         env.pop(k, None)
     proc = subprocess.run(
@@ -124,16 +139,20 @@ def main() -> int:
         f"{model_mb:.0f} MiB, largest tensor {largest_mb:.0f} MiB"
     )
     print(f"RSS after imports + process group + meta model: {base['start_mb']:.0f} MiB")
-    print("| direction | RSS at start MiB | peak RSS MiB | peak - start MiB | / model size | / largest tensor |")
-    print("|---|---|---|---|---|---|")
+    print("| direction | what | at start MiB | peak MiB | peak - start MiB | / model size | / largest tensor |")
+    print("|---|---|---|---|---|---|---|")
     for name, r in (("hf-to-mcore (tp2 pp2)", h2m), ("mcore-to-hf (100MB shards)", m2h)):
-        extra = r["peak_mb"] - r["start_mb"]
-        print(
-            f"| {name} | {r['start_mb']:.0f} | {r['peak_mb']:.0f} | {extra:.0f} | {extra / model_mb:.2f} | "
-            f"{extra / largest_mb:.1f} |"
-        )
+        for what, start, peak in (
+            ("RSS", r["start_mb"], r["peak_mb"]),
+            ("anonymous (RSS without file pages)", r["anon_start_mb"], r["anon_peak_mb"]),
+        ):
+            extra = peak - start
+            print(
+                f"| {name} | {what} | {start:.0f} | {peak:.0f} | {extra:.0f} | {extra / model_mb:.2f} | "
+                f"{extra / largest_mb:.1f} |"
+            )
         if r["tree_peak_mb"] > r["peak_mb"] + 1:
-            print(f"|   incl. writer child processes (shared pages counted twice) | | {r['tree_peak_mb']:.0f} | | | |")
+            print(f"| {name} | RSS incl. writer child processes | | {r['tree_peak_mb']:.0f} | | | |")
     return 0
 
 

@@ -11,16 +11,18 @@ Why one process whatever ``--tp``/``--pp``: a torch_dist checkpoint stores *glob
 tensors and megatron reshards on load, so the checkpoint of a TP=N x PP=M model is
 the same set of global tensors as that of a TP=1 model -- except the vocabulary
 padding (a multiple of ``128 * N``), which we reproduce for the target ``N``.  The
-converter therefore builds the TP=1/PP=1 model on the *meta* device (no memory),
-takes megatron's own ``sharded_state_dict`` of it (so keys, stacked-layer axes and
-the gated-MLP factories are exactly what a real model asks for on load), fills each
-entry from the HF tensors through :mod:`dapo_megatron.models`, and saves it from a
-1-rank gloo group.  ``--tp``/``--pp`` validate divisibility and set the padding.
+converter therefore builds the TP=1/PP=1 model on the *meta* device (no memory) and
+takes megatron's own ``sharded_state_dict`` of it, so keys, stacked-layer axes and
+``_extra_state`` objects are exactly what a real model asks for on load.
+``--tp``/``--pp`` validate divisibility and set the padding.
 
-``mcore-to-hf`` reads the checkpoint one transformer layer at a time (megatron loads
-any subset of keys) and writes each safetensors shard as soon as its tensors are
-ready; ``hf-to-mcore`` holds the converted model once (megatron's writer takes the
-whole state dict).  ``bench/convert_memory.py`` measures both.
+Both directions stream (:mod:`dapo_megatron.convert_dcp`): ``hf-to-mcore`` plans every
+chunk (one parameter of one layer) from the safetensors headers, running the mapping on
+meta tensors for shapes and dtypes, and converts each chunk from the HF tensors only when
+torch DCP's writer asks for it; ``mcore-to-hf`` reads one parameter of one layer at a
+time and writes its bytes straight into their planned place in the safetensors shard.
+Peak memory is a few times the largest tensor (``bench/convert_memory.py``), and the
+export reads checkpoints written by megatron-core 0.16 and 0.19 alike.
 
 Every input is validated before anything is written (:mod:`dapo_megatron.convert_validation`)
 and output appears atomically (:func:`dapo_megatron.convert_io.staged_output_dir`).
@@ -29,15 +31,19 @@ and output appears atomically (:func:`dapo_megatron.convert_io.staged_output_dir
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import functools
 import math
 import os
+import re
 import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from dapo_megatron.convert_dcp import ChunkSpec, Region, TorchDistReader, write_torch_dist
 from dapo_megatron.convert_io import (
     ShardedSafetensorsWriter,
     copy_hf_assets,
@@ -49,6 +55,7 @@ from dapo_megatron.convert_io import (
 )
 from dapo_megatron.convert_validation import (
     ConversionError,
+    HFCheckpoint,
     expected_hf_shapes,
     load_hf_config,
     validate_hf_checkpoint,
@@ -58,6 +65,8 @@ __all__ = ["hf_to_mcore", "mcore_to_hf", "config_from_metadata", "main"]
 
 HF_SUBDIR = "hf"  # config.json + tokenizer files kept inside a converted checkpoint
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -97,28 +106,6 @@ def _meta_sharded_state_dict(hf_config) -> dict:
     with torch.device("meta"):
         model = build_gpt_model(hf_config, tp=1, pp=1, pre_process=True, post_process=True)
     return model.sharded_state_dict()
-
-
-def _with_data(entry, tensor: torch.Tensor):
-    """``entry`` (ShardedTensor or factory) carrying ``tensor``; shapes follow the tensor.
-
-    Shapes change only for the vocab-parallel tensors (padding for the target TP); the
-    stacked-layer axis (``prepend_axis_num``) is kept.
-    """
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
-
-    if isinstance(entry, ShardedTensorFactory):
-        return dataclasses.replace(entry, data=tensor)
-    if isinstance(entry, ShardedTensor):
-        lead = tuple(entry.global_shape[: entry.prepend_axis_num])
-        return dataclasses.replace(
-            entry,
-            data=tensor,
-            dtype=tensor.dtype,
-            local_shape=tuple(tensor.shape),
-            global_shape=lead + tuple(tensor.shape),
-        )
-    raise TypeError(f"unexpected sharded entry {type(entry).__name__} for {getattr(entry, 'key', '?')}")
 
 
 def _is_tensor_entry(entry) -> bool:
@@ -163,14 +150,12 @@ def hf_to_mcore(
         ConversionError: invalid input (nothing is written).
         FileExistsError: ``out`` exists and is not empty.
     """
-    from dapo_megatron.actor.checkpoint import apply_checkpoint_cpu_shim, write_checkpoint_metadata
+    from dapo_megatron.actor.checkpoint import write_checkpoint_metadata
     from dapo_megatron.actor.hf_loading import open_hf_safetensors
     from dapo_megatron.models import get_mapping
 
     ckpt = validate_hf_checkpoint(hf_dir, tp=tp, pp=pp)  # before the (slow) megatron import
     ensure_output_free(out)
-    from megatron.core import dist_checkpointing
-
     cfg = ckpt.config
     if ckpt.layout.tie_word_embeddings and "lm_head.weight" in ckpt.tensors:
         with open_hf_safetensors(hf_dir) as get:
@@ -180,24 +165,110 @@ def hf_to_mcore(
                     "from model.embed_tokens.weight"
                 )
     mapping = get_mapping(cfg, tp=tp)  # vocab padded for the target TP
-    apply_checkpoint_cpu_shim()
     with staged_output_dir(out) as stage, _SingleProcessGroup():
         sharded = _meta_sharded_state_dict(cfg)
-        names = [k for k, v in sharded.items() if _is_tensor_entry(v)]
-        with open_hf_safetensors(hf_dir) as get:
-            for name in _progress(names, desc="hf->mcore", total=len(names), enabled=progress):
-                try:
-                    full = mapping.hf_to_megatron_full(name, get)
-                except (KeyError, ValueError) as e:
-                    raise ConversionError(f"converting Megatron tensor {name!r}: {e}") from None
-                sharded[name] = _with_data(sharded[name], full.contiguous())
-        dist_checkpointing.save(sharded, str(stage))
-        del sharded
+        with open_hf_safetensors(hf_dir, reopen=True) as get:  # pages of finished chunks are released
+            chunks, objects, common = _write_plan(sharded, mapping, ckpt, get)
+            del sharded
+            bar = _progress(None, desc="hf->mcore", total=len(chunks), enabled=progress)
+            write_torch_dist(stage, chunks, objects, common, on_chunk=lambda _spec: bar.update(1))
+            bar.close()
         write_checkpoint_metadata(stage, cfg, step=None, tp=tp, pp=pp, has_optimizer=False, has_extra_state=False)
         (stage / HF_SUBDIR).mkdir()
         shutil.copy2(Path(hf_dir) / "config.json", stage / HF_SUBDIR / "config.json")
         copy_hf_assets(hf_dir, stage / HF_SUBDIR)
     return Path(out)
+
+
+def _meta_hf_getter(ckpt: HFCheckpoint) -> Callable[[str], torch.Tensor]:
+    """``get(name)`` returning an empty meta tensor with the shape and dtype of the safetensors header."""
+
+    def get(name: str) -> torch.Tensor:
+        info = ckpt.tensors.get(name)
+        if info is None:
+            raise KeyError(f"HF checkpoint {ckpt.path} has no tensor {name!r}")
+        dtype = _SAFETENSORS_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise ConversionError(
+                f"{ckpt.path / info.file}: tensor {name} has dtype {info.dtype}; "
+                f"weights must be one of {sorted(_SAFETENSORS_DTYPES)}"
+            )
+        return torch.empty(info.shape, dtype=dtype, device="meta")
+
+    return get
+
+
+def _write_plan(
+    sharded: dict, mapping, ckpt: HFCheckpoint, get: Callable[[str], torch.Tensor]
+) -> tuple[list[tuple[ChunkSpec, Callable[[], torch.Tensor]]], dict[str, Any], dict[str, Any]]:
+    """Chunks (with lazy producers), ShardedObjects and common state of the converted checkpoint.
+
+    Each parameter of each layer is one chunk: layer ``i`` of a stacked tensor sits at
+    offset ``i`` of the prepended layer axis, as megatron stores it.  Shapes and dtypes
+    come from running the mapping on meta tensors, and are checked against megatron's
+    own description of the parameter (vocab rows excepted: they follow the target TP).
+    """
+    from megatron.core.dist_checkpointing.mapping import LocalNonpersistentObject, ShardedBase, ShardedObject
+
+    num_layers = mapping.layout.num_layers
+    get_meta = _meta_hf_getter(ckpt)
+    chunks: list[tuple[ChunkSpec, Callable[[], torch.Tensor]]] = []
+    objects: dict[str, Any] = {}
+    common: dict[str, Any] = {}
+    for name, entry in sharded.items():
+        if isinstance(entry, ShardedObject):
+            objects[entry.unique_key] = entry.data
+            continue
+        if isinstance(entry, LocalNonpersistentObject):
+            continue  # megatron does not save these either
+        if not _is_tensor_entry(entry):
+            if isinstance(entry, ShardedBase):
+                raise TypeError(f"unexpected sharded entry {type(entry).__name__} for {name}")
+            common[name] = entry
+            continue
+        try:
+            full = mapping.hf_to_megatron_full(name, get_meta)
+        except (KeyError, ValueError) as e:
+            raise ConversionError(f"converting Megatron tensor {name!r}: {e}") from None
+        m = _LAYER_RE.match(name)
+        layer = int(m.group(1)) if m else None
+        shape = tuple(full.shape)
+        _check_megatron_layout(name, entry, shape, layer, num_layers)
+        if layer is None:
+            spec = ChunkSpec(entry.key, shape, (0,) * len(shape), shape, full.dtype, label=name)
+        else:
+            spec = ChunkSpec(
+                entry.key, (num_layers, *shape), (layer,) + (0,) * len(shape), (1, *shape), full.dtype, label=name
+            )
+        chunks.append((spec, functools.partial(_convert_one, mapping, name, get, layer is not None)))
+    return chunks, objects, common
+
+
+def _convert_one(mapping, name: str, get: Callable[[str], torch.Tensor], stacked: bool) -> torch.Tensor:
+    try:
+        full = mapping.hf_to_megatron_full(name, get)
+    except (KeyError, ValueError) as e:
+        raise ConversionError(f"converting Megatron tensor {name!r}: {e}") from None
+    return full.unsqueeze(0) if stacked else full
+
+
+def _check_megatron_layout(name: str, entry, shape: tuple[int, ...], layer: int | None, num_layers: int) -> None:
+    """Raise if megatron describes the parameter differently from the chunk we are about to write."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    vocab = name in ("embedding.word_embeddings.weight", "output_layer.weight")
+    param = tuple(entry.data.shape)
+    ok = param == shape or (vocab and param[1:] == shape[1:])
+    if isinstance(entry, ShardedTensor):
+        lead = () if layer is None else (num_layers,)
+        ok = ok and entry.prepend_axis_num == len(lead) and tuple(entry.global_shape[: len(lead)]) == lead
+        ok = ok and (layer is None or entry.global_offset[0] == layer)
+    if not ok:
+        raise RuntimeError(
+            f"megatron describes {name} as {entry.key} {param} (global {getattr(entry, 'global_shape', '?')} at "
+            f"{getattr(entry, 'global_offset', '?')}); the converter would write {shape} "
+            + ("unstacked" if layer is None else f"as layer {layer} of {num_layers}")
+        )
 
 
 # ----------------------------------------------------------------------------- mcore -> HF
@@ -214,24 +285,6 @@ def _check_config_matches(meta: dict, hf_config, source: str) -> None:
         diffs.append(f"rms_norm_eps: checkpoint {saved.rms_norm_eps}, {source} {hf_config.rms_norm_eps}")
     if diffs:
         raise ConversionError(f"config of {source} does not match the checkpoint: " + "; ".join(diffs))
-
-
-def _layer_groups(keys: list[str]) -> list[list[str]]:
-    """Keys grouped as: pre-layer tensors, each layer's tensors, post-layer tensors (HF order)."""
-    import re
-
-    layer_re = re.compile(r"^decoder\.layers\.(\d+)\.")
-    layers: dict[int, list[str]] = {}
-    pre, post = [], []
-    for k in keys:
-        m = layer_re.match(k)
-        if m:
-            layers.setdefault(int(m.group(1)), []).append(k)
-        elif k.startswith("embedding."):
-            pre.append(k)
-        else:
-            post.append(k)
-    return [g for g in [pre, *(layers[i] for i in sorted(layers)), post] if g]
 
 
 def mcore_to_hf(
@@ -282,9 +335,11 @@ def mcore_to_hf(
     ensure_output_free(out)
     layout = get_layout(cfg, tp=1)
     mapping = get_mapping(cfg, tp=1)
-    from megatron.core import dist_checkpointing
-
-    stored = dist_checkpointing.load_tensors_metadata(str(directory))
+    try:
+        reader = TorchDistReader(directory)
+    except FileNotFoundError as e:
+        raise ConversionError(str(e)) from None
+    stored = reader.tensors
     hf_shapes = expected_hf_shapes(layout)
 
     with staged_output_dir(out) as stage, _SingleProcessGroup():
@@ -295,29 +350,22 @@ def mcore_to_hf(
             raise ConversionError(f"checkpoint {directory} lacks tensors the model needs: {', '.join(missing[:5])}")
 
         def out_dtype(name: str) -> torch.dtype:
-            return _DTYPES[dtype] if dtype else stored[sharded[name].key].dtype
+            return _DTYPES[dtype] if dtype else stored[sharded[name].key].properties.dtype
 
         order: list[tuple[str, int]] = []
+        specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
         for name in names:
             for hf_name in mapping.hf_names_for(name) if not _tied_output(name, layout) else []:
                 shape = hf_shapes[hf_name]
+                specs[hf_name] = (shape, out_dtype(name))
                 order.append((hf_name, math.prod(shape) * dtype_nbytes(out_dtype(name))))
-        writer = ShardedSafetensorsWriter(stage, plan_shards(order, max_bytes))
-        groups = _layer_groups(names)
-        bar = _progress(None, desc="mcore->hf", total=len(names), enabled=progress)
-        for group in groups:
-            request = {name: _load_request(name, sharded[name], stored[sharded[name].key]) for name in group}
-            # a layer is a slice of the stacked tensors: skip the whole-tensor coverage check
-            loaded = dist_checkpointing.load(request, str(directory), validate_access_integrity=False)
-            for name in group:
-                full = loaded.pop(name)
-                if request[name].global_shape != tuple(full.shape):  # stacked layers: drop the layer axis
-                    full = full[0]
-                for hf_name, t in mapping.megatron_full_to_hf(name, full):
-                    writer.add(hf_name, t.to(out_dtype(name)))
-                bar.update(1)
-            del loaded, request
-        bar.close()
+        writer = ShardedSafetensorsWriter(stage, plan_shards(order, max_bytes), specs)
+        bar = _progress(names, desc="mcore->hf", total=len(names), enabled=progress)
+        try:
+            for name in bar:  # one parameter (of one layer) in memory at a time
+                _export_one(reader, name, sharded[name], stored[sharded[name].key], mapping, writer, out_dtype(name))
+        finally:
+            writer.close()
         writer.finish()
         if (asset_dir / "config.json").is_file():
             shutil.copy2(asset_dir / "config.json", stage / "config.json")
@@ -328,39 +376,38 @@ def mcore_to_hf(
     return Path(out)
 
 
-def _load_request(name: str, entry, stored):
-    """A plain ShardedTensor that reads this (TP=1) parameter's global tensor, or its layer's slice.
+def _export_one(
+    reader: TorchDistReader, name: str, entry, stored, mapping, writer: ShardedSafetensorsWriter, dtype: torch.dtype
+) -> None:
+    """Read one parameter (of one layer) and write its HF tensors; nothing outlives the call."""
+    region, stacked = _region(name, entry, stored)
+    try:
+        (full,) = reader.read([region])
+    except (KeyError, ValueError) as e:
+        raise ConversionError(f"reading {name} from {reader.directory}: {e}") from None
+    for hf_name, t in mapping.megatron_full_to_hf(name, full[0] if stacked else full):
+        writer.add(hf_name, t.to(dtype))
 
-    Megatron stores the layers of a stage stacked along a prepended axis.  Its own
-    entries describe that axis as a regular grid, which in a 1-rank world can only be
-    loaded whole; an irregular chunk ``[i:i+1]`` (``axis_fragmentations=None``) goes
-    through torch DCP's general resharding instead, so one layer is read at a time.
-    The gated-MLP factory is bypassed: the stored global fc1 is already ``[gate; up]``.
-    Vocab tensors are requested at their stored (padded) size.
+
+def _region(name: str, entry, stored) -> tuple[Region, bool]:
+    """The stored region holding this (TP=1) parameter, and whether it is a layer of a stacked tensor.
+
+    Megatron stores the layers of a stage stacked along a prepended axis; reading the
+    region ``[i : i + 1]`` of that axis reads one layer, whatever chunking the saving
+    layout used.  The stored global fc1 is already ``[gate; up]``.  Vocab tensors are
+    read at their stored (padded) size.
     """
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
     param_shape = tuple(entry.data.shape)
-    global_shape = tuple(stored.global_shape)
+    global_shape = tuple(stored.size)
     if len(global_shape) == len(param_shape) + 1:
-        layer = int(name.split(".")[2])
-        if global_shape[1:] != param_shape:
-            raise ConversionError(f"stored {stored.key} has shape {global_shape}, model expects [L, *{param_shape}]")
-        local, offset = (1, *param_shape), (layer,) + (0,) * len(param_shape)
-    else:
-        vocab = name in ("embedding.word_embeddings.weight", "output_layer.weight")
-        if global_shape != param_shape and not (vocab and global_shape[1:] == param_shape[1:]):
-            raise ConversionError(f"stored {stored.key} has shape {global_shape}, model expects {param_shape}")
-        local, offset = global_shape, (0,) * len(global_shape)
-    return ShardedTensor(
-        key=stored.key,
-        data=torch.empty(local, dtype=stored.dtype),
-        dtype=stored.dtype,
-        local_shape=local,
-        global_shape=global_shape,
-        global_offset=offset,
-        axis_fragmentations=None,
-    )
+        m = _LAYER_RE.match(name)
+        if m is None or global_shape[1:] != param_shape:
+            raise ConversionError(f"stored {entry.key} has shape {global_shape}, model expects [L, *{param_shape}]")
+        return Region(entry.key, (int(m.group(1)),) + (0,) * len(param_shape), (1, *param_shape)), True
+    vocab = name in ("embedding.word_embeddings.weight", "output_layer.weight")
+    if global_shape != param_shape and not (vocab and global_shape[1:] == param_shape[1:]):
+        raise ConversionError(f"stored {entry.key} has shape {global_shape}, model expects {param_shape}")
+    return Region(entry.key, (0,) * len(global_shape), global_shape), False
 
 
 def _tied_output(name: str, layout) -> bool:

@@ -6,17 +6,20 @@ last byte is written; on any error the staging directory is removed.
 
 Why planned shards: HF shard file names carry the shard count
 (``model-00001-of-00003.safetensors``).  All shapes and dtypes are known before any
-tensor is read, so the tensors are assigned to shards up front and each shard is
-written as soon as its tensors have been produced -- memory stays at one shard plus
-the tensors in flight, never the whole model.
+tensor is read, so the tensors are assigned to shards up front, every shard's header
+(names, dtypes, shapes, byte offsets) is fixed before its first tensor arrives, and each
+tensor's bytes are written to their place as soon as it is produced -- memory holds the
+tensor being written, never a shard or the whole model.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import shutil
+import struct
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -120,50 +123,119 @@ def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list
     return shards
 
 
+_SAFETENSORS_DTYPE_NAMES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
 class ShardedSafetensorsWriter:
-    """Collects tensors and writes each planned shard as soon as it is complete.
+    """Writes each tensor straight into its planned place in its safetensors shard.
 
     Single file ``model.safetensors`` for one shard; otherwise
-    ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``.
+    ``model-0000i-of-0000N.safetensors`` plus ``model.safetensors.index.json``.  A shard is
+    written under a hidden ``.NAME.partial`` name and renamed once its last tensor is in,
+    so a shard file that exists is complete.  Tensors may arrive in any order.
     """
 
-    def __init__(self, out_dir: Path, plan: list[list[str]]):
+    def __init__(
+        self,
+        out_dir: Path,
+        plan: list[list[str]],
+        specs: dict[str, tuple[tuple[int, ...], torch.dtype]],
+    ):
+        """``plan``: tensor names per shard; ``specs``: name -> (shape, dtype) of every planned tensor."""
         self.out_dir = Path(out_dir)
         self.plan = plan
         self.n = len(plan)
         self._shard_of = {name: i for i, names in enumerate(plan) for name in names}
-        self._pending: dict[int, dict[str, torch.Tensor]] = {}
+        missing = [name for name in self._shard_of if name not in specs]
+        if missing:
+            raise ValueError(f"no shape/dtype given for planned tensors {missing[:3]}")
+        self._specs = {name: (tuple(specs[name][0]), specs[name][1]) for name in self._shard_of}
+        self._layout: list[tuple[bytes, dict[str, tuple[int, int]]]] = [self._header(names) for names in plan]
+        self._files: dict[int, object] = {}
+        self._added: dict[int, set[str]] = {}
         self._written: set[int] = set()
-        self._total_bytes = 0
+
+    def _header(self, names: list[str]) -> tuple[bytes, dict[str, tuple[int, int]]]:
+        entries: dict[str, dict] = {"__metadata__": {"format": "pt"}}
+        offsets: dict[str, tuple[int, int]] = {}
+        pos = 0
+        for name in names:
+            shape, dtype = self._specs[name]
+            if dtype not in _SAFETENSORS_DTYPE_NAMES:
+                raise ValueError(f"tensor {name!r}: dtype {dtype} cannot be stored in safetensors")
+            nbytes = math.prod(shape) * dtype_nbytes(dtype)
+            entries[name] = {"dtype": _SAFETENSORS_DTYPE_NAMES[dtype], "shape": list(shape)}
+            entries[name]["data_offsets"] = [pos, pos + nbytes]
+            offsets[name] = (pos, nbytes)
+            pos += nbytes
+        header = json.dumps(entries, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the format allows space padding; keeps the data 8-byte aligned
+        return struct.pack("<Q", len(header)) + header, offsets
 
     def file_name(self, i: int) -> str:
         return "model.safetensors" if self.n == 1 else f"model-{i + 1:05d}-of-{self.n:05d}.safetensors"
 
-    def add(self, name: str, tensor: torch.Tensor) -> None:
-        """Queue one tensor; writes its shard once every tensor of that shard is queued."""
-        from safetensors.torch import save_file
+    def _partial(self, i: int) -> Path:
+        return self.out_dir / f".{self.file_name(i)}.partial"
 
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one tensor's bytes into its shard; the shard is renamed into place once complete."""
         if name not in self._shard_of:
             raise KeyError(f"tensor {name!r} is not in the shard plan")
         i = self._shard_of[name]
-        pending = self._pending.setdefault(i, {})
-        if name in pending or i in self._written:
+        added = self._added.setdefault(i, set())
+        if name in added:
             raise ValueError(f"tensor {name!r} added twice")
-        pending[name] = tensor.detach().contiguous()
-        if len(pending) == len(self.plan[i]):
-            save_file(pending, str(self.out_dir / self.file_name(i)), metadata={"format": "pt"})
-            self._total_bytes += sum(t.numel() * t.element_size() for t in pending.values())
-            del self._pending[i]
+        shape, dtype = self._specs[name]
+        if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+            raise ValueError(
+                f"tensor {name!r} is {tuple(tensor.shape)} {tensor.dtype}, the shard plan says {shape} {dtype}"
+            )
+        header, offsets = self._layout[i]
+        if i not in self._files:
+            f = open(self._partial(i), "w+b")  # noqa: SIM115  (kept open until the shard is complete)
+            f.write(header)
+            self._files[i] = f
+        f = self._files[i]
+        start, _ = offsets[name]
+        data = tensor.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8)
+        f.seek(len(header) + start)
+        f.write(memoryview(data.numpy()))
+        added.add(name)
+        if len(added) == len(self.plan[i]):
+            f.flush()
+            os.fsync(f.fileno())
+            f.close()
+            del self._files[i]
+            os.replace(self._partial(i), self.out_dir / self.file_name(i))
             self._written.add(i)
+
+    def close(self) -> None:
+        """Close shard files still open (after an error); their ``.partial`` files stay incomplete."""
+        for f in self._files.values():
+            f.close()
+        self._files.clear()
 
     def finish(self) -> None:
         """Check every shard was written; write the index for multi-shard output."""
         missing = [n for i, names in enumerate(self.plan) if i not in self._written for n in names]
         if missing:
+            self.close()
             raise RuntimeError(f"export incomplete: {len(missing)} tensors never produced, e.g. {missing[:3]}")
         if self.n > 1:
+            total = sum(nbytes for _, offsets in self._layout for _, nbytes in offsets.values())
             index = {
-                "metadata": {"total_size": self._total_bytes},
+                "metadata": {"total_size": total},
                 "weight_map": {name: self.file_name(i) for i, names in enumerate(self.plan) for name in names},
             }
             (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))

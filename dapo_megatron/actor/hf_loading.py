@@ -31,11 +31,18 @@ __all__ = [
 
 
 @contextlib.contextmanager
-def open_hf_safetensors(hf_dir: str | os.PathLike) -> Iterator:
+def open_hf_safetensors(hf_dir: str | os.PathLike, *, reopen: bool = False) -> Iterator:
     """Context manager yielding ``get(name) -> torch.Tensor`` over an HF safetensors checkpoint.
 
     Handles a single ``model.safetensors`` and sharded checkpoints with
     ``model.safetensors.index.json``.  Tensors are read on demand (CPU).
+
+    ``reopen=True`` opens the tensor's file for each read and closes it right after.  Why:
+    safetensors maps the file and serves tensors from the mapping, and an open handle keeps
+    every page it has served resident (counted in the process RSS) until it is closed, so a
+    pass over a whole checkpoint through one handle ends up holding the whole file.  With
+    ``reopen`` a tensor's pages stay only while the tensor lives; the cost is one header
+    parse per read.
     """
     from safetensors import safe_open
 
@@ -55,15 +62,24 @@ def open_hf_safetensors(hf_dir: str | os.PathLike) -> Iterator:
         files = ["model.safetensors"]
         weight_map = None
     with contextlib.ExitStack() as stack:
-        handles = {fn: stack.enter_context(safe_open(os.path.join(hf_dir, fn), framework="pt")) for fn in files}
-        if weight_map is None:
-            weight_map = {k: files[0] for k in handles[files[0]].keys()}
+        if reopen:
+            handles = {}
+            if weight_map is None:
+                with safe_open(os.path.join(hf_dir, files[0]), framework="pt") as f:
+                    weight_map = {k: files[0] for k in f.keys()}
+        else:
+            handles = {fn: stack.enter_context(safe_open(os.path.join(hf_dir, fn), framework="pt")) for fn in files}
+            if weight_map is None:
+                weight_map = {k: files[0] for k in handles[files[0]].keys()}
 
         def get(name: str) -> torch.Tensor:
             fn = weight_map.get(name)
             if fn is None:
                 raise KeyError(f"HF checkpoint {hf_dir!r} has no tensor {name!r}")
-            return handles[fn].get_tensor(name)
+            if not reopen:
+                return handles[fn].get_tensor(name)
+            with safe_open(os.path.join(hf_dir, fn), framework="pt") as f:
+                return f.get_tensor(name)
 
         yield get
 

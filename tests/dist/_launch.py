@@ -20,6 +20,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def repo_pythonpath() -> str:
+    """The repository root in front of the caller's PYTHONPATH.
+
+    Kept, not replaced: a test run with another megatron-core in front
+    (``PYTHONPATH=/tmp/mc19``) must reach its child processes too.
+    """
+    return os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
+
+
 def run_torchrun(
     script: str | os.PathLike,
     args: list[str] | tuple[str, ...] = (),
@@ -50,7 +59,7 @@ def run_torchrun(
     run_env = dict(os.environ)
     run_env.update(
         OMP_NUM_THREADS="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), run_env.get("PYTHONPATH", "")])),
+        PYTHONPATH=repo_pythonpath(),
         PYTHONWARNINGS="ignore",
         TOKENIZERS_PARALLELISM="false",
     )

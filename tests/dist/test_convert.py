@@ -20,7 +20,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _launch import REPO_ROOT, WORKERS, run_torchrun  # noqa: E402
+from _launch import REPO_ROOT, WORKERS, repo_pythonpath, run_torchrun  # noqa: E402
 from test_hf_parity import _perturb  # noqa: E402
 
 COMMON = dict(
@@ -70,7 +70,7 @@ def save_tiny(name: str, out_dir: Path, seed: int, **save_kwargs) -> Path:
 
 
 def convert_many(*args: str, timeout: float = 300) -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo_pythonpath(), PYTHONWARNINGS="ignore")
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         env.pop(k, None)
     proc = subprocess.run(
@@ -94,6 +94,10 @@ def converted(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     conv = {n: root / "mcore" / n for n in names}
     out = convert_many("hf-to-mcore", "--tp", "2", "--pp", "2", *[f"{hf[n]}:{conv[n]}" for n in names])
     assert out.count("CONVERTED") == len(names), out
+    # the child ran this process's megatron-core: common state where this release keeps it
+    from dapo_megatron.convert_dcp import common_state_in_dcp
+
+    assert all((conv[n] / "common.pt").is_file() != common_state_in_dcp() for n in names)
     return {n: (hf[n], conv[n]) for n in names}
 
 
@@ -135,7 +139,7 @@ def test_cli_sharded_input_tokenizer_and_config_from(tmp_path):
     hf = save_tiny("qwen2_untied_gqa", tmp_path / "hf", 0, max_shard_size="100KB")
     assert (hf / "model.safetensors.index.json").is_file()
     build_tokenizer(["1 + 2 = 3", "4 - 1 = 3"] * 20, hf, vocab_size=300)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), PYTHONWARNINGS="ignore")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo_pythonpath(), PYTHONWARNINGS="ignore")
     ckpt, back = tmp_path / "ckpt", tmp_path / "back"
     for argv in (
         ["hf-to-mcore", "--hf-dir", hf, "--out", ckpt, "--tp", "2", "--no-progress"],
@@ -164,6 +168,30 @@ def test_cli_sharded_input_tokenizer_and_config_from(tmp_path):
     assert all(torch.equal(got[k], want[k]) for k in want)
     tok = transformers.AutoTokenizer.from_pretrained(back)
     assert tok("1 + 2")["input_ids"]
+
+
+@pytest.mark.dist
+def test_cli_non_float_weights_fail_cleanly(tmp_path):
+    """A weight whose dtype cannot be converted: exit code 2 naming file, tensor and dtype; no output left."""
+    from safetensors.torch import load_file, save_file
+
+    hf = save_tiny("llama_tied_mha", tmp_path / "hf", 3)
+    tensors = load_file(hf / "model.safetensors")
+    tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int32)
+    save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
+    out = tmp_path / "out" / "ckpt"
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo_pythonpath(), PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, "-m", "dapo_megatron.convert", "hf-to-mcore", "--hf-dir", str(hf), "--out", str(out)],
+        cwd=REPO_ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr[-5000:]
+    assert "model.safetensors: tensor model.norm.weight has dtype I32" in proc.stderr, proc.stderr[-5000:]
+    assert not out.exists() and list((tmp_path / "out").iterdir()) == []  # no staging directory left
 
 
 @pytest.mark.dist

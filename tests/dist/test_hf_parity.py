@@ -15,7 +15,7 @@ import torch
 import transformers
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parent))
-from _launch import REPO_ROOT, run_torchrun  # noqa: E402
+from _launch import REPO_ROOT, repo_pythonpath, run_torchrun  # noqa: E402
 
 LAYOUTS = ["1x1", "2x1", "2x1sp", "1x2"]  # TPxPP (+sequence parallel) on 2 ranks
 
@@ -102,7 +102,7 @@ def test_hf_parity_single_process_without_torchrun(hf_dirs):
     import os
 
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO_ROOT), PYTHONWARNINGS="ignore")
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=repo_pythonpath(), PYTHONWARNINGS="ignore")
     worker = REPO_ROOT / "tests" / "dist" / "workers" / "hf_parity_worker.py"
     proc = subprocess.run(
         [sys.executable, str(worker), "--layouts", "1x1", hf_dirs[0]],

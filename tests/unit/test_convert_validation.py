@@ -222,17 +222,54 @@ def test_writer_and_staging(tmp_path):
             (stage / "x").write_text("half")
             raise RuntimeError("boom")
     assert not out.exists() and not list(tmp_path.iterdir())
+    tensors = {"a": torch.ones(2), "b": torch.arange(3, dtype=torch.bfloat16), "c": torch.zeros(3, 2)}
+    specs = {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()}
     with staged_output_dir(out) as stage:
-        w = ShardedSafetensorsWriter(stage, [["a"], ["b", "c"]])
-        w.add("a", torch.ones(2))
-        w.add("c", torch.zeros(3))
-        assert len(list(stage.iterdir())) == 1  # shard 2 waits for b
-        w.add("b", torch.ones(1))
+        w = ShardedSafetensorsWriter(stage, [["a"], ["b", "c"]], specs)
+        w.add("a", tensors["a"])
+        w.add("c", tensors["c"])  # out of plan order: written at its planned offset
+        assert sorted(p.name for p in stage.iterdir() if not p.name.startswith(".")) == [
+            "model-00001-of-00002.safetensors"
+        ]  # shard 2 stays a hidden .partial file until b arrives
+        with pytest.raises(ValueError, match=r"tensor 'b' is \(2,\) torch.bfloat16, the shard plan says \(3,\)"):
+            w.add("b", tensors["b"][:2])
+        w.add("b", tensors["b"])
         w.finish()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+    ]
+    from safetensors.torch import load_file
+
+    got = {**load_file(out / "model-00001-of-00002.safetensors"), **load_file(out / "model-00002-of-00002.safetensors")}
+    assert sorted(got) == sorted(tensors)
+    assert all(got[k].dtype == t.dtype and torch.equal(got[k], t) for k, t in tensors.items())
     index = json.loads((out / "model.safetensors.index.json").read_text())
     assert index["weight_map"] == {
         "a": "model-00001-of-00002.safetensors",
         "b": "model-00002-of-00002.safetensors",
         "c": "model-00002-of-00002.safetensors",
     }
-    assert index["metadata"]["total_size"] == 4 * (2 + 3 + 1)
+    assert index["metadata"]["total_size"] == 4 * 2 + 2 * 3 + 4 * 6
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_hf_reader_reopen_reads_the_same_tensors(tmp_path, shard):
+    """``reopen=True`` (one file handle per read, used by hf-to-mcore) serves the same tensors."""
+    from safetensors.torch import load_file
+
+    from dapo_megatron.actor.hf_loading import open_hf_safetensors
+
+    torch.manual_seed(0)
+    path = tmp_path / "m"
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL))
+    model.save_pretrained(path, **({} if shard is None else {"max_shard_size": shard}))
+    assert (path / "model.safetensors.index.json").is_file() == (shard is not None)
+    want = {}
+    for fn in sorted(path.glob("*.safetensors")):
+        want.update(load_file(fn))
+    with open_hf_safetensors(path, reopen=True) as get:
+        assert all(torch.equal(get(name), t) for name, t in want.items())
+        with pytest.raises(KeyError, match="has no tensor 'nope'"):
+            get("nope")
