@@ -27,7 +27,7 @@ demo: venv
 
 test: venv
 	$(BIN)/ruff check dapo_megatron tests bench launch
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q --durations=12 tests
 
 test-unit: venv
 	$(BIN)/python -m pytest -q tests/unit

@@ -139,9 +139,13 @@ def test_engine_awake_while_training_keeps_its_budget(shape32b):
     assert mem.sleep_frees == 0
 
 
+# The sums below are written for these batch sizes, whatever the demo config uses.
+BATCH = ["data.train_batch_size=8", "data.gen_batch_size=16", "actor.ppo_mini_batch_size=4", "rollout.n=8"]
+
+
 def test_cost_by_hand():
     shape = load_model_shape(TINY_MODEL)
-    cfg = load_config(TINY, ["actor.recompute=none"])
+    cfg = load_config(TINY, [*BATCH, "actor.recompute=none"])
     p = shape.total_params()
     cost = estimate_cost(
         cfg,
@@ -166,7 +170,7 @@ def test_cost_by_hand():
     assert cost.train_seconds == pytest.approx((cost.train_flops + cost.logprob_flops) / (2 * 1e12 * 0.5))
     assert cost.gen_seconds == pytest.approx(cost.gen_flops / (2 * 1e12 * 0.25))
     full = estimate_cost(
-        load_config(TINY, ["actor.recompute=full"]),
+        load_config(TINY, [*BATCH, "actor.recompute=full"]),
         shape,
         world_size=2,
         mean_prompt_tokens=100,
