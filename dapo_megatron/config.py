@@ -454,6 +454,7 @@ def validate(cfg: DapoConfig, *, world_size: int | None = None, check_files: boo
     c.require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
     c.choice(r.dtype, "rollout.dtype", DTYPES)
     c.positive(r.val.n, "rollout.val.n")
+    c.require(not cfg.trainer.val_only or bool(cfg.data.val_files), "trainer.val_only", "needs data.val_files")
     c.require(0 < r.val.top_p <= 1, "rollout.val.top_p", f"must be in (0, 1], got {r.val.top_p}")
     c.positive(r.weight_sync.bucket_size_mb, "rollout.weight_sync.bucket_size_mb")
 

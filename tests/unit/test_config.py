@@ -119,6 +119,8 @@ def test_broken_yaml_and_missing_file(tmp_path):
         (["rollout.top_p=0"], r"rollout\.top_p"),
         (["actor.max_tokens_per_micro_batch=100"], r"actor\.max_tokens_per_micro_batch: 100 cannot hold one sequence"),
         (["trainer.logger=[console,mlflow]"], r"trainer\.logger: 'mlflow'"),
+        (["trainer.val_only=true"], r"trainer\.val_only: needs data\.val_files"),
+        (["actor.inject_nan_loss_at_steps=[0]"], r"actor\.inject_nan_loss_at_steps: training steps are 1-based"),
     ],
 )
 def test_range_errors_name_the_key(overrides, message):
