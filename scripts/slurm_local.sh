@@ -78,7 +78,7 @@ start() {
 	mkdir -p "$dir"/{etc,state,spool/localhost,log,run,fakegpu}
 	dir="$(cd "$dir" && pwd)"
 	local cpus ctld_port slurmd_port
-	cpus="$(nproc)"
+	cpus="$(nproc --all)"  # plain nproc obeys OMP_NUM_THREADS: a 1-CPU node refuses 2-task jobs
 	ctld_port="$(free_port)"
 	slurmd_port="$(free_port)"
 	while [[ "$slurmd_port" == "$ctld_port" ]]; do slurmd_port="$(free_port)"; done
