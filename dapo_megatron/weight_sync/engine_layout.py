@@ -111,7 +111,9 @@ def engine_parts(vllm_model: torch.nn.Module) -> Iterator[tuple[torch.nn.Module,
                     parts.append(EnginePart(hf_parts(mname, leaf)[0], pname, leaf, WHOLE, 0))
         elif isinstance(module, VocabParallelEmbedding):
             if set(own) != {"weight"}:
-                raise NotImplementedError(f"{mname}: vocab-parallel parameters {sorted(own)} (only 'weight' is mapped)")
+                raise ValueError(
+                    f"{mname}: unsupported vocab-parallel parameters {sorted(own)}; weight sync maps only 'weight'"
+                )
             idx = module.shard_indices
             part = TensorSlice(0, int(idx.org_vocab_start_index), int(idx.num_org_elements))
             parts.append(EnginePart(f"{mname}.weight", f"{mname}.weight", "weight", part, 0, padded=True))
