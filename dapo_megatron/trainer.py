@@ -57,8 +57,9 @@ class DapoTrainer:
         from dapo_megatron.data.sampler import ResumableSampler
         from dapo_megatron.reward.custom import load_file_scorer
         from dapo_megatron.reward.pool import RewardPool
+        from dapo_megatron.rollout.mismatch import max_mismatch_for
         from dapo_megatron.rollout.vllm_engine import VllmEngine
-        from dapo_megatron.weight_sync.transport import ColocatedTransport
+        from dapo_megatron.weight_sync.transport import ColocatedTransport, StaleTensorDrill
 
         cfg = self.cfg
         world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -109,6 +110,13 @@ class DapoTrainer:
             cfg.rollout, model_path, max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length
         )
         self.transport = ColocatedTransport(self.engine)
+        if cfg.rollout.weight_sync.inject_stale_tensors:
+            self.transport = StaleTensorDrill(self.transport, cfg.rollout.weight_sync.inject_stale_tensors)
+        self.max_mismatch = max_mismatch_for(cfg.rollout.max_mismatch, cfg.rollout.dtype, cfg.actor.params_dtype)
+        self._mismatch_breaches = 0
+        # the function check's prompts: fixed, so probe gaps are comparable across steps
+        probe_count = min(cfg.rollout.weight_sync.probe_prompts, len(self.train_set))
+        self.probe_prompts = [self.train_set[i].prompt_ids for i in range(probe_count)]
         self.pool = RewardPool(
             cfg.reward.backend,
             num_workers=cfg.reward.num_workers,
@@ -345,6 +353,7 @@ class DapoTrainer:
             if bool(part.any()):
                 mm = logprob_mismatch(old, rollout_lp, part)
                 metrics.update({prefix + k: v for k, v in mm.items() if k != "tokens"})
+        metrics.update(self._guard_mismatch(metrics.get("rollout/actor_mismatch_mean_abs_diff", 0.0)))
         if cfg.algorithm.rollout_is.enable:
             # Token-level advantages A * w are exactly the TIS-weighted loss (see rollout_correction).
             cap = cfg.algorithm.rollout_is.cap
@@ -388,6 +397,76 @@ class DapoTrainer:
                 f"(now {self.cfg.actor.optim.lr}) or a tighter actor.optim.clip_grad"
             )
 
+    def _guard_mismatch(self, local_gap: float) -> dict[str, float]:
+        """Never train off-policy silently: a fresh-sample gap above ``rollout.max_mismatch`` is
+        logged loudly and the weights are re-verified (checksums, then the function probe), which
+        stops the run if the engine has drifted; a gap that persists into the next step stops it too.
+
+        Runs before the update, when the engine holds exactly the actor's current weights.
+        """
+        from dapo_megatron.rollout.mismatch import LIKELY_CAUSES, RolloutMismatchError
+
+        gap = local_gap
+        if dist.is_initialized() and dist.get_world_size() > 1:  # each DP rank measured its own shard
+            gaps: list = [None] * dist.get_world_size()
+            dist.all_gather_object(gaps, float(local_gap))
+            gap = max(gaps)
+        if gap <= self.max_mismatch:
+            self._mismatch_breaches = 0
+            return {"rollout/mismatch_breaches": 0.0}
+        self._mismatch_breaches += 1
+        logger.error(
+            "step %d: the engine's log-probs of its fresh samples differ from the actor's by %.3e per token "
+            "(rollout/actor_mismatch_mean_abs_diff), above rollout.max_mismatch=%.1e: this step would train "
+            "off-policy; re-verifying the engine's weights",
+            self.step,
+            gap,
+            self.max_mismatch,
+        )
+        if self._mismatch_breaches > 1:
+            raise RolloutMismatchError(
+                f"step {self.step}: the rollout/actor log-prob gap stayed above rollout.max_mismatch="
+                f"{self.max_mismatch:.1e} for {self._mismatch_breaches} steps (now {gap:.3e} per token) although "
+                f"the weights verified after the first; likely causes: {LIKELY_CAUSES}"
+            )
+        verified = self._verify_engine()
+        logger.error(
+            "step %d: re-verification passed (%d tensors, probe gap %.3e); the run stops if the next step's "
+            "gap is above the threshold again",
+            self.step,
+            verified["weight_sync/verified_tensors"],
+            verified["weight_sync/probe_mean_abs_diff"],
+        )
+        return {"rollout/mismatch_breaches": float(self._mismatch_breaches)}
+
+    def _verify_engine(self) -> dict[str, float]:
+        """Checksums of every engine tensor, then the function probe; raises on a mismatch (collective)."""
+        from dapo_megatron.rollout.mismatch import LIKELY_CAUSES, RolloutMismatchError
+        from dapo_megatron.rollout.sampling import train_sampling
+        from dapo_megatron.rollout.vllm_engine import torch_dtype
+        from dapo_megatron.weight_sync.probe import probe_policy
+        from dapo_megatron.weight_sync.sync import verify_weights
+
+        cfg = self.cfg
+        checked = verify_weights(self.actor.model, self.hf_config, self.engine, dtype=torch_dtype(cfg.rollout.dtype))
+        spec = train_sampling(cfg.rollout, min(16, cfg.data.max_response_length))
+        probe = probe_policy(
+            self.engine, self.actor, self.probe_prompts, spec, seed=cfg.rollout.seed + 7919, pad_id=self.pad_id
+        )
+        if probe.mean_abs_diff > self.max_mismatch:
+            reason = (
+                f"function check at step {self.step}: with verified weights the engine's log-probs of "
+                f"{probe.tokens} probe tokens differ from the actor's by {probe.mean_abs_diff:.3e} per token "
+                f"(max {probe.max_abs_diff:.3e}), above rollout.max_mismatch={self.max_mismatch:.1e}"
+            )
+            self.engine.mark_broken(reason)
+            raise RolloutMismatchError(f"{reason}; likely causes: {LIKELY_CAUSES}")
+        return {
+            "weight_sync/verified_tensors": float(checked),
+            "weight_sync/probe_mean_abs_diff": probe.mean_abs_diff,
+            "weight_sync/probe_max_abs_diff": probe.max_abs_diff,
+        }
+
     def _actor_mfu(self, seq_lengths: list[int], seconds: float) -> float:
         """Model FLOPs of this DP rank's share x DP size, over the whole job's peak for that time."""
         from dapo_megatron.plan_memory import model_shape_from_hf, model_training_flops
@@ -409,16 +488,18 @@ class DapoTrainer:
                 self.transport,
                 dtype=torch_dtype(self.cfg.rollout.dtype),
                 bucket_size_mb=ws.bucket_size_mb,
-                verify=ws.verify,
-                engine=self.engine,
             )
-        return {
+        metrics = {
             "weight_sync/seconds": stats.seconds,
             "weight_sync/gbps": stats.gbps,
             "weight_sync/buckets": float(stats.buckets),
-            "weight_sync/verified_tensors": float(stats.verified),
+            "weight_sync/verified_tensors": 0.0,
             "weight_sync/stage_received_mb": stats.stage_received_bytes / (1 << 20),
         }
+        if ws.verify:
+            with self._timer("verify_weights"):
+                metrics.update(self._verify_engine())
+        return metrics
 
     def _validate(self) -> dict[str, float]:
         from dapo_megatron.validation import validate as run_validation

@@ -244,6 +244,17 @@ class DecoderMapping:
                 names.append("output_layer.weight")
         return names
 
+    def tied_aliases(self) -> dict[str, str]:
+        """HF names an inference engine keeps for a tensor the checkpoint stores once: alias -> source.
+
+        A tied model's HF checkpoint has no ``lm_head.weight``, but vLLM builds the LM head as
+        its own layer with its own post-load processing (on CPU, a repacked GEMM kernel), so
+        an update that only reaches the embedding leaves the head's kernel on the old
+        weights.  Weight sync sends the embedding a second time under this name, through
+        the head's own loader.
+        """
+        return {"lm_head.weight": "model.embed_tokens.weight"} if self.layout.tie_word_embeddings else {}
+
     def hf_names(self) -> list[str]:
         """All HF parameter names of the full model (the export set)."""
         out: list[str] = []

@@ -19,7 +19,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["logprob_mismatch"]
+__all__ = [
+    "FP32_MAX_MISMATCH",
+    "LIKELY_CAUSES",
+    "LOW_PRECISION_MAX_MISMATCH",
+    "RolloutMismatchError",
+    "logprob_mismatch",
+    "max_mismatch_for",
+]
 
 
 def logprob_mismatch(actor_logprobs: torch.Tensor, rollout_logprobs: torch.Tensor, mask: torch.Tensor) -> dict:
@@ -48,3 +55,35 @@ def logprob_mismatch(actor_logprobs: torch.Tensor, rollout_logprobs: torch.Tenso
         "ppl_ratio": float(torch.exp((-log_r).mean())),
         "tokens": float(count),
     }
+
+
+# Healthy fresh-sample gaps (mean |log p - log q| per token), with identical weights:
+# fp32 engine and fp32 actor on CPU: about 1e-6 (bench/RESULTS.md, "Rollout/actor mismatch");
+# bf16 on GPU: about 0.02-0.03 RMS (published trainer-vs-vLLM measurements for a 0.5B
+# model; nothing was measured here without a GPU).  Each default leaves two orders of
+# magnitude (fp32) or three to five times (bf16) of headroom over those.
+FP32_MAX_MISMATCH = 1e-4
+LOW_PRECISION_MAX_MISMATCH = 0.1
+
+
+def max_mismatch_for(max_mismatch: float | None, rollout_dtype: str, actor_dtype: str) -> float:
+    """``rollout.max_mismatch``, or its default for the two dtypes when unset."""
+    if max_mismatch is not None:
+        return float(max_mismatch)
+    if rollout_dtype == "float32" and actor_dtype == "float32":
+        return FP32_MAX_MISMATCH
+    return LOW_PRECISION_MAX_MISMATCH
+
+
+class RolloutMismatchError(RuntimeError):
+    """The engine's log-probs stay far from the actor's: training would go on off-policy."""
+
+
+LIKELY_CAUSES = (
+    "an engine layer that computes with stale weights after the sync (a tied LM head, a "
+    "repacked kernel, a parameter the mapping does not send: run with rollout.weight_sync.verify=true); "
+    "different sampling on the two sides (rollout.temperature is applied by both; top_p/top_k "
+    "change the engine's processed log-probs only when they cut tokens); a different model "
+    "config in the engine and the actor (rope, norm epsilon, vocab); or a low-precision engine "
+    "whose rounding exceeds rollout.max_mismatch (raise it knowingly)"
+)

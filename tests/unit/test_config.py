@@ -121,6 +121,8 @@ def test_broken_yaml_and_missing_file(tmp_path):
         (["trainer.logger=[console,mlflow]"], r"trainer\.logger: 'mlflow'"),
         (["trainer.val_only=true"], r"trainer\.val_only: needs data\.val_files"),
         (["actor.inject_nan_loss_at_steps=[0]"], r"actor\.inject_nan_loss_at_steps: training steps are 1-based"),
+        (["rollout.max_mismatch=0"], r"rollout\.max_mismatch: must be > 0 \(or null for the dtype default\)"),
+        (["rollout.weight_sync.probe_prompts=0"], r"rollout\.weight_sync\.probe_prompts: must be > 0"),
     ],
 )
 def test_range_errors_name_the_key(overrides, message):
