@@ -31,6 +31,7 @@ import torch.distributed as dist
 from dapo_megatron import experience
 from dapo_megatron.algo.dynamic_sampling import DynamicSamplingBuffer, Group
 from dapo_megatron.config import DapoConfig, data_parallel_size, to_dict, validate
+from dapo_megatron.distributed import all_sum, any_true
 
 logger = logging.getLogger(__name__)
 
@@ -373,16 +374,12 @@ class DapoTrainer:
         from dapo_megatron.actor.actor import NonFinitePolicyError
         from dapo_megatron.actor.checkpoint import find_latest
 
-        bad = (~torch.isfinite(old_log_probs) & mask).sum()
-        flag = bad.clamp(max=1).to(torch.long)
-        if torch.cuda.is_available():
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if int(flag):
+        bad = int((~torch.isfinite(old_log_probs) & mask).sum())
+        if any_true(bad > 0):
             latest = find_latest(self.ckpt_root)
             raise NonFinitePolicyError(
                 f"step {self.step}: the actor's log-probs of the sampled responses are non-finite "
-                f"({int(bad)} of {int(mask.sum())} tokens on this rank): the weights overflowed in an earlier "
+                f"({bad} of {int(mask.sum())} tokens on this rank): the weights overflowed in an earlier "
                 f"update (see actor/grad_norm and actor/lr in metrics.jsonl). These weights are not "
                 f"checkpointed; resume from {latest or 'the initial model'} with a lower actor.optim.lr "
                 f"(now {self.cfg.actor.optim.lr}) or a tighter actor.optim.clip_grad"
@@ -460,10 +457,7 @@ class DapoTrainer:
         """Each rank scored a slice: counts and seconds are summed over ranks."""
         local = self.pool.metrics()
         keys = sorted(local)
-        values = torch.tensor([local[k] for k in keys], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(values)
-        return dict(zip(keys, values.tolist(), strict=True))
+        return dict(zip(keys, all_sum([local[k] for k in keys]), strict=True))
 
     def _log(self, metrics: dict[str, float]) -> None:
         if self.tracker is not None:
@@ -541,12 +535,10 @@ class DapoTrainer:
 
     def _stop_agreed(self) -> bool:
         """All ranks stop together if any received a pre-emption signal."""
-        flag = torch.tensor([1 if self._stop_signal is not None else 0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if int(flag) and self._stop_signal is None:
+        stop = any_true(self._stop_signal is not None)
+        if stop and self._stop_signal is None:
             self._stop_signal = -1
-        return bool(int(flag))
+        return stop
 
     def close(self) -> None:
         if self.tracker is not None:

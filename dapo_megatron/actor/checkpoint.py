@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 
 from dapo_megatron.actor.hf_loading import unwrap_model
+from dapo_megatron.distributed import any_true
 from dapo_megatron.models import get_layout, model_type_of
 
 __all__ = [
@@ -314,12 +315,7 @@ def _rank0_phase(fn, what: str) -> Any:
             result = fn()
         except Exception as e:  # re-raised below on rank 0, reported on the others
             error = e
-    if dist.is_initialized():
-        flag = torch.tensor([1 if error is not None else 0], dtype=torch.int32)
-        dist.all_reduce(flag)
-        failed = bool(flag.item())
-    else:
-        failed = error is not None
+    failed = any_true(error is not None)
     if error is not None:
         raise error
     if failed:

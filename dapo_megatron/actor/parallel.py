@@ -8,8 +8,9 @@
   (handy for TP=1 tests and tools that run in-process);
 * when torch.distributed is already initialised by the caller: reuses it.
 
-The backend is nccl when CUDA is available and gloo otherwise.  On a machine
-without CUDA the CPU shims (:mod:`dapo_megatron.actor.cpu_shims`) are applied;
+The backend is :func:`dapo_megatron.distributed.default_backend`: ``cpu:gloo,cuda:nccl``
+when CUDA is available (CPU-side agreements stay legal next to NCCL), gloo otherwise.  On a
+machine without CUDA the CPU shims (:mod:`dapo_megatron.actor.cpu_shims`) are applied;
 that module is imported lazily inside the CPU branch only, so GPU runs never
 import it.
 """
@@ -21,6 +22,8 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+
+from dapo_megatron.distributed import default_backend
 
 __all__ = ["init_parallel", "destroy_parallel", "is_cpu_run"]
 
@@ -36,7 +39,7 @@ def _init_process_group(timeout_minutes: int) -> None:
     global _WE_CREATED_PROCESS_GROUP
     if dist.is_initialized():
         return
-    backend = "gloo" if is_cpu_run() else "nccl"
+    backend = default_backend(cuda_available=not is_cpu_run())
     timeout = timedelta(minutes=timeout_minutes)
     if not is_cpu_run():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
