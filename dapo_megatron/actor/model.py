@@ -45,6 +45,7 @@ def transformer_config_from_hf(
     pp: int,
     sequence_parallel: bool = False,
     params_dtype: torch.dtype = torch.float32,
+    cpu_init: bool | None = None,
     **overrides,
 ):
     """Megatron TransformerConfig for an HF Qwen2/Llama/Qwen3 config.
@@ -54,6 +55,9 @@ def transformer_config_from_hf(
         tp, pp: tensor / pipeline parallel sizes.
         sequence_parallel: Megatron sequence parallelism (requires tp > 1).
         params_dtype: parameter dtype; bf16/fp16 also set the matching config flag.
+        cpu_init: build parameters on CPU (``use_cpu_initialization``) with every fused kernel
+            off.  None: exactly when CUDA is absent.  True on a GPU host keeps megatron from
+            allocating on the current CUDA device (the converter).
         **overrides: extra TransformerConfig fields (e.g. recompute settings), applied last.
 
     Raises:
@@ -80,7 +84,7 @@ def transformer_config_from_hf(
     }
     if layout.num_layers % pp and not uneven & set(overrides):
         raise ValueError(f"num_hidden_layers={layout.num_layers} is not divisible by pp={pp}")
-    on_cpu = not torch.cuda.is_available()
+    on_cpu = not torch.cuda.is_available() if cpu_init is None else cpu_init
     kwargs = dict(
         num_layers=layout.num_layers,
         hidden_size=layout.hidden_size,
@@ -188,6 +192,7 @@ def build_gpt_model(
     vp_stage: int | None = None,
     parallel_output: bool = True,
     config=None,
+    cpu_init: bool | None = None,
     **config_overrides,
 ):
     """Build this rank's GPTModel (its PP stage, its TP shard) for an HF config.
@@ -195,7 +200,9 @@ def build_gpt_model(
     Requires :func:`dapo_megatron.actor.parallel.init_parallel` to have run.  ``tp``,
     ``pp``, ``pre_process`` and ``post_process`` default to megatron's parallel state.
     Pass ``config`` to reuse a prepared TransformerConfig.  The model is on CPU on a
-    CPU-only machine and on the current CUDA device otherwise.
+    CPU-only machine and on the current CUDA device otherwise; ``cpu_init=True`` keeps it
+    off the GPU whatever devices exist (CPU-initialised config, local layer spec, no
+    ``.cuda()``), so under ``torch.device("meta")`` nothing is allocated anywhere.
 
     The returned module has attributes ``hf_vocab_size``, ``padded_vocab_size`` and
     ``layout`` (:class:`dapo_megatron.models.DecoderLayout`).
@@ -212,6 +219,7 @@ def build_gpt_model(
             pp=pp,
             sequence_parallel=sequence_parallel,
             params_dtype=params_dtype,
+            cpu_init=cpu_init,
             **config_overrides,
         )
     layout: DecoderLayout = get_layout(hf_config, tp=tp)
@@ -222,7 +230,7 @@ def build_gpt_model(
 
     model = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec_for(config, vp_stage=vp_stage),
+        transformer_layer_spec=layer_spec_for(config, te=False if cpu_init else None, vp_stage=vp_stage),
         vocab_size=layout.padded_vocab_size,
         max_sequence_length=int(getattr(hf_config, "max_position_embeddings", 4096)),
         pre_process=pre_process,
@@ -234,7 +242,7 @@ def build_gpt_model(
         rotary_base=read_rope_theta(hf_config),
         vp_stage=vp_stage,
     )
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not cpu_init:
         model.cuda(torch.cuda.current_device())
     model.hf_vocab_size = layout.vocab_size
     model.padded_vocab_size = layout.padded_vocab_size
