@@ -36,6 +36,7 @@ REWARD_EXECUTORS = ("process", "ray", "inline")
 TRUNCATION_MODES = ("error", "left", "right")
 LR_SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
+TRANSFORMER_IMPLS = ("transformer_engine", "local")  # actor/model.py resolves and checks usability
 RECOMPUTE = ("none", "full", "selective")
 LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
 ON_EXHAUSTED = ("raise", "train_partial")
@@ -97,6 +98,9 @@ class ActorConfig:
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     params_dtype: str = "bfloat16"
+    # Megatron-LM's --transformer-impl: "transformer_engine" or "local"; None: TE with CUDA,
+    # local without. Never a silent fallback: TE asked for (or defaulted to) and unusable is refused.
+    transformer_impl: str | None = None
     ppo_mini_batch_size: int = 8  # prompt groups per optimizer step
     ppo_epochs: int = 1
     # Micro-batches are formed by a token budget (dynamic batch size); sequences
@@ -411,6 +415,14 @@ def validate(cfg: DapoConfig, *, world_size: int | None = None, check_files: boo
         "needs tensor_model_parallel_size > 1",
     )
     c.choice(a.params_dtype, "actor.params_dtype", DTYPES)
+    c.require(
+        a.params_dtype != "float16",
+        "actor.params_dtype",
+        "float16 is not supported: the actor does not wire megatron's dynamic loss scaling "
+        "(config.grad_scale_func, overflow steps left to the optimizer); use bfloat16",
+    )
+    if a.transformer_impl is not None:
+        c.choice(a.transformer_impl, "actor.transformer_impl", TRANSFORMER_IMPLS)
     c.choice(a.recompute, "actor.recompute", RECOMPUTE)
     c.positive(a.ppo_mini_batch_size, "actor.ppo_mini_batch_size")
     c.positive(a.ppo_epochs, "actor.ppo_epochs")

@@ -119,6 +119,11 @@ class MegatronActor:
                 f"actor.parallel.pipeline_model_parallel_size={par.pipeline_model_parallel_size} but megatron's "
                 f"parallel state has pp={ps.get_pipeline_model_parallel_world_size()}"
             )
+        if actor_cfg.params_dtype == "float16":
+            raise ValueError(
+                "actor.params_dtype=float16 is not supported: megatron's dynamic loss scaling is not wired; "
+                "use bfloat16"
+            )
         self.params_dtype = _DTYPES[actor_cfg.params_dtype]
         if self.params_dtype != torch.float32 and not torch.cuda.is_available():
             raise ValueError(f"actor.params_dtype={actor_cfg.params_dtype!r} needs CUDA; use float32 on CPU")
@@ -139,6 +144,7 @@ class MegatronActor:
             sequence_parallel=par.sequence_parallel,
             params_dtype=self.params_dtype,
             calculate_per_token_loss=True,
+            transformer_impl=actor_cfg.transformer_impl,
             **_recompute_overrides(actor_cfg.recompute),
         )
         # Micro-batches differ in shape, so PP stages must exchange shapes before each send.
