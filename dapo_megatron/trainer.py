@@ -106,8 +106,13 @@ class DapoTrainer:
             total_training_steps=self.total_steps,
             pad_token_id=self.pad_id,
         )
+        # Created after the actor: vLLM's start-up check wants gpu_memory_utilization x HBM free
+        # next to the actor's weights, grad buffers and optimizer shards (the planner sizes both).
         self.engine = VllmEngine.from_config(
-            cfg.rollout, model_path, max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length
+            cfg.rollout,
+            model_path,
+            max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length,
+            tie_word_embeddings=bool(getattr(self.hf_config, "tie_word_embeddings", False)),
         )
         self.transport = ColocatedTransport(self.engine)
         self.pool = RewardPool(
@@ -131,6 +136,7 @@ class DapoTrainer:
         )
         self.step = 0
         resumed = self._maybe_resume()
+        self._ready_engine_weights(resumed)
         self.tracker = None
         if self.is_logger:
             from dapo_megatron.tracking import MetricsLogger
@@ -248,6 +254,13 @@ class DapoTrainer:
         self._sync_weights()
         logger.info("resumed from %s at step %d", path, self.step)
         return True
+
+    def _ready_engine_weights(self, resumed: bool) -> None:
+        """An engine started with dummy weights gets the actor's now, before any validation or
+        generation (a resume has synced already)."""
+        if self.engine.load_format == "dummy" and not resumed:
+            self._sync_weights()
+            logger.info("engine started with dummy weights: synced the actor's before first use")
 
     def save_checkpoint(self) -> Path:
         from dapo_megatron.actor.checkpoint import save_checkpoint

@@ -123,6 +123,7 @@ def test_broken_yaml_and_missing_file(tmp_path):
         (["actor.inject_nan_loss_at_steps=[0]"], r"actor\.inject_nan_loss_at_steps: training steps are 1-based"),
         (["actor.params_dtype=float16"], r"actor\.params_dtype: float16 is not supported: .* use bfloat16"),
         (["actor.transformer_impl=apex"], r"actor\.transformer_impl: 'apex' is not one of transformer_engine, local"),
+        (["rollout.load_format=safetensors"], r"rollout\.load_format: 'safetensors' is not one of auto, dummy"),
     ],
 )
 def test_range_errors_name_the_key(overrides, message):
