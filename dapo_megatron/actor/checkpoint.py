@@ -331,6 +331,25 @@ def _model_sharded_state_dict(model: torch.nn.Module) -> dict:
     return inner.sharded_state_dict()
 
 
+def _fully_parallel_save_strategy():
+    """torch_dist save spread over the data-parallel replicas (Megatron-LM's ``--ckpt-fully-parallel-save``).
+
+    Without it a tensor replicated over DP is written by its replica 0 only: at 32B the model's
+    bytes go through the TP x PP ranks of DP rank 0 while every other rank waits.  The wrapper
+    exchanges metadata only (no tensor data) and assigns each replicated shard to one rank of the
+    DP group, balancing the bytes.  Loading keeps the default strategy: megatron's fully parallel
+    load stages every exchanged tensor on the GPU, next to an engine that is awake at resume.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy("torch_dist"),
+        parallel_state.get_data_parallel_group(with_context_parallel=True),
+    )
+
+
 def _layout() -> tuple[int, int]:
     from megatron.core import parallel_state
 
@@ -403,7 +422,7 @@ def save_checkpoint(
         sharded["optimizer"] = optimizer.sharded_state_dict(
             sharded["model"], metadata={"distrib_optim_sharding_type": optimizer_sharding}
         )
-    dist_checkpointing.save(sharded, str(tmp))
+    dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_fully_parallel_save_strategy())
     world = dist.get_world_size() if dist.is_initialized() else 1
     if rank_state is not None:
         rank_dir = tmp / RANK_STATE_DIR
