@@ -124,6 +124,11 @@ def test_broken_yaml_and_missing_file(tmp_path):
         (["actor.params_dtype=float16"], r"actor\.params_dtype: float16 is not supported: .* use bfloat16"),
         (["actor.transformer_impl=apex"], r"actor\.transformer_impl: 'apex' is not one of transformer_engine, local"),
         (["rollout.load_format=safetensors"], r"rollout\.load_format: 'safetensors' is not one of auto, dummy"),
+        (
+            ["actor.ddp.overlap_grad_reduce=false", "actor.ddp.bucket_size=1000000"],
+            r"actor\.ddp\.bucket_size: needs actor\.ddp\.overlap_grad_reduce=true",
+        ),
+        (["actor.ddp.bucket_size=0"], r"actor\.ddp\.bucket_size"),
     ],
 )
 def test_range_errors_name_the_key(overrides, message):
