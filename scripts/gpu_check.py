@@ -19,7 +19,8 @@ Checks (sizes: a Qwen2.5-0.5B-shaped random model on a GPU, a tiny one with ``--
                   off, and bf16 (GPU only).
 ``update``        old log-probs and one DAPO update (distributed optimizer): tokens/s, MFU against
                   the measured matmul bound and against ``--peak-tflops``, peak memory against the
-                  planner's train-phase estimate for the same shape.
+                  planner's train-phase estimate for the same shape; ``update_larger`` repeats it
+                  on a Qwen2.5-1.5B-shaped model.
 ``logprobs``      the chunked log-prob/entropy kernel against naive ``log_softmax`` on a
                   16k x 152k bf16 problem (GPU; small on CPU): peak extra memory and time.
 ``checkpoint``    save and load of model + optimizer state: seconds, GB/s, bit-exact reload.
@@ -48,6 +49,7 @@ colocated-lifecycle work and is not measured yet.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import subprocess
@@ -84,7 +86,10 @@ class Sizes:
 
 # Qwen2.5-0.5B's shape (tied embeddings), a batch of 16 x 1024 tokens
 GPU_SIZES = Sizes(896, 24, 14, 2, 4864, 151936, 16, 1024, 1 << 30, 8192, 16384, 152064)
+# Qwen2.5-1.5B's shape, for the second update check
+GPU_SIZES_1_5B = dataclasses.replace(GPU_SIZES, hidden=1536, layers=28, heads=12, ffn=8960)
 CPU_SIZES = Sizes(64, 2, 4, 2, 128, 512, 4, 48, 16 << 20, 256, 256, 4096)
+CPU_SIZES_LARGER = dataclasses.replace(CPU_SIZES, hidden=96, layers=3, ffn=192)
 
 
 class Report:
@@ -243,8 +248,6 @@ def _batch(sizes: Sizes):
 
 
 def check_update(device: torch.device, sizes: Sizes, bounds: dict | None, peak_tflops: float, state_box: dict) -> dict:
-    import dataclasses
-
     from dapo_megatron.config import DapoConfig
     from dapo_megatron.plan_memory import estimate_memory, model_shape_from_hf, model_training_flops
 
@@ -457,7 +460,11 @@ def main(argv: list[str] | None = None) -> int:
     if updated is not None:
         report.run("checkpoint", lambda: check_checkpoint(device, state_box))
         report.run("weight_sync", lambda: check_weight_sync(device, state_box, bounds))
-    report.run("convert", lambda: check_convert(sizes))
+    state_box.clear()  # frees the first actor before the larger one
+    larger = CPU_SIZES_LARGER if args.cpu else GPU_SIZES_1_5B
+    report.run("update_larger", lambda: check_update(device, larger, bounds, args.peak_tflops, state_box))
+    state_box.clear()
+    report.run("convert", lambda: check_convert(CPU_SIZES))  # the host matters, not the size
     if report.failed:
         print(f"gpu_check: failed checks: {', '.join(report.failed)} (see {report.path})", file=sys.stderr)
         return 1

@@ -12,7 +12,18 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-CHECKS = ["environment", "bounds", "backend", "hf_parity", "update", "logprobs", "checkpoint", "weight_sync", "convert"]
+CHECKS = [
+    "environment",
+    "bounds",
+    "backend",
+    "hf_parity",
+    "update",
+    "logprobs",
+    "checkpoint",
+    "weight_sync",
+    "update_larger",
+    "convert",
+]
 
 
 @pytest.mark.e2e
@@ -33,6 +44,7 @@ def test_gpu_check_dry_run(tmp_path):
     assert rows["hf_parity"]["max_abs_diff_float32"] < 1e-4
     assert rows["update"]["update_tokens_per_s"] > 0 and rows["update"]["planner_train_gib"] > 0
     assert rows["weight_sync"]["bytes"] == 4 * rows["update"]["params"]  # fp32 on CPU, tied: every tensor once
+    assert rows["update_larger"]["params"] > rows["update"]["params"]
     assert rows["convert"]["cuda_initialized"] is False
 
 
