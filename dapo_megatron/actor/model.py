@@ -74,9 +74,12 @@ def resolve_transformer_impl(
     requested: str | None,
     *,
     cuda_available: bool,
-    te_import_problem: Callable[[], str | None] = transformer_engine_import_problem,
+    te_import_problem: Callable[[], str | None] | None = None,
 ) -> str:
     """The layer implementation to build: ``requested``, or by default TE on CUDA and local without.
+
+    ``te_import_problem`` (default :func:`transformer_engine_import_problem`) says why TE cannot
+    be imported, or None.
 
     Raises:
         ValueError: naming ``actor.transformer_impl``, for an unknown value, for TE without CUDA,
@@ -87,7 +90,8 @@ def resolve_transformer_impl(
     if impl not in TRANSFORMER_IMPLS:
         raise ValueError(f"actor.transformer_impl: {impl!r} is not one of {', '.join(TRANSFORMER_IMPLS)}")
     if impl == "transformer_engine":
-        problem = "CUDA is not available" if not cuda_available else te_import_problem()
+        probe = te_import_problem or transformer_engine_import_problem
+        problem = "CUDA is not available" if not cuda_available else probe()
         if problem is not None:
             how = " (the default with CUDA)" if default else ""
             raise ValueError(

@@ -96,3 +96,17 @@ def test_cpu_config_is_local_and_unfused():
     tc = model_module.transformer_config_from_hf(_qwen2(), tp=1, pp=1)
     assert tc.transformer_impl == "local" and tc.use_cpu_initialization
     assert not any(getattr(tc, k) for k in fusion_settings("local", on_cpu=True, grad_accum_fusion_available=False))
+
+
+def test_te_config_with_its_fusions_passes_megatrons_checks(monkeypatch):
+    """On a (pretend) CUDA host with TE: megatron's own config validation accepts our TE flags."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(model_module, "transformer_engine_import_problem", _te_ok)
+    monkeypatch.setattr(rope_utils, "fused_apply_rotary_pos_emb", lambda *a, **k: None)  # TE's kernel
+    tc = model_module.transformer_config_from_hf(_qwen2(), tp=1, pp=1)
+    assert tc.transformer_impl == "transformer_engine" and not tc.use_cpu_initialization
+    assert tc.apply_rope_fusion and tc.bias_activation_fusion and tc.bias_dropout_fusion
+    # no fused_weight_gradient_mlp_cuda extension here: megatron's output layer would refuse the flag
+    assert not tc.gradient_accumulation_fusion
