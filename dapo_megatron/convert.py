@@ -186,7 +186,9 @@ def hf_to_mcore(
             bar = _progress(None, desc="hf->mcore", total=len(chunks), enabled=progress)
             write_torch_dist(stage, chunks, objects, common, on_chunk=lambda _spec: bar.update(1))
             bar.close()
-        write_checkpoint_metadata(stage, cfg, step=None, tp=tp, pp=pp, has_optimizer=False, has_extra_state=False)
+        write_checkpoint_metadata(
+            stage, cfg, step=None, tp=tp, pp=pp, has_optimizer=False, has_extra_state=False, transformer_impl="local"
+        )
         (stage / HF_SUBDIR).mkdir()
         shutil.copy2(Path(hf_dir) / "config.json", stage / HF_SUBDIR / "config.json")
         copy_hf_assets(hf_dir, stage / HF_SUBDIR)
@@ -335,6 +337,12 @@ def mcore_to_hf(
     if not (directory / "metadata.json").is_file():
         raise ConversionError(f"{directory} is not a megatron dist checkpoint (no metadata.json)")
     meta = read_checkpoint_metadata(directory)
+    if meta.get("transformer_impl", "local") != "local":
+        raise ConversionError(
+            f"{directory} was written by a {meta['transformer_impl']} model: the converter reads the local "
+            "layer spec's keys (input_layernorm.weight, not linear_qkv.layer_norm_weight), so only checkpoints "
+            "of actor.transformer_impl=local runs can be exported"
+        )
     if dtype is not None and dtype not in _DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     max_bytes = parse_size(max_shard_size)

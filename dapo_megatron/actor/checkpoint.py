@@ -172,6 +172,23 @@ def check_compatible(saved: Mapping[str, Any], hf_config, *, where: str = "check
         raise CheckpointMismatchError(f"{where} belongs to another model: " + "; ".join(diffs))
 
 
+def check_transformer_impl(saved: Mapping[str, Any], transformer_impl: str, *, where: str = "checkpoint") -> None:
+    """Refuse a checkpoint written by the other layer implementation, naming the setting.
+
+    The Transformer-Engine spec fuses the two pre-norms into the following linears, so its
+    checkpoint keys (``linear_qkv.layer_norm_weight``) are not the local spec's
+    (``input_layernorm.weight``): megatron's load would fail on missing keys.  Checkpoints
+    without the field were written before it existed, by CPU runs: the local spec.
+    """
+    impl = saved.get("transformer_impl", "local")
+    if impl != transformer_impl:
+        raise CheckpointMismatchError(
+            f"{where} was written by a {impl} model and this one is {transformer_impl} "
+            f"(actor.transformer_impl): the two layer specs name the pre-norm weights differently; "
+            f"set actor.transformer_impl={impl}, or start from the HF weights (actor.model_path)"
+        )
+
+
 def check_optimizer_layout(saved: Mapping[str, Any], tp: int, pp: int, *, where: str = "checkpoint") -> str:
     """The optimizer sharding type of ``saved`` (``dapo_checkpoint.json``), checked against a TP x PP load.
 
@@ -211,9 +228,11 @@ def write_checkpoint_metadata(
     has_extra_state: bool,
     rank_state_world_size: int | None = None,
     optimizer_sharding: str = OPTIMIZER_SHARDING_METADATA["distrib_optim_sharding_type"],
+    transformer_impl: str = "local",
 ) -> None:
     """Write ``dapo_checkpoint.json`` (single writer: call on one rank only)."""
     meta = {
+        "transformer_impl": transformer_impl,
         "format_version": FORMAT_VERSION,
         "step": step,
         "saved_layout": {"tp": tp, "pp": pp},
@@ -350,6 +369,10 @@ def _fully_parallel_save_strategy():
     )
 
 
+def _transformer_impl(model: torch.nn.Module) -> str:
+    return getattr(unwrap_model(model).config, "transformer_impl", "local")
+
+
 def _layout() -> tuple[int, int]:
     from megatron.core import parallel_state
 
@@ -447,6 +470,7 @@ def save_checkpoint(
             has_extra_state=extra_state is not None,
             rank_state_world_size=world if rank_state is not None else None,
             optimizer_sharding=optimizer_sharding,
+            transformer_impl=_transformer_impl(model),
         )
         os.rename(tmp, final)
         _atomic_write_text(root / LATEST_FILE, final.name + "\n")
@@ -582,6 +606,7 @@ def load_checkpoint(
     directory = resolve_checkpoint_dir(path)
     meta = read_checkpoint_metadata(directory)
     check_compatible(meta, hf_config, where=f"checkpoint {directory}")
+    check_transformer_impl(meta, _transformer_impl(model), where=f"checkpoint {directory}")
     sharded = {"model": _model_sharded_state_dict(model)}
     if optimizer is not None:
         sharding = check_optimizer_layout(meta, *_layout(), where=f"checkpoint {directory}")
