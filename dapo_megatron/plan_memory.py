@@ -98,6 +98,14 @@ class ModelShape:
     def non_embedding_params(self) -> int:
         return self.num_layers * (self.layer_sharded_params() + self.layer_replicated_params()) + self.hidden_size
 
+    def matmul_params(self) -> int:
+        """Parameters that multiply every token: P of ``6 P T``.
+
+        The input embedding is a row lookup, no FLOPs: an untied model counts its output
+        layer once, not its embedding too (tied, the one matrix is the output layer).
+        """
+        return self.non_embedding_params() + self.vocab_size * self.hidden_size
+
 
 def model_shape_from_hf(hf_config) -> ModelShape:
     """ModelShape from an HF config object, validated by the same layout code as the actor."""
@@ -480,11 +488,12 @@ def attention_flops_forward(shape: ModelShape, seq_len: int) -> float:
 
 
 def model_training_flops(shape: ModelShape, seq_lengths, *, epochs: int = 1) -> float:
-    """Model FLOPs (no recompute) of forward + backward over the given sequences: 6 P T + 3 x attention.
+    """Model FLOPs (no recompute) of forward + backward over the given sequences: 6 P T + 3 x attention,
+    P without the input embedding (:meth:`ModelShape.matmul_params`).
 
     The numerator of MFU: recomputed activations are excluded, as in the usual definition.
     """
-    params = shape.total_params()
+    params = shape.matmul_params()
     return float(epochs) * sum(6.0 * params * n + 3.0 * attention_flops_forward(shape, int(n)) for n in seq_lengths)
 
 
@@ -502,6 +511,7 @@ def estimate_cost(
 ) -> CostPlan:
     """FLOPs and seconds of one training step.
 
+    ``P`` is :meth:`ModelShape.matmul_params` (no input embedding).
     Training: ``6 P T`` (+ ``2 P T`` more with full recompute) plus the attention term
     ``3 x`` (4 with full recompute) the causal forward attention, times ppo_epochs; old
     log-probs: one forward ``2 P T`` + forward attention. Generation: ``2 P`` per generated
@@ -509,7 +519,7 @@ def estimate_cost(
     ``gen_batch_size x n`` responses. Seconds = FLOPs / (world x peak x MFU).
     """
     d, a = cfg.data, cfg.actor
-    params = shape.total_params()
+    params = shape.matmul_params()
     seq = mean_prompt_tokens + mean_response_tokens
     trajectories = d.train_batch_size * cfg.rollout.n
     trained = trajectories * seq

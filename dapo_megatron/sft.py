@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 
 from dapo_megatron.config import DapoConfig, load_config
+from dapo_megatron.distributed import all_sum
 
 logger = logging.getLogger(__name__)
 
@@ -124,10 +125,11 @@ def run_sft(cfg: DapoConfig, init_model: str, out_dir: Path, *, steps: int, batc
         old, _ = actor.compute_log_probs(batch, compute_entropy=False)
         batch = dataclasses.replace(batch, old_log_probs=old)
         metrics = actor.update(batch)
-        stats = torch.tensor([float(-(old * batch.response_mask).sum()), float(batch.response_mask.sum())])
-        if dp_size > 1:
-            dist.all_reduce(stats, group=ps.get_data_parallel_group())
-        nll = float(stats[0] / stats[1])
+        nll_sum, tokens = all_sum(
+            [float(-(old * batch.response_mask).sum()), float(batch.response_mask.sum())],
+            group=ps.get_data_parallel_group(),
+        )
+        nll = nll_sum / tokens
         if dist.get_rank() == 0 and (step % 25 == 0 or step == 1 or step == steps):
             print(f"[sft] step {step}/{steps} nll {nll:.4f} lr {metrics['actor/lr']:.2e}", flush=True)
     export_hf(actor, hf_config, tokenizer, out_dir)

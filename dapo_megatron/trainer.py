@@ -31,6 +31,7 @@ import torch.distributed as dist
 from dapo_megatron import experience
 from dapo_megatron.algo.dynamic_sampling import DynamicSamplingBuffer, Group
 from dapo_megatron.config import DapoConfig, data_parallel_size, to_dict, validate
+from dapo_megatron.distributed import all_max, all_sum, any_true
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +107,12 @@ class DapoTrainer:
             total_training_steps=self.total_steps,
             pad_token_id=self.pad_id,
         )
+        # Created after the actor: vLLM's start-up check wants gpu_memory_utilization x HBM free
+        # next to the actor's weights, grad buffers and optimizer shards (the planner sizes both).
         self.engine = VllmEngine.from_config(
-            cfg.rollout, model_path, max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length
+            cfg.rollout,
+            model_path,
+            max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length,
         )
         self.transport = ColocatedTransport(self.engine)
         if cfg.rollout.weight_sync.inject_stale_tensors:
@@ -138,6 +143,7 @@ class DapoTrainer:
         )
         self.step = 0
         resumed = self._maybe_resume()
+        self._ready_engine_weights(resumed)
         self.tracker = None
         if self.is_logger:
             from dapo_megatron.tracking import MetricsLogger
@@ -255,6 +261,13 @@ class DapoTrainer:
         self._sync_weights()
         logger.info("resumed from %s at step %d", path, self.step)
         return True
+
+    def _ready_engine_weights(self, resumed: bool) -> None:
+        """An engine started with dummy weights gets the actor's now, before any validation or
+        generation (a resume has synced already)."""
+        if self.engine.load_format == "dummy" and not resumed:
+            self._sync_weights()
+            logger.info("engine started with dummy weights: synced the actor's before first use")
 
     def save_checkpoint(self) -> Path:
         from dapo_megatron.actor.checkpoint import save_checkpoint
@@ -382,16 +395,12 @@ class DapoTrainer:
         from dapo_megatron.actor.actor import NonFinitePolicyError
         from dapo_megatron.actor.checkpoint import find_latest
 
-        bad = (~torch.isfinite(old_log_probs) & mask).sum()
-        flag = bad.clamp(max=1).to(torch.long)
-        if torch.cuda.is_available():
-            flag = flag.cuda()
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if int(flag):
+        bad = int((~torch.isfinite(old_log_probs) & mask).sum())
+        if any_true(bad > 0):
             latest = find_latest(self.ckpt_root)
             raise NonFinitePolicyError(
                 f"step {self.step}: the actor's log-probs of the sampled responses are non-finite "
-                f"({int(bad)} of {int(mask.sum())} tokens on this rank): the weights overflowed in an earlier "
+                f"({bad} of {int(mask.sum())} tokens on this rank): the weights overflowed in an earlier "
                 f"update (see actor/grad_norm and actor/lr in metrics.jsonl). These weights are not "
                 f"checkpointed; resume from {latest or 'the initial model'} with a lower actor.optim.lr "
                 f"(now {self.cfg.actor.optim.lr}) or a tighter actor.optim.clip_grad"
@@ -406,11 +415,7 @@ class DapoTrainer:
         """
         from dapo_megatron.rollout.mismatch import LIKELY_CAUSES, RolloutMismatchError
 
-        gap = local_gap
-        if dist.is_initialized() and dist.get_world_size() > 1:  # each DP rank measured its own shard
-            gaps: list = [None] * dist.get_world_size()
-            dist.all_gather_object(gaps, float(local_gap))
-            gap = max(gaps)
+        (gap,) = all_max([local_gap])  # each DP rank measured its own shard
         if gap <= self.max_mismatch:
             self._mismatch_breaches = 0
             return {"rollout/mismatch_breaches": 0.0}
@@ -541,10 +546,7 @@ class DapoTrainer:
         """Each rank scored a slice: counts and seconds are summed over ranks."""
         local = self.pool.metrics()
         keys = sorted(local)
-        values = torch.tensor([local[k] for k in keys], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(values)
-        return dict(zip(keys, values.tolist(), strict=True))
+        return dict(zip(keys, all_sum([local[k] for k in keys]), strict=True))
 
     def _log(self, metrics: dict[str, float]) -> None:
         if self.tracker is not None:
@@ -622,12 +624,10 @@ class DapoTrainer:
 
     def _stop_agreed(self) -> bool:
         """All ranks stop together if any received a pre-emption signal."""
-        flag = torch.tensor([1 if self._stop_signal is not None else 0])
-        if dist.is_initialized():
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if int(flag) and self._stop_signal is None:
+        stop = any_true(self._stop_signal is not None)
+        if stop and self._stop_signal is None:
             self._stop_signal = -1
-        return bool(int(flag))
+        return stop
 
     def close(self) -> None:
         if self.tracker is not None:

@@ -109,7 +109,19 @@ export NCCL_IB_RETRY_CNT="${NCCL_IB_RETRY_CNT:-7}"
 # NVLink SHARP buffers cost GBs per GPU that the colocated vLLM engine needs.
 export NCCL_NVLS_ENABLE="${NCCL_NVLS_ENABLE:-0}"
 export NCCL_DEBUG="${NCCL_DEBUG:-WARN}"
-# Site-specific, set in the sbatch script if needed: NCCL_SOCKET_IFNAME, NCCL_IB_HCA.
+# Site-specific, set in the sbatch script if needed: NCCL_IB_HCA.
+# Socket interface for gloo (CPU-side agreements and vLLM's gather group cross nodes) and
+# NCCL's bootstrap: gloo binds the address its hostname resolves to, often 127.0.1.1 from
+# /etc/hosts, which other nodes cannot reach. Multi-node jobs use the interface that routes
+# to another node of the job (slurm/socket_ifname.sh) unless the variables are set.
+if ((SLURM_NNODES > 1)) && [[ -z "${GLOO_SOCKET_IFNAME:-}" || -z "${NCCL_SOCKET_IFNAME:-}" ]]; then
+	PEER="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | grep -vx -e "${SLURMD_NODENAME:-$NODE_NAME}" -e "$NODE_NAME" | head -n 1 || true)"
+	[[ -n "$PEER" ]] || die "cannot tell another node of $SLURM_JOB_NODELIST from this one ($NODE_NAME)"
+	IFNAME="$(bash "$(dirname "${BASH_SOURCE[0]}")/socket_ifname.sh" "$PEER")" ||
+		die "no network interface reaches $PEER: set GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME (e.g. ib0, eth0)"
+	export GLOO_SOCKET_IFNAME="${GLOO_SOCKET_IFNAME:-$IFNAME}"
+	export NCCL_SOCKET_IFNAME="${NCCL_SOCKET_IFNAME:-$IFNAME}"
+fi
 # Not set on purpose: PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True is incompatible
 # with vLLM's sleep-mode memory pool.
 CPUS="${SLURM_CPUS_ON_NODE:-$(nproc)}"
@@ -143,7 +155,7 @@ train_cmd=("$PYTHON" -m torch.distributed.run
 	"$TRAIN_SCRIPT" --config "$CONFIG" "${OVERRIDES[@]}" "${CLUSTER_OVERRIDES[@]}")
 
 echo "launch.sh: rendezvous master=$MASTER_ADDR port=$RDZV_PORT nnodes=$SLURM_NNODES node_rank=$SLURM_NODEID" \
-	"nproc_per_node=$GPUS_PER_NODE"
+	"nproc_per_node=$GPUS_PER_NODE gloo_ifname=${GLOO_SOCKET_IFNAME:-default} nccl_ifname=${NCCL_SOCKET_IFNAME:-default}"
 if [[ "$DRY_RUN" == 1 ]]; then
 	echo "launch.sh: dry run, would run: ${train_cmd[*]}"
 	exit 0

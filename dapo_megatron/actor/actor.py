@@ -47,7 +47,7 @@ from dapo_megatron.actor.optimizer import build_optimizer, lr_at_step, set_lr, w
 from dapo_megatron.algo.loss import aggregate_loss, local_normalizer, policy_loss
 from dapo_megatron.config import ActorConfig, AlgorithmConfig
 
-__all__ = ["MegatronActor", "NonFinitePolicyError", "NonFiniteUpdateError"]
+__all__ = ["MegatronActor", "NonFinitePolicyError", "NonFiniteUpdateError", "memory_metrics"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # order of the per-micro-batch statistics vector returned by the loss function
@@ -119,6 +119,11 @@ class MegatronActor:
                 f"actor.parallel.pipeline_model_parallel_size={par.pipeline_model_parallel_size} but megatron's "
                 f"parallel state has pp={ps.get_pipeline_model_parallel_world_size()}"
             )
+        if actor_cfg.params_dtype == "float16":
+            raise ValueError(
+                "actor.params_dtype=float16 is not supported: megatron's dynamic loss scaling is not wired; "
+                "use bfloat16"
+            )
         self.params_dtype = _DTYPES[actor_cfg.params_dtype]
         if self.params_dtype != torch.float32 and not torch.cuda.is_available():
             raise ValueError(f"actor.params_dtype={actor_cfg.params_dtype!r} needs CUDA; use float32 on CPU")
@@ -139,6 +144,7 @@ class MegatronActor:
             sequence_parallel=par.sequence_parallel,
             params_dtype=self.params_dtype,
             calculate_per_token_loss=True,
+            transformer_impl=actor_cfg.transformer_impl,
             **_recompute_overrides(actor_cfg.recompute),
         )
         # Micro-batches differ in shape, so PP stages must exchange shapes before each send.
@@ -149,7 +155,12 @@ class MegatronActor:
             load_hf_weights_into_model(model, weights, hf_config)
         self.hf_vocab_size = model.hf_vocab_size
         self.gpt = model
-        self.model = wrap_ddp(model, use_distributed_optimizer=actor_cfg.optim.use_distributed_optimizer)
+        self.model = wrap_ddp(
+            model,
+            use_distributed_optimizer=actor_cfg.optim.use_distributed_optimizer,
+            overlap_grad_reduce=actor_cfg.ddp.overlap_grad_reduce,
+            bucket_size=actor_cfg.ddp.bucket_size,
+        )
         self.optimizer = build_optimizer(self.model, actor_cfg.optim, params_dtype=self.params_dtype)
         self.update_count = 0  # training steps taken (LR schedule position)
         self.consecutive_nonfinite = 0
@@ -385,11 +396,15 @@ class MegatronActor:
         actor/pg_clipfrac, actor/pg_clipfrac_lower, actor/ppo_kl, actor/entropy,
         actor/grad_norm (pre-clipping), actor/lr, actor/nonfinite_skips,
         perf/tokens_per_s (real tokens forward+backward per second, this DP rank's share x dp)
-        and perf/max_memory_gb (peak CUDA allocation, or the process's peak RSS on CPU).
+        and the memory peaks of :func:`memory_metrics`.  The device is synchronised before the
+        clock starts and before it stops: ``optimizer.step()`` returns with its kernels queued, so
+        without the second sync the time (and the trainer's MFU, measured around this call) would
+        miss the last step.
 
         Raises:
             NonFiniteUpdateError: after ``max_consecutive_nonfinite`` skipped steps in a row.
         """
+        _synchronize()  # earlier phases' queued work is not this update's
         start = time.perf_counter()
         lr = lr_at_step(self.update_count, self.cfg.optim, self.total_training_steps)
         set_lr(self.optimizer, lr)
@@ -406,6 +421,7 @@ class MegatronActor:
                 m["grad_norm"] = norm
                 rows.append(m)
         self.update_count += 1
+        _synchronize()
         elapsed = time.perf_counter() - start
         tokens = float(batch.seq_lengths.sum()) * self.cfg.ppo_epochs * self.dp_size
         metrics = {f"actor/{k}": sum(r[k] for r in rows) / len(rows) for k in rows[0] if k != "num_micro_batches"}
@@ -413,11 +429,28 @@ class MegatronActor:
         metrics["actor/nonfinite_skips"] = float(skipped)
         metrics["actor/num_micro_batches"] = sum(r["num_micro_batches"] for r in rows) / len(rows)
         metrics["perf/tokens_per_s"] = tokens / max(elapsed, 1e-9)
-        metrics["perf/max_memory_gb"] = _peak_memory_gb()
+        metrics.update(memory_metrics())
         return metrics
 
 
-def _peak_memory_gb() -> float:
+def _synchronize() -> None:
     if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        torch.cuda.synchronize()
+
+
+def memory_metrics() -> dict[str, float]:
+    """Peak memory since the previous call: one training step when called once per update.
+
+    CUDA: verl's ``perf/max_memory_allocated_gb`` and ``perf/max_memory_reserved_gb`` (the
+    caching allocator's peaks, in GiB), then the peaks are reset, so each step reports its own
+    high-water mark rather than the run's.  CPU: ``perf/max_rss_gb``, the process's peak resident
+    set since it started (the kernel's ``ru_maxrss`` cannot be reset).
+    """
+    if torch.cuda.is_available():
+        out = {
+            "perf/max_memory_allocated_gb": torch.cuda.max_memory_allocated() / 2**30,
+            "perf/max_memory_reserved_gb": torch.cuda.max_memory_reserved() / 2**30,
+        }
+        torch.cuda.reset_peak_memory_stats()
+        return out
+    return {"perf/max_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}  # KiB on Linux

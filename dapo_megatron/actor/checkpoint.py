@@ -54,6 +54,7 @@ import torch
 import torch.distributed as dist
 
 from dapo_megatron.actor.hf_loading import unwrap_model
+from dapo_megatron.distributed import any_true
 from dapo_megatron.models import get_layout, model_type_of
 
 __all__ = [
@@ -171,6 +172,23 @@ def check_compatible(saved: Mapping[str, Any], hf_config, *, where: str = "check
         raise CheckpointMismatchError(f"{where} belongs to another model: " + "; ".join(diffs))
 
 
+def check_transformer_impl(saved: Mapping[str, Any], transformer_impl: str, *, where: str = "checkpoint") -> None:
+    """Refuse a checkpoint written by the other layer implementation, naming the setting.
+
+    The Transformer-Engine spec fuses the two pre-norms into the following linears, so its
+    checkpoint keys (``linear_qkv.layer_norm_weight``) are not the local spec's
+    (``input_layernorm.weight``): megatron's load would fail on missing keys.  Checkpoints
+    without the field were written before it existed, by CPU runs: the local spec.
+    """
+    impl = saved.get("transformer_impl", "local")
+    if impl != transformer_impl:
+        raise CheckpointMismatchError(
+            f"{where} was written by a {impl} model and this one is {transformer_impl} "
+            f"(actor.transformer_impl): the two layer specs name the pre-norm weights differently; "
+            f"set actor.transformer_impl={impl}, or start from the HF weights (actor.model_path)"
+        )
+
+
 def check_optimizer_layout(saved: Mapping[str, Any], tp: int, pp: int, *, where: str = "checkpoint") -> str:
     """The optimizer sharding type of ``saved`` (``dapo_checkpoint.json``), checked against a TP x PP load.
 
@@ -210,9 +228,11 @@ def write_checkpoint_metadata(
     has_extra_state: bool,
     rank_state_world_size: int | None = None,
     optimizer_sharding: str = OPTIMIZER_SHARDING_METADATA["distrib_optim_sharding_type"],
+    transformer_impl: str = "local",
 ) -> None:
     """Write ``dapo_checkpoint.json`` (single writer: call on one rank only)."""
     meta = {
+        "transformer_impl": transformer_impl,
         "format_version": FORMAT_VERSION,
         "step": step,
         "saved_layout": {"tp": tp, "pp": pp},
@@ -314,12 +334,7 @@ def _rank0_phase(fn, what: str) -> Any:
             result = fn()
         except Exception as e:  # re-raised below on rank 0, reported on the others
             error = e
-    if dist.is_initialized():
-        flag = torch.tensor([1 if error is not None else 0], dtype=torch.int32)
-        dist.all_reduce(flag)
-        failed = bool(flag.item())
-    else:
-        failed = error is not None
+    failed = any_true(error is not None)
     if error is not None:
         raise error
     if failed:
@@ -333,6 +348,29 @@ def _model_sharded_state_dict(model: torch.nn.Module) -> dict:
     if not hasattr(inner, "sharded_state_dict"):
         raise TypeError(f"model {type(inner).__name__} has no sharded_state_dict (expected a megatron GPTModel)")
     return inner.sharded_state_dict()
+
+
+def _fully_parallel_save_strategy():
+    """torch_dist save spread over the data-parallel replicas (Megatron-LM's ``--ckpt-fully-parallel-save``).
+
+    Without it a tensor replicated over DP is written by its replica 0 only: at 32B the model's
+    bytes go through the TP x PP ranks of DP rank 0 while every other rank waits.  The wrapper
+    exchanges metadata only (no tensor data) and assigns each replicated shard to one rank of the
+    DP group, balancing the bytes.  Loading keeps the default strategy: megatron's fully parallel
+    load stages every exchanged tensor on the GPU, next to an engine that is awake at resume.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+
+    return FullyParallelSaveStrategyWrapper(
+        get_default_save_sharded_strategy("torch_dist"),
+        parallel_state.get_data_parallel_group(with_context_parallel=True),
+    )
+
+
+def _transformer_impl(model: torch.nn.Module) -> str:
+    return getattr(unwrap_model(model).config, "transformer_impl", "local")
 
 
 def _layout() -> tuple[int, int]:
@@ -407,7 +445,7 @@ def save_checkpoint(
         sharded["optimizer"] = optimizer.sharded_state_dict(
             sharded["model"], metadata={"distrib_optim_sharding_type": optimizer_sharding}
         )
-    dist_checkpointing.save(sharded, str(tmp))
+    dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_fully_parallel_save_strategy())
     world = dist.get_world_size() if dist.is_initialized() else 1
     if rank_state is not None:
         rank_dir = tmp / RANK_STATE_DIR
@@ -432,6 +470,7 @@ def save_checkpoint(
             has_extra_state=extra_state is not None,
             rank_state_world_size=world if rank_state is not None else None,
             optimizer_sharding=optimizer_sharding,
+            transformer_impl=_transformer_impl(model),
         )
         os.rename(tmp, final)
         _atomic_write_text(root / LATEST_FILE, final.name + "\n")
@@ -567,6 +606,7 @@ def load_checkpoint(
     directory = resolve_checkpoint_dir(path)
     meta = read_checkpoint_metadata(directory)
     check_compatible(meta, hf_config, where=f"checkpoint {directory}")
+    check_transformer_impl(meta, _transformer_impl(model), where=f"checkpoint {directory}")
     sharded = {"model": _model_sharded_state_dict(model)}
     if optimizer is not None:
         sharding = check_optimizer_layout(meta, *_layout(), where=f"checkpoint {directory}")

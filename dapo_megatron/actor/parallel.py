@@ -8,8 +8,9 @@
   (handy for TP=1 tests and tools that run in-process);
 * when torch.distributed is already initialised by the caller: reuses it.
 
-The backend is nccl when CUDA is available and gloo otherwise.  On a machine
-without CUDA the CPU shims (:mod:`dapo_megatron.actor.cpu_shims`) are applied;
+The backend is :func:`dapo_megatron.distributed.default_backend`: ``cpu:gloo,cuda:nccl``
+when CUDA is available (CPU-side agreements stay legal next to NCCL), gloo otherwise.  On a
+machine without CUDA the CPU shims (:mod:`dapo_megatron.actor.cpu_shims`) are applied;
 that module is imported lazily inside the CPU branch only, so GPU runs never
 import it.
 """
@@ -22,6 +23,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from dapo_megatron.distributed import default_backend
+
 __all__ = ["init_parallel", "destroy_parallel", "is_cpu_run"]
 
 _WE_CREATED_PROCESS_GROUP = False
@@ -32,13 +35,14 @@ def is_cpu_run() -> bool:
     return not torch.cuda.is_available()
 
 
-def _init_process_group(timeout_minutes: int) -> None:
+def _init_process_group(timeout_minutes: int, cpu_only: bool = False) -> None:
     global _WE_CREATED_PROCESS_GROUP
     if dist.is_initialized():
         return
-    backend = "gloo" if is_cpu_run() else "nccl"
+    use_cuda = not cpu_only and not is_cpu_run()
+    backend = default_backend(cuda_available=use_cuda)
     timeout = timedelta(minutes=timeout_minutes)
-    if not is_cpu_run():
+    if use_cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
         dist.init_process_group(backend=backend, timeout=timeout)
@@ -55,6 +59,7 @@ def init_parallel(
     seed: int,
     virtual_pp: int | None = None,
     timeout_minutes: int = 30,
+    cpu_only: bool = False,
 ) -> None:
     """Initialise torch.distributed (if needed) and megatron's model-parallel state.
 
@@ -66,6 +71,10 @@ def init_parallel(
             default generator.
         virtual_pp: virtual pipeline size (interleaved schedule), or None.
         timeout_minutes: collective timeout.
+        cpu_only: never touch a GPU, even when one is present: a gloo group, no CUDA device
+            selected, no CUDA RNG seeded.  For tools that build models on CPU or meta only
+            (the converter); models built this way must not draw random numbers from
+            megatron's tracker (build them with ``perform_initialization=False``).
 
     Raises:
         ValueError: if the world size is not a multiple of ``tp * pp``.
@@ -74,7 +83,7 @@ def init_parallel(
 
     if tp < 1 or pp < 1:
         raise ValueError(f"tp and pp must be >= 1, got tp={tp} pp={pp}")
-    _init_process_group(timeout_minutes)
+    _init_process_group(timeout_minutes, cpu_only=cpu_only)
     world = dist.get_world_size()
     if world % (tp * pp) != 0:
         raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}")
@@ -93,6 +102,8 @@ def init_parallel(
         distributed_timeout_minutes=timeout_minutes,
     )
     torch.manual_seed(seed)
+    if cpu_only and not is_cpu_run():
+        return  # megatron's seeding reads and writes the CUDA generator
     # On CPU the shimmed tracker keeps per-stream CPU generator states; on GPU this
     # is megatron's usual CUDA seeding.
     tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)

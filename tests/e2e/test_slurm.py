@@ -239,3 +239,7 @@ def test_planner_cli_on_the_32b_recipe():
     assert "verdict: FEASIBLE" in out
     assert small.returncode == 1, small.stdout + small.stderr
     assert "verdict: INFEASIBLE" in small.stdout and "suggestion:" in small.stdout
+    # the sbatch's USR1 lead covers the planner's step estimate plus the save (10 min, see its header)
+    step_min = float(re.search(r"^  step\s+~([\d.]+) min", out, re.M).group(1))
+    lead_s = int(re.search(r"^#SBATCH --signal=B:USR1@(\d+)$", SBATCH_32B.read_text(), re.M).group(1))
+    assert lead_s >= (step_min + 10) * 60, (lead_s, step_min)

