@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dapo_megatron.tracking import read_jsonl
+from dapo_megatron.tracking import merge_rows_by_step, read_jsonl
 
 # (file stem, title, [(metric key or prefix*, label)], y label)
 PANELS: list[tuple[str, str, list[tuple[str, str]], str]] = [
@@ -132,7 +132,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}: is this a run directory?")
-    rows = [r for r in read_jsonl(metrics) if "step" in r]
+    rows = [r for r in merge_rows_by_step(read_jsonl(metrics)) if "step" in r]
     if not rows:
         raise ValueError(f"{metrics} holds no step rows yet")
     out = Path(out_dir) if out_dir else run_dir / "plots"

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from dapo_megatron.tracking import read_jsonl
+from dapo_megatron.tracking import merge_rows_by_step, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 MIN_GAIN = 0.03
@@ -29,8 +29,10 @@ def test_demo_learns_and_a_rerun_resumes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     assert "=== dapo-megatron demo summary ===" in proc.stdout
     assert "held-out accuracy (avg@k): step 0:" in proc.stdout
-    rows = read_jsonl(run_dir / "dapo" / "metrics.jsonl")
+    rows = merge_rows_by_step(read_jsonl(run_dir / "dapo" / "metrics.jsonl"))
     assert [r["step"] for r in rows] == list(range(0, 101))
+    saved = [r["step"] for r in rows if "timing_s/save_checkpoint" in r]
+    assert saved == [25, 50, 75, 100]  # once per save, in the step that saved
     key = "val-core/synthetic_arith/acc/mean@8"
     val = [(r["step"], r[key]) for r in rows if key in r]
     assert [s for s, _ in val] == [0, 25, 50, 75, 100], val
@@ -46,4 +48,6 @@ def test_demo_learns_and_a_rerun_resumes(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-5000:] + again.stderr[-5000:]
     assert "supervised warm-up" not in again.stdout
-    assert [r["step"] for r in read_jsonl(run_dir / "dapo" / "metrics.jsonl")] == list(range(0, 101))
+    assert [r["step"] for r in merge_rows_by_step(read_jsonl(run_dir / "dapo" / "metrics.jsonl"))] == list(
+        range(0, 101)
+    )
