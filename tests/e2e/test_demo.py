@@ -22,6 +22,7 @@ MIN_GAIN = 0.03
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(3600)  # the subprocess timeouts below bound it; pytest.ini's 600 s would cut a loaded machine
 def test_demo_learns_and_a_rerun_resumes(tmp_path):
     run_dir = tmp_path / "demo"
     cmd = [sys.executable, "-m", "dapo_megatron.demo", "--run-dir", str(run_dir)]
