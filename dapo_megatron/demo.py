@@ -39,7 +39,10 @@ def _torchrun(args: list[str], nproc: int, log: Path) -> None:
     environment is kept, as torchrun keeps it: the thread count changes how reductions
     round, which is one way to check that the demo does not depend on one machine's rounding.
     """
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore")
+    # This checkout first on the path: launch/train.py runs as a script, so without it the
+    # trainer would come from whichever dapo_megatron is installed, not from this checkout.
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", PYTHONPATH=path)
     env.setdefault("OMP_NUM_THREADS", "1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
     with open(log, "w") as f:
@@ -225,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", default=str(DEFAULT_CONFIG))
     parser.add_argument("--run-dir", default="runs/tiny")
     parser.add_argument(
-        "--sft-steps", type=int, default=1000, help="the warm-up's step cap (its length with --sft-fixed)"
+        "--sft-steps", type=int, default=1500, help="the warm-up's step cap (its length with --sft-fixed)"
     )
     parser.add_argument("--sft-lr", type=float, default=3e-3)
     parser.add_argument(

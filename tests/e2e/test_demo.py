@@ -9,6 +9,7 @@ estimates by about 1.1. A 3-point floor is beyond the reach of a policy that doe
 ends exactly where it started.
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -30,6 +31,7 @@ def test_demo_learns_and_a_rerun_resumes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     assert "=== dapo-megatron demo summary ===" in proc.stdout
     assert "held-out accuracy (avg@k): step 0:" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith(("learned: ", "did not learn: ")), proc.stdout[-2000:]
     rows = merge_rows_by_step(read_jsonl(run_dir / "dapo" / "metrics.jsonl"))
     assert [r["step"] for r in rows] == list(range(0, 101))
     saved = [r["step"] for r in rows if "timing_s/save_checkpoint" in r]
@@ -37,6 +39,10 @@ def test_demo_learns_and_a_rerun_resumes(tmp_path):
     key = "val-core/synthetic_arith/acc/mean@8"
     val = [(r["step"], r[key]) for r in rows if key in r]
     assert [s for s, _ in val] == [0, 25, 50, 75, 100], val
+    # The warm-up stopped on the number DAPO's step 0 reports: same weights, same validation.
+    warmup = json.loads((run_dir / "sft_model" / "warmup.json").read_text())
+    assert warmup["held_out_acc"] >= 0.20 and warmup["held_out_acc"] == val[0][1], (warmup, val)
+    assert all("val-aux/synthetic_arith/acc/sem@8" in r for r in rows if key in r)  # the verdict's noise
     gain = val[-1][1] - val[0][1]
     assert gain >= MIN_GAIN, f"held-out accuracy {val[0][1]:.3f} -> {val[-1][1]:.3f} ({gain:+.3f}): {val}"
     for r in rows[1:]:
