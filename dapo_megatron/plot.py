@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dapo_megatron.tracking import read_jsonl
+from dapo_megatron.tracking import merge_rows_by_step, read_jsonl
 
 # (file stem, title, [(metric key or prefix*, label)], y label)
 PANELS: list[tuple[str, str, list[tuple[str, str]], str]] = [
@@ -87,6 +87,26 @@ def _expand(rows: list[dict[str, Any]], pattern: str, label: str) -> list[tuple[
     return [(k, k[len(prefix) :]) for k in keys]
 
 
+def noise_key(key: str) -> str | None:
+    """The standard-error key of a held-out accuracy key (``val-aux/s/acc/sem@k``), else None."""
+    if key.startswith("val-core/") and "/acc/mean@" in key:
+        return "val-aux/" + key[len("val-core/") :].replace("/acc/mean@", "/acc/sem@")
+    return None
+
+
+def _draw_noise_band(ax, rows, key: str, xs: list[int], ys: list[float], color) -> None:
+    """Shade +-2 standard errors around each held-out estimate: a rise inside it is the dice."""
+    sem_key = noise_key(key)
+    if sem_key is None:
+        return
+    sem = dict(zip(*_series(rows, sem_key), strict=True))
+    if not all(x in sem for x in xs):
+        return  # a run from before the noise was logged
+    lo = [y - 2 * sem[x] for x, y in zip(xs, ys, strict=True)]
+    hi = [y + 2 * sem[x] for x, y in zip(xs, ys, strict=True)]
+    ax.fill_between(xs, lo, hi, color=color, alpha=0.2, label="±2 s.e. (sampling noise)")
+
+
 def _draw_panel(ax, rows, title, specs, ylabel) -> bool:
     """Draw one panel; returns False (and says so on the panel) when it has no data."""
     drew = False
@@ -103,7 +123,8 @@ def _draw_panel(ax, rows, title, specs, ylabel) -> bool:
                 if RIGHT_AXIS[key] is not None:
                     target.set_ylim(*RIGHT_AXIS[key])
             marker = "o" if len(xs) < 30 else None
-            target.plot(xs, ys, label=name, marker=marker, **style)
+            (line,) = target.plot(xs, ys, label=name, marker=marker, **style)
+            _draw_noise_band(target, rows, key, xs, ys, line.get_color())
             drew = True
     ax.set_title(title)
     ax.set_xlabel("training step")
@@ -132,7 +153,7 @@ def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Pat
     metrics = run_dir / "metrics.jsonl"
     if not metrics.exists():
         raise FileNotFoundError(f"no metrics.jsonl in {run_dir}: is this a run directory?")
-    rows = [r for r in read_jsonl(metrics) if "step" in r]
+    rows = [r for r in merge_rows_by_step(read_jsonl(metrics)) if "step" in r]
     if not rows:
         raise ValueError(f"{metrics} holds no step rows yet")
     out = Path(out_dir) if out_dir else run_dir / "plots"

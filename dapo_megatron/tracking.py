@@ -28,6 +28,7 @@ CONSOLE_KEYS = (
     ("response_length/mean", "resp_len", ".1f"),
     ("train/num_gen_batches", "gen_rounds", ".0f"),
     ("timing_s/step", "step_s", ".1f"),
+    ("timing_s/save_checkpoint", "save_s", ".1f"),
 )
 
 
@@ -43,6 +44,27 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}: line {number} is not valid JSON: {exc}") from exc
     return rows
+
+
+def merge_rows_by_step(rows: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One row per step, in the order steps first appear; a later row's keys join the first's.
+
+    A step can have more than one row: the trainer writes a step's metrics before it saves
+    that step's checkpoint (so a crash cannot lose the row of a checkpointed step), then
+    a second row with only ``timing_s/save_checkpoint`` once the save has finished.
+    Rows without a step are kept as they are.
+    """
+    merged: list[dict[str, Any]] = []
+    by_step: dict[Any, dict[str, Any]] = {}
+    for row in rows:
+        if "step" not in row:
+            merged.append(dict(row))
+        elif row["step"] in by_step:
+            by_step[row["step"]].update(row)
+        else:
+            by_step[row["step"]] = dict(row)
+            merged.append(by_step[row["step"]])
+    return merged
 
 
 def truncate_jsonl_after(path: Path, step: int) -> int:

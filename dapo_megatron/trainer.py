@@ -575,10 +575,7 @@ class DapoTrainer:
 
         while self.step < self.total_steps:
             self.step += 1
-            last_save = self.timings.pop("save_checkpoint", None)
             self.timings.clear()
-            if last_save is not None:  # spent after the previous step's row was written
-                self.timings["save_checkpoint"] = last_save
             t0 = time.perf_counter()
             groups, rounds = self._collect_batch()
             metrics = self._batch_metrics(groups, rounds)
@@ -608,6 +605,8 @@ class DapoTrainer:
             save_freq = cfg.checkpoint.save_freq
             if stop or (save_freq > 0 and (self.step % save_freq == 0 or self.step == self.total_steps)):
                 self.save_checkpoint()
+                # Once, in a second row of the step that saved (readers merge rows by step).
+                self._log({"timing_s/save_checkpoint": self.timings.pop("save_checkpoint")})
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(

@@ -30,7 +30,13 @@ def avg_at_k(
     Returns, per source ``s``:
     ``val-core/s/acc/mean@k`` (mean over problems of the per-problem mean),
     ``val-aux/s/acc/std@k`` (population std of the per-problem means) and
-    ``val-aux/s/pass@k`` (fraction of problems with at least one correct sample).
+    ``val-aux/s/pass@k`` (fraction of problems with at least one correct sample) and,
+    for k > 1, ``val-aux/s/acc/sem@k``: the standard error of mean@k from the sampling
+    dice alone, the problems held fixed (what changes when only the validation seed
+    does). Each problem's k samples estimate its own Bernoulli variance without bias as
+    p(1 - p) k / (k - 1), so its mean has variance p(1 - p) / (k - 1); mean@k averages n
+    independent problems. A difference of two evaluations is noise up to about
+    sqrt(sem_a^2 + sem_b^2).
     """
     if not len(acc) == len(group_ids) == len(data_sources):
         raise ValueError(
@@ -64,4 +70,7 @@ def avg_at_k(
         metrics[f"val-core/{source}/acc/mean@{k}"] = float(means.mean())
         metrics[f"val-aux/{source}/acc/std@{k}"] = float(means.std())
         metrics[f"val-aux/{source}/pass@{k}"] = float((means > 0).mean())
+        if k > 1:
+            sem = np.sqrt(np.sum(means * (1.0 - means) / (k - 1))) / len(means)
+            metrics[f"val-aux/{source}/acc/sem@{k}"] = float(sem)
     return metrics

@@ -10,7 +10,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dapo_megatron.tracking import read_jsonl
+from dapo_megatron.tracking import merge_rows_by_step, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny_cpu.yaml"
@@ -116,7 +116,7 @@ def train_args(out: Path, *overrides: str) -> list[str]:
 
 
 def metric_rows(out: Path) -> dict[int, dict]:
-    return {r["step"]: r for r in read_jsonl(out / "metrics.jsonl")}
+    return {r["step"]: r for r in merge_rows_by_step(read_jsonl(out / "metrics.jsonl"))}
 
 
 def deterministic(row: dict) -> dict:

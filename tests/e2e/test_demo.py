@@ -1,27 +1,35 @@
 """The README's main command, with its defaults, learns: held-out accuracy rises well beyond its noise.
 
-What the margin rests on (bench/RESULTS.md, "Learning and its noise"): from the demo's
-warmed-up policy, three DAPO runs with different rollout and data seeds gained +12.3, +6.5
-and +8.0 points of held-out avg@8 by step 100; one policy's estimate moves by 0.8 points
-(standard deviation) when only the validation seed changes, so a difference of two
-estimates by about 1.1. A 3-point floor is beyond the reach of a policy that does not learn
-(about 0.3 %), and below the smallest gain seen; with the learning rate at 1e-12 the run
-ends exactly where it started.
+What the threshold rests on (bench/RESULTS.md, "Robustness of the demo"): the warm-up stops
+at the first held-out measurement inside 0.20-0.40, so DAPO starts from a policy with
+informative groups whatever the machine's rounding did to the warm-up. From there this seed
+gained +18.4 points by step 100 with 1 thread per process and +5.6 with 2 (same warm-up seed,
+different rounding). The difference of two held-out estimates has a noise of about 1.2
+points (one standard deviation, from val-aux/*/acc/sem@8), so a policy that does not learn
+clears MIN_GAIN = 3 points with probability about 0.6 % (2.5 sigma). The false-failure side:
+the 2-thread run cleared it by 2.6 points, about 2.2 sigma, so measurement noise alone fails
+that configuration about 1.5 % of the time. A new machine's rounding is a new warm-up path,
+which is worse than noise: of the seeds measured, 1 and 3 did not reach the band (the demo
+stops with an error) and seed 4's DAPO run lost 1.1 points, so the false-failure probability
+on an unseen machine is not bounded by these numbers. Run with OMP_NUM_THREADS=2 this test
+passed (2294 s with the re-run).
 """
 
+import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from dapo_megatron.tracking import read_jsonl
+from dapo_megatron.tracking import merge_rows_by_step, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 MIN_GAIN = 0.03
 
 
 @pytest.mark.e2e
+@pytest.mark.timeout(3600)  # the subprocess timeouts below bound it; pytest.ini's 600 s would cut a loaded machine
 def test_demo_learns_and_a_rerun_resumes(tmp_path):
     run_dir = tmp_path / "demo"
     cmd = [sys.executable, "-m", "dapo_megatron.demo", "--run-dir", str(run_dir)]
@@ -29,11 +37,18 @@ def test_demo_learns_and_a_rerun_resumes(tmp_path):
     assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-5000:]
     assert "=== dapo-megatron demo summary ===" in proc.stdout
     assert "held-out accuracy (avg@k): step 0:" in proc.stdout
-    rows = read_jsonl(run_dir / "dapo" / "metrics.jsonl")
+    assert proc.stdout.strip().splitlines()[-1].startswith(("learned: ", "did not learn: ")), proc.stdout[-2000:]
+    rows = merge_rows_by_step(read_jsonl(run_dir / "dapo" / "metrics.jsonl"))
     assert [r["step"] for r in rows] == list(range(0, 101))
+    saved = [r["step"] for r in rows if "timing_s/save_checkpoint" in r]
+    assert saved == [25, 50, 75, 100]  # once per save, in the step that saved
     key = "val-core/synthetic_arith/acc/mean@8"
     val = [(r["step"], r[key]) for r in rows if key in r]
     assert [s for s, _ in val] == [0, 25, 50, 75, 100], val
+    # The warm-up stopped on the number DAPO's step 0 reports: same weights, same validation.
+    warmup = json.loads((run_dir / "sft_model" / "warmup.json").read_text())
+    assert warmup["held_out_acc"] >= 0.20 and warmup["held_out_acc"] == val[0][1], (warmup, val)
+    assert all("val-aux/synthetic_arith/acc/sem@8" in r for r in rows if key in r)  # the verdict's noise
     gain = val[-1][1] - val[0][1]
     assert gain >= MIN_GAIN, f"held-out accuracy {val[0][1]:.3f} -> {val[-1][1]:.3f} ({gain:+.3f}): {val}"
     for r in rows[1:]:
@@ -46,4 +61,6 @@ def test_demo_learns_and_a_rerun_resumes(tmp_path):
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stdout[-5000:] + again.stderr[-5000:]
     assert "supervised warm-up" not in again.stdout
-    assert [r["step"] for r in read_jsonl(run_dir / "dapo" / "metrics.jsonl")] == list(range(0, 101))
+    assert [r["step"] for r in merge_rows_by_step(read_jsonl(run_dir / "dapo" / "metrics.jsonl"))] == list(
+        range(0, 101)
+    )

@@ -60,3 +60,30 @@ def test_cli_errors_name_the_problem(tmp_path, capsys):
     assert "holds no step rows yet" in capsys.readouterr().err
     _write_run(tmp_path / "ok")
     assert main([str(tmp_path / "ok")]) == 0
+
+
+def test_accuracy_panel_shades_two_standard_errors_around_each_estimate():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dapo_megatron.plot import _draw_panel
+
+    rows = [
+        {"step": 0, "val-core/s/acc/mean@8": 0.25, "val-aux/s/acc/sem@8": 0.01},
+        {"step": 1, "critic/score/mean": -0.5},
+        {"step": 4, "val-core/s/acc/mean@8": 0.30, "val-aux/s/acc/sem@8": 0.02},
+    ]
+    _, title, specs, ylabel = PANELS[0]
+    fig, ax = plt.subplots()
+    assert _draw_panel(ax, rows, title, specs, ylabel)
+    (band,) = ax.collections
+    ys = band.get_paths()[0].vertices[:, 1]
+    assert math.isclose(ys.min(), 0.23) and math.isclose(ys.max(), 0.34)
+    plt.close(fig)
+    # A run that logged no standard error draws its curve without a band.
+    fig, ax = plt.subplots()
+    assert _draw_panel(ax, [{k: v for k, v in r.items() if "sem@" not in k} for r in rows], title, specs, ylabel)
+    assert not ax.collections
+    plt.close(fig)

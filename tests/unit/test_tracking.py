@@ -5,7 +5,13 @@ import math
 
 import pytest
 
-from dapo_megatron.tracking import MetricsLogger, format_console_line, read_jsonl, truncate_jsonl_after
+from dapo_megatron.tracking import (
+    MetricsLogger,
+    format_console_line,
+    merge_rows_by_step,
+    read_jsonl,
+    truncate_jsonl_after,
+)
 
 
 def test_jsonl_rows_and_console_line(tmp_path, capsys):
@@ -74,3 +80,19 @@ def test_wandb_offline_run_without_network(tmp_path, monkeypatch):
 
 def test_console_line_skips_missing_keys():
     assert format_console_line(3, {}) == "step 3"
+
+
+def test_rows_of_one_step_merge_in_order():
+    rows = [
+        {"step": 0, "val": 0.2},
+        {"step": 1, "a": 1.0},
+        {"step": 1, "timing_s/save_checkpoint": 3.0},
+        {"note": "no step"},
+        {"step": 2, "a": 2.0},
+    ]
+    assert merge_rows_by_step(rows) == [
+        {"step": 0, "val": 0.2},
+        {"step": 1, "a": 1.0, "timing_s/save_checkpoint": 3.0},
+        {"note": "no step"},
+        {"step": 2, "a": 2.0},
+    ]

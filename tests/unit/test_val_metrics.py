@@ -22,6 +22,7 @@ def test_hand_computed_example() -> None:
             "val-core/aime/acc/mean@4": 0.5,
             "val-aux/aime/acc/std@4": float(np.std([0.5, 0.0, 1.0])),
             "val-aux/aime/pass@4": 2 / 3,
+            "val-aux/aime/acc/sem@4": float(np.sqrt(0.5 * 0.5 / 3)) / 3,
         }
     )
 
@@ -34,7 +35,8 @@ def test_sources_are_separate_and_may_have_different_k() -> None:
     assert out["val-core/aime/acc/mean@2"] == pytest.approx(0.75)
     assert out["val-core/math/acc/mean@1"] == pytest.approx(1 / 3)
     assert out["val-aux/math/pass@1"] == pytest.approx(1 / 3)
-    assert len(out) == 6
+    assert len(out) == 7  # no sem@1: one sample per problem cannot estimate its own spread
+    assert "val-aux/math/acc/sem@1" not in out
 
 
 def test_sample_order_does_not_matter() -> None:
@@ -47,7 +49,23 @@ def test_sample_order_does_not_matter() -> None:
         "val-core/aime/acc/mean@32",
         "val-aux/aime/acc/std@32",
         "val-aux/aime/pass@32",
+        "val-aux/aime/acc/sem@32",
     }
+
+
+def test_sem_matches_the_spread_over_validation_seeds() -> None:
+    # Fixed problems with their own success rates; only the sampling dice change between
+    # evaluations, as with rollout.val.seed. sem@k from one evaluation predicts the spread.
+    rng = np.random.default_rng(0)
+    p = rng.choice([0.0, 0.05, 0.2, 0.5, 0.8, 1.0], size=200)
+    k, gids = 8, [i for i in range(200) for _ in range(8)]
+    means, sems = [], []
+    for _ in range(400):
+        acc = (rng.random((200, k)) < p[:, None]).astype(int).ravel().tolist()
+        out = avg_at_k(acc, gids, ["s"] * len(gids))
+        means.append(out["val-core/s/acc/mean@8"])
+        sems.append(out["val-aux/s/acc/sem@8"])
+    assert np.mean(sems) == pytest.approx(np.std(means), rel=0.1)
 
 
 def test_uneven_group_names_the_problem() -> None:

@@ -1,0 +1,65 @@
+"""The demo's summary: held-out curve with its noise, merged rows, and a verdict a newcomer can act on."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from dapo_megatron.demo import held_out_curve, summarize, verdict
+from dapo_megatron.sft import WarmupTarget, held_out_accuracy
+
+KEY, SEM = "val-core/arith/acc/mean@8", "val-aux/arith/acc/sem@8"
+
+
+def test_curve_reads_accuracy_and_its_standard_error():
+    rows = [
+        {"step": 0, KEY: 0.25, SEM: 0.010},
+        {"step": 1, "critic/score/mean": 0.0},
+        {"step": 4, KEY: 0.30, SEM: 0.012},
+        {"step": 4, "timing_s/save_checkpoint": 2.0},
+    ]
+    assert held_out_curve(rows) == [(0, 0.25, 0.010), (4, 0.30, 0.012)]
+    two_sources = [{"step": 0, KEY: 0.2, SEM: 0.03, "val-core/b/acc/mean@8": 0.4, "val-aux/b/acc/sem@8": 0.04}]
+    ((_, acc, se),) = held_out_curve(two_sources)
+    assert acc == pytest.approx(0.3) and se == pytest.approx(0.025)  # sqrt(0.03^2 + 0.04^2) / 2
+    assert math.isnan(held_out_curve([{"step": 0, KEY: 0.2}])[0][2])
+
+
+def test_verdict_compares_the_gain_with_three_times_its_noise():
+    # noise of the difference: hypot(0.006, 0.008) = 1.0 point
+    assert verdict((0, 0.25, 0.006), (100, 0.34, 0.008)) == (
+        "learned: +9.0 points of held-out accuracy from step 0 to 100 (noise ±1.0)"
+    )
+    line = verdict((0, 0.25, 0.006), (100, 0.27, 0.008))
+    assert line.startswith("did not learn: +2.0 points from step 0 to 100 is within 3x the noise (±1.0)")
+    assert verdict((0, 0.25, 0.006), (100, 0.20, 0.008)).startswith("did not learn: -5.0 points")
+    assert verdict((0, 0.25, float("nan")), (100, 0.40, 0.01)).startswith("no verdict")
+
+
+def test_summary_ends_with_the_verdict_and_sums_each_save_once(tmp_path, capsys):
+    rows = [
+        {"step": 0, KEY: 0.25, SEM: 0.006, "timing_s/testing": 3.0},
+        {"step": 1, "timing_s/gen": 1.0, "timing_s/step": 2.0},
+        {"step": 1, "timing_s/save_checkpoint": 4.0},
+        {"step": 2, KEY: 0.35, SEM: 0.008, "timing_s/gen": 1.0, "timing_s/step": 2.0},
+        {"step": 2, "timing_s/save_checkpoint": 4.0},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    warmup = {"steps": 450, "max_steps": 1000, "held_out_acc": 0.25, "band": [0.2, 0.4]}
+    out = summarize(tmp_path, {"sft": 1.0}, tmp_path / "dashboard.png", warmup=warmup)
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1] == "learned: +10.0 points of held-out accuracy from step 0 to 2 (noise ±1.0)"
+    assert "warm-up: 450 of at most 1000 steps, held-out accuracy 0.250 (band 0.20-0.40)" in printed
+    assert out["stages"]["save_checkpoint"] == 8.0
+
+
+def test_warmup_target_names_a_bad_band_and_accuracy_needs_a_val_core_metric():
+    with pytest.raises(ValueError, match=r"low <= high.*\[0.4, 0.2\]"):
+        WarmupTarget(0.4, 0.2)
+    with pytest.raises(ValueError, match="need eval_every >= 1 and first_eval >= 0, got 0, 200"):
+        WarmupTarget(eval_every=0)
+    assert held_out_accuracy({"val-core/a/acc/mean@8": 0.2, "val-core/b/acc/mean@8": 0.4}) == pytest.approx(0.3)
+    with pytest.raises(ValueError, match="no val-core/ metric"):
+        held_out_accuracy({"val-aux/a/pass@8": 1.0})
