@@ -54,9 +54,14 @@ def shape_rewards(cfg: DapoConfig, scored: ScoredBatch, rollouts: Rollouts) -> t
 
 
 def build_round(
-    cfg: DapoConfig, records: Sequence[PromptRecord], rollouts: Rollouts, scored: ScoredBatch
+    cfg: DapoConfig, records: Sequence[PromptRecord], rollouts: Rollouts, scored: ScoredBatch, *, draw: str = ""
 ) -> RoundResult:
-    """Cut a round into one group per prompt, with everything training needs later."""
+    """Cut a round into one group per prompt, with everything training needs later.
+
+    A group's uid names one draw of a prompt, ``<prompt uid>@<draw>.<position>``: a run longer
+    than an epoch draws the same prompt again, within one step's rounds or even one round when
+    the sampler wraps, and those are separate groups (for the buffer and for GRPO's grouping).
+    """
     if rollouts.num_prompts != len(records):
         raise ValueError(f"rollouts cover {rollouts.num_prompts} prompts but {len(records)} records were given")
     if len(scored) != len(rollouts):
@@ -68,7 +73,7 @@ def build_round(
         sl = slice(i * n, (i + 1) * n)
         groups.append(
             Group(
-                uid=rec.uid,
+                uid=f"{rec.uid}@{draw}.{i}" if draw else rec.uid,
                 metrics={
                     "acc": [float(a) for a in scored.acc[sl]],
                     "score": scores[sl].tolist(),

@@ -310,7 +310,7 @@ class DapoTrainer:
             texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
             truths = [r.ground_truth for r in records for _ in range(cfg.rollout.n)]
             scored = score_sharded(self.pool, texts, truths)
-        return experience.build_round(cfg, records, rollouts, scored)
+        return experience.build_round(cfg, records, rollouts, scored, draw=f"{self.step}.{round_index}")
 
     def _collect_batch(self) -> tuple[list[Group], list[experience.RoundResult]]:
         self.buffer.begin_step(self.step)

@@ -89,3 +89,23 @@ def test_dp_shard_keeps_mini_batches_whole_across_ranks():
         dp_shard(groups, mini_batch_groups=4, dp_size=3, dp_rank=0)
     with pytest.raises(ValueError, match="8 groups do not fill whole mini-batches of 3"):
         dp_shard(groups, mini_batch_groups=3, dp_size=1, dp_rank=0)
+
+
+def test_a_prompt_drawn_twice_makes_two_groups():
+    """Past an epoch the sampler draws a prompt again, in a later round of the same step or in the
+    same round when it wraps: the buffer must take both draws, and GRPO must not pool them."""
+    from dapo_megatron.algo.dynamic_sampling import DynamicSamplingBuffer
+
+    cfg, records, rollouts, scored = _round()
+    twice = [records[0], records[0]]  # one round that wrapped the epoch: the same prompt at both ends
+    first = build_round(cfg, twice, rollouts, scored, draw="7.0").groups
+    again = build_round(cfg, records, rollouts, scored, draw="7.1").groups
+    assert [g.uid for g in first] == ["p0@7.0.0", "p0@7.0.1"]
+    buffer = DynamicSamplingBuffer(4, enable=False)
+    buffer.begin_step(7)
+    buffer.add_round(first)
+    buffer.add_round(again)  # p0 once more, in the step's second round
+    groups = buffer.take()
+    assert len(groups) == 4
+    adv = advantages_for(first, norm_by_std=False)
+    assert torch.allclose(adv, torch.tensor([1.5, -1.5, 0.25, -0.25]))  # each draw is its own group
