@@ -458,7 +458,9 @@ class DapoTrainer:
         probe = probe_policy(
             self.engine, self.actor, self.probe_prompts, spec, seed=cfg.rollout.seed + 7919, pad_id=self.pad_id
         )
-        if probe.mean_abs_diff > self.max_mismatch:
+        # An infinite gap is the actor's own overflow, not the engine's: the next step's
+        # finite-policy check stops the run with that cause, without checkpointing the weights.
+        if math.isfinite(probe.mean_abs_diff) and probe.mean_abs_diff > self.max_mismatch:
             reason = (
                 f"function check at step {self.step}: with verified weights the engine's log-probs of "
                 f"{probe.tokens} probe tokens differ from the actor's by {probe.mean_abs_diff:.3e} per token "

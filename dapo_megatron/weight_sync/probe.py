@@ -17,6 +17,7 @@ the actor scores the whole (small) probe batch.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -56,10 +57,17 @@ def probe_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[i
 def probe_policy(
     engine, actor, prompts: Sequence[Sequence[int]], sampling: SamplingSpec, *, seed: int, pad_id: int
 ) -> ProbeResult:
-    """Sample ``prompts`` once each with the engine, score the tokens with the actor, compare."""
+    """Sample ``prompts`` once each with the engine, score the tokens with the actor, compare.
+
+    Non-finite actor log-probs (weights that overflowed in the last update) give an infinite gap.
+    """
     rollouts = engine.generate(prompts, 1, sampling, seed)
     batch = probe_batch(prompts, rollouts.response_ids, pad_id)
     actor_lp, _ = actor.compute_log_probs(batch, compute_entropy=False)
+    mask = batch.response_mask.bool()
+    if not bool(torch.isfinite(actor_lp[mask]).all()):
+        # overflowed weights: no gap to measure; the trainer's finite-policy check stops the run
+        return ProbeResult(math.inf, math.inf, int(mask.sum()))
     engine_lp = torch.zeros_like(actor_lp)
     for i, lps in enumerate(rollouts.logprobs):
         engine_lp[i, : len(lps)] = torch.tensor(lps, dtype=torch.float32)
