@@ -164,13 +164,7 @@ class _HeldOut:
             cfg.rollout, init_model, max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length
         )
         self.transport = ColocatedTransport(self.engine)
-        self.pool = RewardPool(
-            cfg.reward.backend,
-            num_workers=cfg.reward.num_workers,
-            timeout_s=cfg.reward.timeout_s,
-            strict_box_verify=cfg.reward.strict_box_verify,
-            executor=cfg.reward.executor,
-        )
+        self.pool = RewardPool.from_config(cfg.reward)
 
     def __call__(self) -> dict[str, float]:
         from dapo_megatron.rollout.vllm_engine import torch_dtype

@@ -122,14 +122,7 @@ class DapoTrainer:
         # the function check's prompts: fixed, so probe gaps are comparable across steps
         probe_count = min(cfg.rollout.weight_sync.probe_prompts, len(self.train_set))
         self.probe_prompts = [self.train_set[i].prompt_ids for i in range(probe_count)]
-        self.pool = RewardPool(
-            cfg.reward.backend,
-            num_workers=cfg.reward.num_workers,
-            timeout_s=cfg.reward.timeout_s,
-            strict_box_verify=cfg.reward.strict_box_verify,
-            executor=cfg.reward.executor,
-            scorer=scorer,
-        )
+        self.pool = RewardPool.from_config(cfg.reward, scorer=scorer)
         self.sampler = ResumableSampler(len(self.train_set), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         fg = cfg.algorithm.filter_groups
         self.buffer = DynamicSamplingBuffer(

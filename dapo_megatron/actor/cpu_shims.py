@@ -7,7 +7,7 @@ GPU job can never be silently altered by it.
 
 Every shim below exists because megatron-core (0.16) assumes a CUDA device in a
 code path we exercise; each was measured to be needed on the CPU test machine
-(see ``/work/shared/notes/megatron-on-cpu.md``).
+(docs/ARCHITECTURE.md, "CPU shims are quarantined").
 
 Shims applied (idempotently) by :func:`apply_cpu_shims`:
 

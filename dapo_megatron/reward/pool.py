@@ -101,6 +101,18 @@ class RewardPool:
     Concurrent ``score`` calls from several threads are serialised by a lock.
     """
 
+    @classmethod
+    def from_config(cls, reward_cfg, *, scorer: Scorer | None = None) -> RewardPool:
+        """Build from :class:`dapo_megatron.config.RewardConfig` (``scorer``: a custom function, already imported)."""
+        return cls(
+            reward_cfg.backend,
+            num_workers=reward_cfg.num_workers,
+            timeout_s=reward_cfg.timeout_s,
+            strict_box_verify=reward_cfg.strict_box_verify,
+            executor=reward_cfg.executor,
+            scorer=scorer,
+        )
+
     def __init__(
         self,
         backend: str = "math_dapo",
