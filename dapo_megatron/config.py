@@ -246,7 +246,10 @@ class RewardConfig:
 class CheckpointConfig:
     save_freq: int = 5  # training steps; -1 disables
     keep_last: int = 2
-    resume: str = "auto"  # "auto" (latest in output_dir), "disable", or a checkpoint path
+    resume: str = "auto"  # "auto" (newest intact in output_dir), "disable", or a checkpoint path
+    # Before a resume, compare every file's CRC-32 with the checkpoint's manifest, not only its
+    # size: one extra read of the checkpoint, split over the ranks (bench/RESULTS.md: ~1 s/GB/rank).
+    verify_checksums: bool = True
 
 
 @dataclass

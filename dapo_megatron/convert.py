@@ -164,6 +164,7 @@ def hf_to_mcore(
         FileExistsError: ``out`` exists and is not empty.
     """
     from dapo_megatron.actor.checkpoint import write_checkpoint_metadata
+    from dapo_megatron.actor.checkpoint_manifest import build_manifest, write_manifest
     from dapo_megatron.actor.hf_loading import open_hf_safetensors
     from dapo_megatron.models import get_mapping
 
@@ -187,11 +188,20 @@ def hf_to_mcore(
             write_torch_dist(stage, chunks, objects, common, on_chunk=lambda _spec: bar.update(1))
             bar.close()
         write_checkpoint_metadata(
-            stage, cfg, step=None, tp=tp, pp=pp, has_optimizer=False, has_extra_state=False, transformer_impl="local"
+            stage,
+            cfg,
+            step=None,
+            tp=tp,
+            pp=pp,
+            has_optimizer=False,
+            has_extra_state=False,
+            transformer_impl="local",
+            manifest=True,
         )
         (stage / HF_SUBDIR).mkdir()
         shutil.copy2(Path(hf_dir) / "config.json", stage / HF_SUBDIR / "config.json")
         copy_hf_assets(hf_dir, stage / HF_SUBDIR)
+        write_manifest(stage, build_manifest(stage))  # last: verified like a trainer checkpoint
     return Path(out)
 
 

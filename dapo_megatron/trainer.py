@@ -88,12 +88,12 @@ class DapoTrainer:
         custom = cfg.reward.custom_function
         # Imported now: a wrong path or name fails before any process group or model exists.
         scorer = load_file_scorer(custom.path, custom.name) if custom.path else None
-        self._check_resume_target()
         par = cfg.actor.parallel
         init_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=cfg.actor.seed)
         from megatron.core import parallel_state as ps
 
         self.rank = dist.get_rank()
+        self._check_resume_target()
         self.dp_rank = ps.get_data_parallel_rank()
         self.dp_size = data_parallel_size(cfg, world)
         self.is_logger = self.rank == 0
@@ -180,33 +180,25 @@ class DapoTrainer:
     def ckpt_root(self) -> Path:
         return Path(self.cfg.trainer.output_dir) / "checkpoints"
 
-    def _resume_path(self) -> Path | None:
-        from dapo_megatron.actor.checkpoint import find_latest
-
-        mode = self.cfg.trainer.checkpoint.resume
-        if mode == "disable":
-            return None
-        return find_latest(self.ckpt_root) if mode == "auto" else Path(mode)
-
     def _check_resume_target(self) -> None:
-        """Refuse, before anything is built, a checkpoint of another model or one whose optimizer
-        state cannot load at this layout (only legacy ``dp_reshardable`` state is layout-bound;
-        current checkpoints resume at any TP x PP x DP)."""
-        from dapo_megatron.actor.checkpoint import (
-            check_compatible,
-            check_optimizer_layout,
-            read_checkpoint_metadata,
-            resolve_checkpoint_dir,
-        )
+        """Choose the checkpoint to resume from and verify its files against its manifest
+        (``resume=auto`` falls back past damaged ones), then refuse a checkpoint of another
+        model or one whose optimizer state cannot load at this layout (only legacy
+        ``dp_reshardable`` state is layout-bound), and list the settings changed since it was
+        saved: all before the model, the engine or any collective load exists."""
+        from dapo_megatron.actor.checkpoint import check_compatible, check_optimizer_layout, read_checkpoint_metadata
+        from dapo_megatron.resume import choose_checkpoint, log_config_diff
 
-        path = self._resume_path()
-        if path is not None:
-            directory = resolve_checkpoint_dir(path)
-            meta = read_checkpoint_metadata(directory)
-            where = f"checkpoint {directory}"
+        saving = self.cfg.trainer.checkpoint
+        self._resume_dir = choose_checkpoint(saving.resume, self.ckpt_root, checksums=saving.verify_checksums).directory
+        if self._resume_dir is not None:
+            meta = read_checkpoint_metadata(self._resume_dir)
+            where = f"checkpoint {self._resume_dir}"
             check_compatible(meta, self.hf_config, where=where)
             par = self.cfg.actor.parallel
             check_optimizer_layout(meta, par.tensor_model_parallel_size, par.pipeline_model_parallel_size, where=where)
+            if self.rank == 0:
+                log_config_diff(meta.get("run_config"), to_dict(self.cfg), self._resume_dir)
 
     def _total_steps(self) -> int:
         t = self.cfg.trainer
@@ -235,12 +227,14 @@ class DapoTrainer:
         }
 
     def _maybe_resume(self) -> bool:
-        from dapo_megatron.actor.checkpoint import load_checkpoint
+        from dapo_megatron.actor.checkpoint import Verify, load_checkpoint
 
-        path = self._resume_path()
+        path = self._resume_dir
         if path is None:
             return False
-        state = load_checkpoint(path, self.actor.model, self.hf_config, optimizer=self.actor.optimizer)
+        state = load_checkpoint(
+            path, self.actor.model, self.hf_config, optimizer=self.actor.optimizer, verify=Verify.DONE
+        )
         if not state or state.get("version") != TRAINER_STATE_VERSION:
             raise ValueError(f"checkpoint {path} has no trainer state of version {TRAINER_STATE_VERSION}")
         self.step = int(state["step"])
@@ -274,6 +268,7 @@ class DapoTrainer:
                 optimizer=self.actor.optimizer,
                 extra_state=self._trainer_state(),
                 keep_last=self.cfg.trainer.checkpoint.keep_last,
+                run_config=to_dict(self.cfg),
             )
 
     # ------------------------------------------------------------------ stages

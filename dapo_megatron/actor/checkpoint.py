@@ -15,11 +15,24 @@ tensors are padded to a multiple of ``128 * tp``, which differs between layouts;
 megatron marks them ``allow_shape_mismatch`` and loads the overlapping rows, which is
 correct because the padding rows are at the end and zero.
 
-Why the commit protocol: a save writes into ``DIR/tmp-step_N``, renames it to
-``DIR/step_N`` once every rank has finished, and only then rewrites ``DIR/latest``
-(temp file + ``os.replace``).  A crash at any point leaves ``latest`` pointing at the
-previous complete checkpoint; stale ``tmp-*`` directories are ignored by
-:func:`find_latest` and removed by the next save.
+Why the commit protocol: a save writes into ``DIR/tmp-step_N``; once every rank has
+finished, the size and CRC-32 of every file go into ``manifest.json``, written last
+(:mod:`~dapo_megatron.actor.checkpoint_manifest`); only then is the directory renamed to
+``DIR/step_N`` and ``DIR/latest`` rewritten (temp file + ``os.replace``), and only after
+that are checkpoints beyond ``keep_last`` deleted.  A crash at any point leaves ``latest``
+pointing at the previous complete checkpoint; stale ``tmp-*`` directories are ignored by
+:func:`find_latest` and removed by the next save.  A failed write on any rank (a full
+disk) is agreed by every rank before anyone moves on (:func:`_agree_on_failure`), so the
+save stops on all ranks with one :class:`CheckpointSaveError` naming the path and the free
+space, instead of one rank raising while the others wait in the next collective.
+
+Why verify before loading: :func:`verify_checkpoint` compares every file with the
+manifest (sizes always, CRCs on request) before the collective load starts, so a
+truncated or corrupted shard is named instead of surfacing as a bare ``EOFError`` from
+torch's DCP reader on one rank.  Checkpoints written before manifests existed have none
+and no ``"manifest": true`` in ``dapo_checkpoint.json``: they load unverified, with a
+warning (refusing them would strand every existing run); one that records a manifest but
+has lost it is damaged.
 
 Why ``fully_reshardable`` for the distributed optimizer's state (``optimizer=``): it
 stores every Adam moment and fp32 main weight in *model space* (one tensor per model
@@ -42,35 +55,59 @@ without either) are worked around on load, see :func:`_adam_step_passthrough` an
 from __future__ import annotations
 
 import contextlib
+import enum
+import functools
 import json
+import logging
 import os
 import re
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from dapo_megatron.actor.checkpoint_manifest import (
+    CHECKSUM_ALGORITHM,
+    MANIFEST_FILE,
+    FileProblem,
+    ManifestError,
+    build_manifest,
+    find_problems,
+    read_manifest,
+    write_manifest,
+)
 from dapo_megatron.actor.hf_loading import unwrap_model
-from dapo_megatron.distributed import any_true
+from dapo_megatron.distributed import all_max, any_true
 from dapo_megatron.models import get_layout, model_type_of
 
+logger = logging.getLogger(__name__)
+
 __all__ = [
+    "CheckpointIntegrityError",
     "CheckpointMismatchError",
+    "CheckpointSaveError",
+    "Verification",
+    "Verify",
     "OPTIMIZER_SHARDING_METADATA",
     "apply_checkpoint_cpu_shim",
     "check_compatible",
     "check_optimizer_layout",
+    "complete_checkpoints",
     "find_latest",
     "load_checkpoint",
     "load_rank_state",
     "model_metadata",
+    "quarantine_checkpoint",
     "read_checkpoint_metadata",
     "resolve_checkpoint_dir",
     "save_checkpoint",
+    "set_aside_damaged",
     "step_dir_name",
+    "verify_checkpoint",
     "write_checkpoint_metadata",
 ]
 
@@ -78,6 +115,7 @@ META_FILE = "dapo_checkpoint.json"
 EXTRA_STATE_FILE = "extra_state.pt"
 RANK_STATE_DIR = "rank_state"
 LATEST_FILE = "latest"
+QUARANTINE_PREFIX = "damaged-"
 FORMAT_VERSION = 1
 # what save_checkpoint passes to megatron's DistributedOptimizer.sharded_state_dict
 OPTIMIZER_SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}
@@ -105,6 +143,15 @@ IDENTITY_KEYS = (
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint was written for a different model than the one being loaded."""
+
+
+class CheckpointIntegrityError(RuntimeError):
+    """A checkpoint's files do not match its manifest (names the checkpoint, the files, and
+    the expected and found size or CRC)."""
+
+
+class CheckpointSaveError(RuntimeError):
+    """A save failed on some rank; raised on every rank, ``latest`` unchanged."""
 
 
 # ----------------------------------------------------------------------------- CPU shim
@@ -229,9 +276,18 @@ def write_checkpoint_metadata(
     rank_state_world_size: int | None = None,
     optimizer_sharding: str = OPTIMIZER_SHARDING_METADATA["distrib_optim_sharding_type"],
     transformer_impl: str = "local",
+    manifest: bool = False,
+    run_config: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write ``dapo_checkpoint.json`` (single writer: call on one rank only)."""
+    """Write ``dapo_checkpoint.json`` (single writer: call on one rank only).
+
+    ``manifest=True`` promises a ``manifest.json`` written after this file: a checkpoint that
+    records one and lacks it is damaged, not legacy.  ``run_config`` (the trainer's whole
+    configuration, JSON types) lets a resume say which settings changed.
+    """
     meta = {
+        "manifest": manifest,
+        "run_config": dict(run_config) if run_config is not None else None,
         "transformer_impl": transformer_impl,
         "format_version": FORMAT_VERSION,
         "step": step,
@@ -316,6 +372,134 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _fsync_dir(path: Path) -> None:
+    """Make a rename inside ``path`` durable (the directory entry, not only the files)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pointer_text(root: Path) -> str:
+    """What ``latest`` names now, for messages."""
+    pointer = root / LATEST_FILE
+    return f"`latest` still names {pointer.read_text().strip()}" if pointer.is_file() else "no `latest` was written yet"
+
+
+# ----------------------------------------------------------------------------- verification
+UNVERIFIED = "nothing (no manifest)"
+
+
+class Verify(enum.Enum):
+    """What :func:`load_checkpoint` checks before loading."""
+
+    SIZES = "sizes"
+    CHECKSUMS = "checksums"
+    DONE = "done"  # the caller ran verify_checkpoint itself
+
+
+@dataclass(frozen=True)
+class Verification:
+    """What :func:`verify_checkpoint` found: the same on every rank."""
+
+    directory: Path
+    checked: str  # "sizes", "sizes and crc32", or UNVERIFIED (written before manifests existed)
+    problems: tuple[FileProblem, ...] = ()
+    total_bytes: int = 0
+
+    @property
+    def intact(self) -> bool:
+        return not self.problems
+
+    @property
+    def verified(self) -> bool:
+        return self.checked != UNVERIFIED
+
+    def reason(self, limit: int = 5) -> str:
+        shown = "; ".join(str(p) for p in self.problems[:limit])
+        more = len(self.problems) - limit
+        return shown + (f"; and {more} more file(s)" if more > 0 else "")
+
+    def error(self) -> CheckpointIntegrityError:
+        return CheckpointIntegrityError(
+            f"checkpoint {self.directory} is damaged ({self.checked} checked against its {MANIFEST_FILE}): "
+            + self.reason()
+        )
+
+
+def verify_checkpoint(path: str | os.PathLike, *, checksums: bool) -> Verification:
+    """Compare every file of a checkpoint with its manifest: sizes, and CRC-32s if ``checksums``.
+
+    Collective when a process group exists (each rank reads a share of the files; every
+    rank returns the same result); call it on every rank or none.  Does not raise for a
+    damaged checkpoint (see :meth:`Verification.error`) so that ``resume=auto`` can fall
+    back; only an unreadable ``dapo_checkpoint.json`` of a checkpoint without a manifest
+    raises.
+    """
+    directory = resolve_checkpoint_dir(path)
+    checked = f"sizes and {CHECKSUM_ALGORITHM}" if checksums else "sizes"
+    if not (directory / MANIFEST_FILE).is_file():
+        try:
+            records_one = read_checkpoint_metadata(directory).get("manifest")
+        except json.JSONDecodeError as exc:  # a damaged checkpoint, reported as such
+            return Verification(directory, checked, (FileProblem(META_FILE, "valid JSON", str(exc)),))
+        if records_one:
+            missing = FileProblem(MANIFEST_FILE, "the manifest that dapo_checkpoint.json records", "no such file")
+            return Verification(directory, checked, (missing,))
+        return Verification(directory, UNVERIFIED)
+    try:
+        manifest = read_manifest(directory)
+    except ManifestError as exc:
+        return Verification(directory, checked, (FileProblem(MANIFEST_FILE, "a readable manifest", str(exc)),))
+    problems = find_problems(directory, manifest, checksums=checksums)
+    return Verification(directory, checked, tuple(problems), manifest.total_bytes)
+
+
+def set_aside_damaged(root: str | os.PathLike, damaged: list[Path], resume_from: Path) -> list[Path]:
+    """Collective: rank 0 renames each damaged checkpoint (:func:`quarantine_checkpoint`) and
+    points ``latest`` at ``resume_from``; returns the new names (on rank 0; empty elsewhere).
+
+    Raises:
+        OSError: a rename failed (on rank 0; the other ranks raise RuntimeError).
+    """
+
+    def act() -> list[Path]:
+        moved = [quarantine_checkpoint(d) for d in damaged]
+        point_latest(root, resume_from)
+        return moved
+
+    return _rank0_phase(act, "set-aside of damaged checkpoints") or []
+
+
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Every ``step_N`` directory with a ``dapo_checkpoint.json``, oldest first."""
+    return [p for _, p in _complete_steps(Path(root))]
+
+
+def quarantine_checkpoint(directory: str | os.PathLike) -> Path:
+    """Rename a damaged ``step_N`` to ``damaged-step_N`` (single writer: rank 0) and return the new path.
+
+    Why not delete it: it is the evidence of what went wrong, and may be partly salvageable.
+    Why not leave it: the resumed run saves ``step_N`` again (a checkpoint is never
+    overwritten), and :func:`find_latest` would keep finding it.
+    """
+    directory = Path(directory)
+    target = directory.with_name(QUARANTINE_PREFIX + directory.name)
+    n = 1
+    while target.exists():
+        n += 1
+        target = directory.with_name(f"{QUARANTINE_PREFIX}{n}-{directory.name}")
+    os.rename(directory, target)
+    _fsync_dir(directory.parent)
+    return target
+
+
+def point_latest(root: str | os.PathLike, directory: str | os.PathLike) -> None:
+    """Rewrite ``root/latest`` to name ``directory`` (single writer: rank 0)."""
+    _atomic_write_text(Path(root) / LATEST_FILE, Path(directory).name + "\n")
+
+
 # ----------------------------------------------------------------------------- collectives
 def _rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
@@ -340,6 +524,159 @@ def _rank0_phase(fn, what: str) -> Any:
     if failed:
         raise RuntimeError(f"checkpoint {what} failed on rank 0 (see its error)")
     return result
+
+
+_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\]")
+
+
+def _errno_of(exc: BaseException) -> int | None:
+    """The errno of the first OSError in an exception's causes, or of an ``[Errno N]`` in its text.
+
+    Why the text: megatron gathers each rank's write failure to the coordinator by pickling
+    it, and a pickled exception loses its ``__cause__``; the OSError survives only as
+    "Worker failure: [Errno 28] No space left on device".
+    """
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno:
+            return e.errno
+        if m := _ERRNO_TEXT.search(str(e)):
+            return int(m.group(1))
+        todo += [e.__cause__, e.__context__]
+    return None
+
+
+_UNKNOWN_FAILURE = 100_000.0  # a failure code above every errno
+
+
+def _failure_codes(error: BaseException, rank: int, world: int) -> list[float]:
+    """Per rank: the errno of its failure, ``_UNKNOWN_FAILURE``, or 0 (this rank knows of none).
+
+    Megatron's ``CheckpointException`` lists every failed rank's exception on the coordinator
+    (``failures: {rank: (exception, traceback)}``) and none on the other ranks, which only
+    learn that the save failed: they report nothing of their own, the coordinator reports for them.
+    """
+    codes = [0.0] * world
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, Mapping):
+        for r, wrapped in failures.items():
+            cause = wrapped[0] if isinstance(wrapped, tuple) else wrapped
+            code = _errno_of(cause) if isinstance(cause, BaseException) else None
+            codes[int(r)] = float(code) if code else _UNKNOWN_FAILURE
+        return codes
+    code = _errno_of(error)
+    codes[rank] = float(code) if code else _UNKNOWN_FAILURE
+    return codes
+
+
+def _agree_on_failure(error: BaseException | None, *, root: Path, tmp: Path, final: Path, undo=None) -> None:
+    """Collective: if ``error`` is set on any rank, every rank raises the same :class:`CheckpointSaveError`.
+
+    One ``all_max`` carries, per rank, the errno of its failure (or "unknown"; see
+    :func:`_failure_codes`), rank 0's free-space reading and whether any rank failed, so the
+    message names every failing rank and its error on every rank.  Rank 0 measures the free
+    space (the cause, usually) before it runs ``undo`` (if the failure came after the
+    rename) and removes the partial directory, so that a re-run finds the disk as it was
+    before the save and ``latest`` still names the previous checkpoint.  A failing rank
+    logs its own exception with the traceback first.
+    """
+    rank = _rank()
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    vector = [0.0] * (world + 2)
+    if error is not None:
+        vector[:world] = _failure_codes(error, rank, world)
+        vector[world + 1] = 1.0
+        logger.error("rank %d: saving checkpoint %s failed", rank, final.name, exc_info=error)
+    if rank == 0:
+        vector[world] = float(shutil.disk_usage(root if root.exists() else root.parent).free)
+    merged = all_max(vector)
+    if not merged[world + 1]:
+        return
+    failed = {r: int(c) for r, c in enumerate(merged[:world]) if c > 0}
+    free = merged[world]
+    notes = []
+    if rank == 0:
+        try:
+            if undo is not None:
+                undo()
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            notes.append(f"the partial {tmp} was removed")
+        except OSError as exc:  # reported, not hidden: the message says what is left behind
+            notes.append(f"removing the partial {tmp} failed too ({exc})")
+    _barrier()
+
+    def cause(r: int, code: int) -> str:
+        if code != _UNKNOWN_FAILURE:
+            return f"rank {r}: [Errno {code}] {os.strerror(code)}"
+        if r == rank and error is not None:
+            return f"rank {r}: {type(error).__name__}: {error}"
+        return f"rank {r}: an error that is not an OSError (see that rank's log)"
+
+    causes = ", ".join(cause(r, c) for r, c in sorted(failed.items()))
+    message = (
+        f"saving checkpoint {final.name} into {tmp} failed ({causes}); "
+        f"{_format_bytes(free)} free on the file system of {root} when it failed; {_pointer_text(root)}"
+        + "".join(f"; {n}" for n in notes)
+    )
+    raise CheckpointSaveError(message) from error
+
+
+def _format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+@contextlib.contextmanager
+def _single_rank_writes_deferred(errors: list[BaseException]):
+    """Let megatron's save go on when a write that only one rank does fails; collect the error.
+
+    Why: megatron-core's ``dist_checkpointing.save`` (0.16, 0.19) agrees on failures of the
+    tensor-data writes (gathered to the coordinator, then broadcast), but not on the files
+    only one rank writes: rank 0's ``common.pt`` (written before the collective planning),
+    the coordinator's ``.metadata`` (written before the failure broadcast), rank 0's
+    ``metadata.json`` (written before a barrier), and per-rank sharded objects.  A full disk
+    at any of those raises on that rank alone while the others wait in the next collective
+    for as long as the process group's timeout.  Wrapped for the duration of one save, those
+    writes record their exception instead of raising, megatron's collectives run to the end
+    on every rank, and :func:`_agree_on_failure` raises everywhere.  Restored on exit.
+    """
+    from megatron.core.dist_checkpointing import serialization
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
+    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
+
+    def deferred(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # re-raised on every rank by _agree_on_failure
+                errors.append(exc)
+                return None
+
+        return wrapper
+
+    targets = [
+        (TorchCommonSaveStrategy, "save_common"),
+        (TorchCommonSaveStrategy, "save_sharded_objects"),
+        (FileSystemWriterAsync, "finish"),
+        (serialization, "save_config"),
+    ]
+    originals = [(owner, name, getattr(owner, name)) for owner, name in targets]
+    for owner, name, fn in originals:
+        setattr(owner, name, deferred(fn))
+    try:
+        yield
+    finally:
+        for owner, name, fn in originals:
+            setattr(owner, name, fn)
 
 
 # ----------------------------------------------------------------------------- save / load
@@ -393,6 +730,7 @@ def save_checkpoint(
     rank_state: Mapping[str, Any] | None = None,
     keep_last: int | None = None,
     optimizer_sharding: str = OPTIMIZER_SHARDING_METADATA["distrib_optim_sharding_type"],
+    run_config: Mapping[str, Any] | None = None,
 ) -> Path:
     """Save this rank's model shard (and optimizer state) as ``root/step_N``; collective.
 
@@ -411,14 +749,18 @@ def save_checkpoint(
         optimizer_sharding: megatron's ``distrib_optim_sharding_type``.  The default
             ``fully_reshardable`` loads at any layout; ``dp_reshardable`` saves without the
             DP all-gather (no extra host memory) but loads only at the same TP x PP.
+        run_config: the run's configuration (JSON types), stored so a resume can list what changed.
 
     Returns:
         The committed step directory.
 
     Raises:
         FileExistsError: ``root/step_N`` already exists (a checkpoint is never overwritten).
+        CheckpointSaveError: a write failed on some rank (on every rank; ``latest`` unchanged,
+            the partial directory removed, nothing older deleted).
     """
     from megatron.core import dist_checkpointing
+    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
@@ -430,57 +772,106 @@ def save_checkpoint(
     tmp = root / f"tmp-{step_dir_name(step)}"
     tp, pp = _layout()
 
-    def prepare() -> None:
+    def refuse_overwrite() -> None:
         if final.exists():
             raise FileExistsError(f"checkpoint {final} already exists")
-        root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():  # left over by a crashed save of the same step
-            shutil.rmtree(tmp)
-        tmp.mkdir()
 
-    _rank0_phase(prepare, "preparation")
+    _rank0_phase(refuse_overwrite, "preparation")
+    agree = functools.partial(_agree_on_failure, root=root, tmp=tmp, final=final)
+    error: BaseException | None = None
+    if _rank() == 0:
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            if tmp.exists():  # left over by a crashed save of the same step
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as exc:  # re-raised on every rank by agree()
+            error = exc
+    agree(error)
 
     sharded = {"model": _model_sharded_state_dict(model)}
     if optimizer is not None:
         sharded["optimizer"] = optimizer.sharded_state_dict(
             sharded["model"], metadata={"distrib_optim_sharding_type": optimizer_sharding}
         )
-    dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_fully_parallel_save_strategy())
     world = dist.get_world_size() if dist.is_initialized() else 1
-    if rank_state is not None:
-        rank_dir = tmp / RANK_STATE_DIR
-        rank_dir.mkdir(exist_ok=True)
-        torch.save(dict(rank_state), rank_dir / f"rank_{_rank():05d}.pt")
-    _barrier()
 
-    def commit() -> None:
+    # 1. every rank writes its tensors (and its rank state); failures agreed, nobody left waiting
+    deferred: list[BaseException] = []
+    try:
+        with _single_rank_writes_deferred(deferred):
+            dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_fully_parallel_save_strategy())
         if rank_state is not None:
-            found = len(list((tmp / RANK_STATE_DIR).glob("rank_*.pt")))
-            if found != world:
-                raise RuntimeError(f"rank_state written by {found} of {world} ranks (pass it on every rank)")
-        if extra_state is not None:
-            torch.save(dict(extra_state), tmp / EXTRA_STATE_FILE)
-        write_checkpoint_metadata(
-            tmp,
-            hf_config,
-            step=step,
-            tp=tp,
-            pp=pp,
-            has_optimizer=optimizer is not None,
-            has_extra_state=extra_state is not None,
-            rank_state_world_size=world if rank_state is not None else None,
-            optimizer_sharding=optimizer_sharding,
-            transformer_impl=_transformer_impl(model),
-        )
-        os.rename(tmp, final)
-        _atomic_write_text(root / LATEST_FILE, final.name + "\n")
+            rank_dir = tmp / RANK_STATE_DIR
+            rank_dir.mkdir(exist_ok=True)
+            torch.save(dict(rank_state), rank_dir / f"rank_{_rank():05d}.pt")
+    except (Exception, CheckpointException) as exc:  # re-raised on every rank by agree()
+        error = exc
+    failures = ([error] if error is not None else []) + deferred
+    for later in failures[1:]:  # agree() logs and chains the first
+        logger.error("rank %d: saving checkpoint %s also failed", _rank(), final.name, exc_info=later)
+    agree(failures[0] if failures else None)
+
+    # 2. rank 0: trainer state and dapo_checkpoint.json
+    error = None
+    if _rank() == 0:
+        try:
+            if rank_state is not None:
+                found = len(list((tmp / RANK_STATE_DIR).glob("rank_*.pt")))
+                if found != world:
+                    raise RuntimeError(f"rank_state written by {found} of {world} ranks (pass it on every rank)")
+            if extra_state is not None:
+                torch.save(dict(extra_state), tmp / EXTRA_STATE_FILE)
+            write_checkpoint_metadata(
+                tmp,
+                hf_config,
+                step=step,
+                tp=tp,
+                pp=pp,
+                has_optimizer=optimizer is not None,
+                has_extra_state=extra_state is not None,
+                rank_state_world_size=world if rank_state is not None else None,
+                optimizer_sharding=optimizer_sharding,
+                transformer_impl=_transformer_impl(model),
+                manifest=True,
+                run_config=run_config,
+            )
+        except Exception as exc:  # re-raised on every rank by agree()
+            error = exc
+    agree(error)
+
+    # 3. the manifest, last: every file read back whole (each rank its share) for its size and
+    #    CRC, which is also the check that what was written can be read
+    error = None
+    try:
+        manifest = build_manifest(tmp)
+        if _rank() == 0:
+            write_manifest(tmp, manifest)
+    except Exception as exc:  # re-raised on every rank by agree()
+        error = exc
+    agree(error)
+
+    # 4. rank 0 commits: rename, move `latest`
+    error, renamed = None, False
+    if _rank() == 0:
+        try:
+            os.rename(tmp, final)
+            renamed = True
+            _fsync_dir(root)
+            _atomic_write_text(root / LATEST_FILE, final.name + "\n")
+        except Exception as exc:  # re-raised on every rank by agree()
+            error = exc
+    agree(error, undo=(lambda: os.rename(final, tmp)) if renamed else None)
+
+    # 5. only now, with the new checkpoint written, verified and named by `latest`: drop old ones
+    def cleanup() -> None:
         if keep_last is not None:
             for _, old in _complete_steps(root)[:-keep_last]:
                 shutil.rmtree(old)
         for stale in root.glob("tmp-step_*"):
             shutil.rmtree(stale)
 
-    _rank0_phase(commit, "commit")
+    _rank0_phase(cleanup, f"clean-up after {final.name} was committed")
     _barrier()
     return final
 
@@ -583,6 +974,7 @@ def load_checkpoint(
     hf_config,
     *,
     optimizer=None,
+    verify: Verify = Verify.SIZES,
 ) -> dict[str, Any] | None:
     """Load a checkpoint into this rank's model (and optimizer); collective.
 
@@ -592,11 +984,15 @@ def load_checkpoint(
         hf_config: the HF config the model was built from; compared with the saved one.
         optimizer: the optimizer to restore; any layout for ``fully_reshardable`` state,
             the saved TP x PP for ``dp_reshardable`` state (see :func:`check_optimizer_layout`).
+        verify: what to compare with the manifest before the collective load starts (sizes
+            cost one ``stat`` per file; CRCs one read of the checkpoint, split over the ranks);
+            ``Verify.DONE`` when the caller has just run :func:`verify_checkpoint`.
 
     Returns:
         The ``extra_state`` dict saved with the checkpoint, or None.
 
     Raises:
+        CheckpointIntegrityError: a file differs from the manifest (names file, expected, found).
         CheckpointMismatchError: the checkpoint belongs to another model (names the keys).
         ValueError: an optimizer is requested but the checkpoint has none, or its state is
             layout-bound and the layout differs.
@@ -604,6 +1000,16 @@ def load_checkpoint(
     from megatron.core import dist_checkpointing
 
     directory = resolve_checkpoint_dir(path)
+    if verify is not Verify.DONE:
+        verification = verify_checkpoint(directory, checksums=verify is Verify.CHECKSUMS)
+        if not verification.intact:
+            raise verification.error()
+        if not verification.verified and _rank() == 0:
+            logger.warning(
+                "checkpoint %s has no %s (written by an earlier version): loading it unverified",
+                directory,
+                MANIFEST_FILE,
+            )
     meta = read_checkpoint_metadata(directory)
     check_compatible(meta, hf_config, where=f"checkpoint {directory}")
     check_transformer_impl(meta, _transformer_impl(model), where=f"checkpoint {directory}")

@@ -170,6 +170,12 @@ def test_cli_sharded_input_tokenizer_and_config_from(tmp_path):
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (back / name).read_bytes() == (hf / name).read_bytes(), name
     assert (ckpt / "hf" / "tokenizer.json").is_file()
+    from dapo_megatron.actor.checkpoint import verify_checkpoint
+    from dapo_megatron.actor.checkpoint_manifest import read_manifest
+
+    verification = verify_checkpoint(ckpt, checksums=True)  # a manifest, written last, that matches
+    assert verification.verified and verification.intact, verification.reason()
+    assert "hf/tokenizer.json" in {f.path for f in read_manifest(ckpt).files}
     from safetensors.torch import load_file
 
     want = {}

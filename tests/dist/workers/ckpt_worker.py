@@ -6,10 +6,14 @@ Usage::
 
 1. TP=2: load HF weights, save steps 1..3 with extra and per-rank state, keep_last=2.
 2. A save that fails before the rename (unpicklable extra state) raises on every rank,
-   leaves ``latest`` at step 3; the next save cleans the stale ``tmp-`` directory.
+   leaves ``latest`` at step 3 and removes its partial ``tmp-`` directory.
 3. PP=2: load the latest checkpoint (saved at TP=2): logits equal the TP=2 model's and HF's;
    each rank gets its own rank state back.
 4. Loading with another model's config fails naming the mismatching key.
+5. With ``--tmpfs DIR`` (a small tmpfs): a save into a full file system raises the same error on
+   every rank (none is left waiting), naming the path, the errno and the free space; ``latest``
+   and the previous checkpoint survive (keep_last=1).  Then a truncated shard is named by
+   ``load_checkpoint`` before the collective load starts (not an EOFError from torch's reader).
 Prints ``CKPT-OK`` on rank 0 when everything passed.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -33,6 +38,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--hf-dir", required=True)
     ap.add_argument("--root", required=True)
+    ap.add_argument("--tmpfs", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -82,7 +88,7 @@ def main(argv=None) -> int:
     else:
         raise AssertionError("save with unpicklable extra_state did not raise")
     dist.barrier()
-    assert (root / "tmp-step_00000004").is_dir()
+    assert not (root / "tmp-step_00000004").exists()
     assert ck.find_latest(root) == root / "step_00000003"
     assert (root / "latest").read_text().strip() == "step_00000003"
     dist.barrier()
@@ -116,6 +122,8 @@ def main(argv=None) -> int:
         assert "num_layers" in str(e), e
     else:
         raise AssertionError("loading into another model did not fail")
+    if args.tmpfs:
+        full_disk(Path(args.tmpfs), model_pp, cfg)
     destroy_parallel(destroy_process_group=False)
 
     dist.barrier()
@@ -123,6 +131,48 @@ def main(argv=None) -> int:
         print("CKPT-OK", flush=True)
     destroy_parallel()
     return 0
+
+
+def full_disk(tmpfs: Path, model, cfg) -> None:
+    from dapo_megatron.actor import checkpoint as ck
+
+    rank, root = dist.get_rank(), tmpfs / "ckpt"
+    ck.save_checkpoint(root, 1, model, cfg, extra_state={"step": 1}, keep_last=1)
+    dist.barrier()
+    if rank == 0:  # fill the file system: rank 0's first write (megatron's common.pt) fails
+        with open(tmpfs / "filler", "wb") as f:
+            os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(tmpfs).free)
+    dist.barrier()
+    try:
+        ck.save_checkpoint(root, 2, model, cfg, extra_state={"step": 2}, keep_last=1)
+    except ck.CheckpointSaveError as e:
+        msg = str(e)
+    else:
+        raise AssertionError("a save into a full file system did not raise")
+    print(f"rank {rank} FULL-DISK {msg}", flush=True)
+    assert f"saving checkpoint step_00000002 into {root / 'tmp-step_00000002'} failed (rank 0: [Errno 28]" in msg, msg
+    assert f"B free on the file system of {root} when it failed; `latest` still names step_00000001" in msg, msg
+    dist.barrier()
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001"]
+    assert ck.verify_checkpoint(root, checksums=True).intact
+
+    # a truncated shard is named before the collective load
+    shard = max((root / "step_00000001").glob("*.distcp"), key=lambda p: p.stat().st_size)
+    size = shard.stat().st_size
+    dist.barrier()
+    if rank == 0:
+        (tmpfs / "filler").unlink()
+        with open(shard, "r+b") as f:
+            f.truncate(size // 2)
+    dist.barrier()
+    try:
+        ck.load_checkpoint(root, model, cfg)
+    except ck.CheckpointIntegrityError as e:
+        expected = f"{shard.name}: expected {size} bytes, found {size // 2} bytes"
+        assert f"checkpoint {root / 'step_00000001'} is damaged" in str(e) and expected in str(e), e
+    else:
+        raise AssertionError("a truncated shard was loaded")
+    print(f"rank {rank} FULL-DISK-OK", flush=True)
 
 
 if __name__ == "__main__":
