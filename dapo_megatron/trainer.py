@@ -18,6 +18,7 @@ import math
 import os
 import random
 import signal
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -624,7 +625,26 @@ class DapoTrainer:
         self.pool.close()
 
 
+STARTUP_ERROR_EXIT_CODE = 2
+
+
+def _startup_errors() -> tuple[type[Exception], ...]:
+    """Errors whose message says everything (the key, the file, the checkpoint and what is wrong)."""
+    from dapo_megatron.actor.checkpoint import CheckpointIntegrityError, CheckpointMismatchError
+    from dapo_megatron.config import ConfigError
+    from dapo_megatron.data.parquet_dataset import DataError
+
+    return (ConfigError, DataError, CheckpointIntegrityError, CheckpointMismatchError)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Train; a user error found at start-up is printed once, by rank 0, without a traceback.
+
+    Why: every rank meets the same bad key, file or checkpoint, so before this each of them
+    printed the same full traceback and the one line that mattered was buried.  The others
+    exit quietly with the same code (torchrun reports it).  Anything unexpected, and
+    anything raised once training runs, keeps its traceback on every rank.
+    """
     import argparse
 
     from dapo_megatron.config import load_config
@@ -634,9 +654,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key.sub=value")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    cfg = load_config(args.config, args.overrides)
-    trainer = DapoTrainer(cfg)
-    trainer.setup()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        trainer = DapoTrainer(cfg)
+        trainer.setup()
+    except _startup_errors() as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        return STARTUP_ERROR_EXIT_CODE
     try:
         trainer.fit()
     except StopRequested as stop:

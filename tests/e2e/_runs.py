@@ -119,5 +119,10 @@ def metric_rows(out: Path) -> dict[int, dict]:
     return {r["step"]: r for r in merge_rows_by_step(read_jsonl(out / "metrics.jsonl"))}
 
 
+def package_tracebacks(text: str) -> list[str]:
+    """Traceback lines that point into this package (torchrun's own report has none)."""
+    return [line for line in text.splitlines() if 'File "' in line and "dapo_megatron" in line]
+
+
 def deterministic(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith(NONDETERMINISTIC_PREFIXES)}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import pytest
-from _runs import TINY, metric_rows, run, train_args
+from _runs import TINY, metric_rows, package_tracebacks, run, train_args
 
 from dapo_megatron.config import ConfigError, load_config
 from dapo_megatron.data.parquet_dataset import DataError
@@ -49,6 +49,20 @@ def test_config_that_does_not_fit_the_world_size(tiny_task, tmp_path, monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match=r"tensor \(2\) x pipeline \(1\) = 2 does not divide the world size 3"):
         DapoTrainer(_cfg(tiny_task, tmp_path)).setup()
+
+
+def test_config_error_under_torchrun_is_printed_once_without_traceback(tiny_task, tmp_path):
+    """Both ranks meet the error; rank 0 prints it, both exit with code 2 (torchrun reports it)."""
+    args = [*tiny_task.data_overrides(), f"actor.model_path={tiny_task.init_model}", "trainer.n_gpus_per_node=3"]
+    proc = run(train_args(tmp_path / "out", *args), log=tmp_path / "run.log", timeout=300)
+    assert proc.returncode != 0
+    message = (
+        "error: ConfigError: invalid configuration (1 problem(s)):\n  - trainer.n_gpus_per_node: "
+        "trainer.nnodes x trainer.n_gpus_per_node = 3 but the job has 2 processes\n"
+    )
+    assert proc.stdout.count(message) == 1, proc.stdout
+    assert "exitcode  : 2" in proc.stdout, proc.stdout  # the other rank may be stopped by torchrun first
+    assert not package_tracebacks(proc.stdout), proc.stdout
 
 
 def test_no_informative_group_within_the_round_limit(tiny_task, tmp_path):
