@@ -33,15 +33,37 @@ import torch
 import torch.distributed as dist
 
 
-def _min_time(fn, repeats: int) -> float:
+def min_time(fn, repeats: int, before=None) -> float:
+    """Best of ``repeats`` timed calls of ``fn``, every rank in step; ``before`` runs untimed first."""
     best = float("inf")
     for _ in range(repeats):
+        if before is not None:
+            before()
         dist.barrier()
         t0 = time.perf_counter()
         fn()
         dist.barrier()
         best = min(best, time.perf_counter() - t0)
     return best
+
+
+def qwen2_config(hidden: int, layers: int, ffn: int, vocab: int):
+    """A Qwen2 config of this size (64-wide heads, 4 query heads per KV head, untied); the
+    defaults of the benches (1024, 8, 2816, 32000) give ~155M parameters."""
+    import transformers
+
+    heads = hidden // 64
+    return transformers.Qwen2Config(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4),
+        intermediate_size=ffn,
+        vocab_size=vocab,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        architectures=["Qwen2ForCausalLM"],
+    )
 
 
 def main(argv=None) -> int:
@@ -59,8 +81,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    import transformers
-
     from dapo_megatron.actor.model import build_gpt_model
     from dapo_megatron.actor.parallel import init_parallel
     from dapo_megatron.rollout.vllm_engine import VllmEngine
@@ -71,18 +91,7 @@ def main(argv=None) -> int:
     tp, pp = (int(x) for x in args.actor.split("x"))
     init_parallel(tp, pp, seed=0)
     rank = dist.get_rank()
-    heads = args.hidden // 64
-    hf_config = transformers.Qwen2Config(
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 4),
-        intermediate_size=args.ffn,
-        vocab_size=args.vocab,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        architectures=["Qwen2ForCausalLM"],
-    )
+    hf_config = qwen2_config(args.hidden, args.layers, args.ffn, args.vocab)
     tmp = tempfile.mkdtemp(prefix="bench_ws_") if rank == 0 else None
     holder = [tmp]
     dist.broadcast_object_list(holder)
@@ -116,14 +125,14 @@ def main(argv=None) -> int:
         "world": dist.get_world_size(),
         "actor_params_per_rank": n_params,
         "sync_bytes": total_bytes,
-        "copy_s": _min_time(lambda: dst.copy_(src), args.repeats + 2),
-        "gather_s": _min_time(
+        "copy_s": min_time(lambda: dst.copy_(src), args.repeats + 2),
+        "gather_s": min_time(
             lambda: sum(1 for _ in iter_actor_hf_weights(model, hf_config, dtype=dtype)), args.repeats
         ),
         "sync_s": {},
     }
     need = engine.weight_slices()
-    results["gather_sliced_s"] = _min_time(
+    results["gather_sliced_s"] = min_time(
         lambda: sum(1 for _ in iter_actor_hf_weights(model, hf_config, dtype=dtype, need=need)), args.repeats
     )
     # bytes that crossed pipeline stages, summed over ranks: whole tensors vs the engines' slices
@@ -135,11 +144,11 @@ def main(argv=None) -> int:
         dist.all_gather_object(per_rank, traffic.received_bytes)
         results[key] = per_rank
     for mb in (float(x) for x in args.buckets.split(",")):
-        results["sync_s"][mb] = _min_time(
+        results["sync_s"][mb] = min_time(
             lambda mb=mb: sync_weights(model, hf_config, transport, dtype=dtype, bucket_size_mb=mb), args.repeats
         )
     if args.verify:
-        results["verify_s"] = _min_time(lambda: verify_weights(model, hf_config, engine, dtype=dtype), 1)
+        results["verify_s"] = min_time(lambda: verify_weights(model, hf_config, engine, dtype=dtype), 1)
     if rank == 0:
         gb = total_bytes / 1e9
         print(f"model: {n_params / 1e6:.1f}M actor params on this rank; sync moves {gb * 1e3:.0f} MB ({args.dtype})")
