@@ -669,7 +669,8 @@ def _single_rank_writes_deferred(errors: list[BaseException]):
         (FileSystemWriterAsync, "finish"),
         (serialization, "save_config"),
     ]
-    originals = [(owner, name, getattr(owner, name)) for owner, name in targets]
+    # all four exist in 0.16.1; a release without one does not do that write that way
+    originals = [(owner, name, getattr(owner, name)) for owner, name in targets if hasattr(owner, name)]
     for owner, name, fn in originals:
         setattr(owner, name, deferred(fn))
     try:
