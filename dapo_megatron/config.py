@@ -92,12 +92,26 @@ class OptimConfig:
     use_distributed_optimizer: bool = True
 
 
+OFFLOAD_KINDS = ("params", "grads", "optimizer")  # the fields of OffloadConfig, in offload order
+
+
+@dataclass
+class OffloadConfig:
+    """What the actor moves to host memory while the engine generates (verl's
+    ``actor.megatron.param_offload/grad_offload/optimizer_offload``); see dapo_megatron/lifecycle.py."""
+
+    params: bool = False
+    grads: bool = False
+    optimizer: bool = False
+
+
 @dataclass
 class ActorConfig:
     model_path: str | None = None  # HF checkpoint directory (config, weights, tokenizer)
     load: str | None = None  # Megatron dist checkpoint to start from instead of model_path
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
     params_dtype: str = "bfloat16"
     # Megatron-LM's --transformer-impl: "transformer_engine" or "local"; None: TE with CUDA,
     # local without. Never a silent fallback: TE asked for (or defaulted to) and unusable is refused.
@@ -160,6 +174,9 @@ class RolloutConfig:
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
     free_cache_engine: bool = True  # sleep the engine while the actor trains
+    # vLLM's sleep level: 1 keeps the engine's weights in host memory, 2 discards them (the
+    # weight sync refills them before the engine is used again; less host memory)
+    sleep_level: int = 1
     # "auto" (read the HF checkpoint) or "dummy" (random weights; the trainer syncs the actor's
     # before the first generation or validation). None: dummy with CUDA, as verl and slime
     # start their engines; auto otherwise (see rollout/vllm_engine.resolve_load_format).
@@ -480,6 +497,7 @@ def validate(cfg: DapoConfig, *, world_size: int | None = None, check_files: boo
     c.choice(r.dtype, "rollout.dtype", DTYPES)
     if r.load_format is not None:
         c.choice(r.load_format, "rollout.load_format", LOAD_FORMATS)
+    c.require(r.sleep_level in (1, 2), "rollout.sleep_level", f"vLLM's sleep level is 1 or 2, got {r.sleep_level}")
     c.positive(r.val.n, "rollout.val.n")
     c.require(not cfg.trainer.val_only or bool(cfg.data.val_files), "trainer.val_only", "needs data.val_files")
     c.require(0 < r.val.top_p <= 1, "rollout.val.top_p", f"must be in (0, 1], got {r.val.top_p}")

@@ -33,12 +33,15 @@ Memory model, per GPU (all formulas are per rank; ``t`` = actor TP, ``p`` = acto
   (``P / tr x rollout dtype``), the profiling activation peak for
   ``max_num_batched_tokens`` and the sampler's fp32 logits, a CUDA-graph allowance, and
   the KV cache with ``2 x L x max(1, ng / tr) x d x dtype bytes`` per token.
-  Engine sleep (``rollout.free_cache_engine``) releases the whole budget while the actor
-  trains; otherwise it stays allocated in every phase.
-* rollout phase: the actor's weights, grads and optimizer state stay resident (there is no
-  actor offload yet) next to the whole vLLM budget, which vLLM insists on finding free
-  at start-up (``requested = gpu_memory_utilization x total``).
-* weight sync: the woken engine weights, one bucket and the largest merged tensor.
+* which of these is on the device in each phase is not decided here: it is
+  :class:`dapo_megatron.lifecycle.LifecyclePlan`'s residency table, the one the trainer
+  executes.  Engine sleep (``rollout.free_cache_engine``) releases the whole budget while
+  the actor trains and keeps only the weights during the weight sync; actor offload
+  (``actor.offload.*``) removes weights, grads or optimizer state from the rollout phase
+  (and grads and optimizer state from the sync).  In the rollout phase vLLM insists on
+  finding its whole budget free at start-up (``requested = gpu_memory_utilization x total``).
+* weight sync: additionally one bucket and the largest merged tensor in flight.
+* verify (``rollout.weight_sync.verify``): the awake engine next to the actor's weights.
 * a fixed reserve (CUDA context, NCCL communicators, allocator slack) in every phase.
 """
 
@@ -51,6 +54,8 @@ import types
 from dataclasses import dataclass, field
 
 from dapo_megatron.config import DapoConfig, data_parallel_size
+from dapo_megatron.lifecycle import LifecyclePlan
+from dapo_megatron.lifecycle import Phase as LifecyclePhase
 from dapo_megatron.models import get_layout
 
 GiB = 1 << 30
@@ -389,69 +394,65 @@ def estimate_memory(
     n_micro = micro_batches_per_mini_batch(cfg, dp)
     vllm = vllm_budget(cfg, shape, gpu_bytes)
     sleeps = cfg.rollout.free_cache_engine
-    engine_while_training = 0 if sleeps else vllm.budget
+    lifecycle = LifecyclePlan.from_config(cfg)
+
+    def engine(phase: LifecyclePhase) -> dict[str, int]:
+        res = lifecycle.residency(phase)
+        if res.engine_kv:
+            return {"vLLM budget": vllm.budget}
+        return {"vLLM weights": vllm.weights} if res.engine_weights else {}
 
     stages = sorted({0, pp - 1})
-    per_stage: dict[str, list[Phase]] = {"rollout": [], "log-prob": [], "train": [], "weight sync": []}
+    names = {"rollout": LifecyclePhase.ROLLOUT, "log-prob": LifecyclePhase.TRAIN, "train": LifecyclePhase.TRAIN}
+    names["weight sync"] = LifecyclePhase.SYNC
+    if lifecycle.verify:
+        names["verify"] = LifecyclePhase.VERIFY
+    per_stage: dict[str, list[Phase]] = {name: [] for name in names}
     states = []
     for stage in stages:
         st = actor_state_bytes(
             actor_stage_params(shape, tp, pp, stage), a.params_dtype, dp, a.optim.use_distributed_optimizer
         )
         states.append(st)
-        resident = {"actor weights": st.weights, "actor grads (fp32)": st.grads, "optimizer state": st.optimizer}
+
+        def actor(phase: LifecyclePhase, st=st) -> dict[str, int]:
+            res = lifecycle.residency(phase)
+            held = {"actor weights": (res.params, st.weights), "actor grads (fp32)": (res.grads, st.grads)}
+            held["optimizer state"] = (res.optimizer, st.optimizer)
+            return {name: size for name, (on, size) in held.items() if on}
+
         last = stage == pp - 1
         logits = logits_bytes(shape, tokens=tokens, tp=tp) if last else 0
         in_flight = min(pp - stage, n_micro)
-        per_stage["rollout"].append(
-            Phase("rollout", {**resident, "vLLM budget": vllm.budget, "reserve": reserve_bytes})
-        )
-        per_stage["log-prob"].append(
-            Phase(
-                "log-prob",
-                {
-                    **resident,
-                    "activations": forward_activation_bytes(shape, tokens=tokens, tp=tp, sequence_parallel=sp),
-                    "logits": logits,
-                    "vLLM (awake)": engine_while_training,
-                    "reserve": reserve_bytes,
-                },
-            )
-        )
-        per_stage["train"].append(
-            Phase(
-                "train",
-                {
-                    **resident,
-                    "activations": training_activation_bytes(
-                        shape,
-                        tokens=tokens,
-                        tp=tp,
-                        pp=pp,
-                        sequence_parallel=sp,
-                        recompute=a.recompute,
-                        in_flight=in_flight,
-                    ),
-                    "logits": logits,
-                    "vLLM (awake)": engine_while_training,
-                    "reserve": reserve_bytes,
-                },
-            )
-        )
-        # weight sync: engine weights woken, one bucket and the largest merged tensor in flight
+        # weight sync: one bucket and the largest merged tensor in flight
         largest = pad_vocab(shape.vocab_size, tp) * shape.hidden_size * DTYPE_BYTES[a.params_dtype]
         largest = max(largest, 2 * shape.ffn_hidden_size * shape.hidden_size * DTYPE_BYTES[a.params_dtype])
-        per_stage["weight sync"].append(
-            Phase(
-                "weight sync",
-                {
-                    **resident,
-                    "vLLM weights" if sleeps else "vLLM budget": vllm.weights if sleeps else vllm.budget,
-                    "sync bucket + gathered tensor": cfg.rollout.weight_sync.bucket_size_mb * (1 << 20) + largest,
-                    "reserve": reserve_bytes,
-                },
-            )
-        )
+        work = {
+            "rollout": {},
+            "log-prob": {
+                "activations": forward_activation_bytes(shape, tokens=tokens, tp=tp, sequence_parallel=sp),
+                "logits": logits,
+            },
+            "train": {
+                "activations": training_activation_bytes(
+                    shape,
+                    tokens=tokens,
+                    tp=tp,
+                    pp=pp,
+                    sequence_parallel=sp,
+                    recompute=a.recompute,
+                    in_flight=in_flight,
+                ),
+                "logits": logits,
+            },
+            "weight sync": {
+                "sync bucket + gathered tensor": cfg.rollout.weight_sync.bucket_size_mb * (1 << 20) + largest,
+            },
+            "verify": {},
+        }
+        for name, phase in names.items():
+            items = {**actor(phase), **engine(phase), **work[name], "reserve": reserve_bytes}
+            per_stage[name].append(Phase(name, items))
     phases = [max(v, key=lambda ph: ph.total) for v in per_stage.values()]
     return MemoryPlan(
         gpu_bytes=gpu_bytes,

@@ -17,7 +17,8 @@ correct because the padding rows are at the end and zero.
 
 Why the commit protocol: a save writes into ``DIR/tmp-step_N``, renames it to
 ``DIR/step_N`` once every rank has finished, and only then rewrites ``DIR/latest``
-(temp file + ``os.replace``).  A crash at any point leaves ``latest`` pointing at the
+(temp file + ``os.replace``); the trainer may defer that commit (``commit=False``,
+:func:`commit_checkpoint`).  A crash at any point leaves ``latest`` pointing at the
 previous complete checkpoint; stale ``tmp-*`` directories are ignored by
 :func:`find_latest` and removed by the next save.
 
@@ -47,6 +48,7 @@ import os
 import re
 import shutil
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,10 +65,12 @@ __all__ = [
     "apply_checkpoint_cpu_shim",
     "check_compatible",
     "check_optimizer_layout",
+    "commit_checkpoint",
     "find_latest",
     "load_checkpoint",
     "load_rank_state",
     "model_metadata",
+    "PendingCheckpoint",
     "read_checkpoint_metadata",
     "resolve_checkpoint_dir",
     "save_checkpoint",
@@ -393,7 +397,8 @@ def save_checkpoint(
     rank_state: Mapping[str, Any] | None = None,
     keep_last: int | None = None,
     optimizer_sharding: str = OPTIMIZER_SHARDING_METADATA["distrib_optim_sharding_type"],
-) -> Path:
+    commit: bool = True,
+) -> Path | PendingCheckpoint:
     """Save this rank's model shard (and optimizer state) as ``root/step_N``; collective.
 
     Args:
@@ -411,9 +416,13 @@ def save_checkpoint(
         optimizer_sharding: megatron's ``distrib_optim_sharding_type``.  The default
             ``fully_reshardable`` loads at any layout; ``dp_reshardable`` saves without the
             DP all-gather (no extra host memory) but loads only at the same TP x PP.
+        commit: False writes everything into ``root/tmp-step_N`` and returns a
+            :class:`PendingCheckpoint` for :func:`commit_checkpoint`: the trainer writes while the
+            engine sleeps and commits once the step's metrics are logged, so a crash in between
+            resumes from the previous checkpoint and redoes the whole step.
 
     Returns:
-        The committed step directory.
+        The committed step directory (``commit=False``: the pending checkpoint).
 
     Raises:
         FileExistsError: ``root/step_N`` already exists (a checkpoint is never overwritten).
@@ -453,7 +462,7 @@ def save_checkpoint(
         torch.save(dict(rank_state), rank_dir / f"rank_{_rank():05d}.pt")
     _barrier()
 
-    def commit() -> None:
+    def write_metadata() -> None:
         if rank_state is not None:
             found = len(list((tmp / RANK_STATE_DIR).glob("rank_*.pt")))
             if found != world:
@@ -472,17 +481,38 @@ def save_checkpoint(
             optimizer_sharding=optimizer_sharding,
             transformer_impl=_transformer_impl(model),
         )
-        os.rename(tmp, final)
-        _atomic_write_text(root / LATEST_FILE, final.name + "\n")
-        if keep_last is not None:
-            for _, old in _complete_steps(root)[:-keep_last]:
+
+    _rank0_phase(write_metadata, "metadata")
+    _barrier()
+    pending = PendingCheckpoint(root=root, tmp=tmp, final=final, keep_last=keep_last)
+    return commit_checkpoint(pending) if commit else pending
+
+
+@dataclass(frozen=True)
+class PendingCheckpoint:
+    """A fully written checkpoint that ``latest`` does not name yet (see :func:`commit_checkpoint`)."""
+
+    root: Path
+    tmp: Path
+    final: Path
+    keep_last: int | None
+
+
+def commit_checkpoint(pending: PendingCheckpoint) -> Path:
+    """Rename the written checkpoint into place, point ``latest`` at it, prune; collective."""
+
+    def commit() -> None:
+        os.rename(pending.tmp, pending.final)
+        _atomic_write_text(pending.root / LATEST_FILE, pending.final.name + "\n")
+        if pending.keep_last is not None:
+            for _, old in _complete_steps(pending.root)[: -pending.keep_last]:
                 shutil.rmtree(old)
-        for stale in root.glob("tmp-step_*"):
+        for stale in pending.root.glob("tmp-step_*"):
             shutil.rmtree(stale)
 
     _rank0_phase(commit, "commit")
     _barrier()
-    return final
+    return pending.final
 
 
 @torch.no_grad()
