@@ -632,12 +632,18 @@ class DapoTrainer:
 def main(argv: Sequence[str] | None = None) -> int:
     import argparse
 
-    from dapo_megatron.config import load_config
+    from dapo_megatron.config import explain, load_config
 
     parser = argparse.ArgumentParser(description="DAPO training (run under torchrun)")
     parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
+    parser.add_argument(
+        "--explain", action="store_true", help="print the resolved config and what each verl key became; no training"
+    )
+    parser.add_argument("overrides", nargs="*", help="key.sub=value, ours or verl's")
     args = parser.parse_args(argv)
+    if args.explain:
+        print(explain(args.config, args.overrides), end="")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
     trainer = DapoTrainer(cfg)
