@@ -33,7 +33,7 @@ from dapo_megatron.verl_compat import DEFAULTS_THAT_DIFFER, Translation, VerlKey
 
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 FILTER_METRICS = ("acc", "score", "seq_reward")
-REWARD_BACKENDS = ("math_dapo", "math_verify")
+REWARD_BACKENDS = ("math_dapo", "math_lenient", "math_verify")
 REWARD_EXECUTORS = ("process", "ray", "inline")
 TRUNCATION_MODES = ("error", "left", "right")
 LR_SCHEDULES = ("constant", "cosine")
