@@ -302,7 +302,8 @@ class DapoTrainer:
         with self._timer("reward"):
             texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
             truths = [r.ground_truth for r in records for _ in range(cfg.rollout.n)]
-            scored = score_sharded(self.pool, texts, truths)
+            contexts = [(r.data_source, r.extra_info) for r in records for _ in range(cfg.rollout.n)]
+            scored = score_sharded(self.pool, texts, truths, contexts)
         return experience.build_round(cfg, records, rollouts, scored, draw=f"{self.step}.{round_index}")
 
     def _collect_batch(self) -> tuple[list[Group], list[experience.RoundResult]]:
