@@ -56,6 +56,9 @@ class DataConfig:
     val_files: list[str] = field(default_factory=list)
     tokenizer_path: str | None = None  # defaults to actor.model_path
     prompt_key: str = "prompt"
+    # false: prompts are tokenized as plain text (base models, tokenizers without a chat
+    # template); the prompt column may then hold strings as well as message lists
+    apply_chat_template: bool = True
     max_prompt_length: int = 512
     max_response_length: int = 512
     # Prompts longer than max_prompt_length: dropped with a count, or (filter off)

@@ -78,6 +78,7 @@ class DapoTrainer:
             dedup=cfg.data.dedup_prompts,
             filter_overlong_prompts=cfg.data.filter_overlong_prompts,
             truncation=cfg.data.truncation,
+            apply_chat_template=cfg.data.apply_chat_template,
         )
         self.train_set = load_prompt_dataset(cfg.data.train_files, self.tokenizer, **load)
         self.val_set = []
