@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dapo_megatron import experience
+from dapo_megatron import experience, verl_metrics
 from dapo_megatron.algo.dynamic_sampling import DynamicSamplingBuffer, Group
 from dapo_megatron.config import DapoConfig, data_parallel_size, to_dict, validate
 from dapo_megatron.distributed import all_max, all_sum, any_true
@@ -374,9 +374,6 @@ class DapoTrainer:
             metrics.update(self.actor.update(batch))
         if torch.cuda.is_available():  # a CPU has no meaningful peak to compare with
             metrics["perf/mfu/actor"] = self._actor_mfu(batch.seq_lengths.tolist(), time.perf_counter() - t0)
-        metrics["critic/advantages/mean"] = float(adv.mean())
-        metrics["critic/advantages/max"] = float(adv.max())
-        metrics["critic/advantages/min"] = float(adv.min())
         return metrics
 
     def _require_finite_policy(self, old_log_probs: torch.Tensor, mask: torch.Tensor) -> None:
@@ -535,6 +532,9 @@ class DapoTrainer:
             "prompt_length/min": float(prompt_lengths.min()),
             "rollout/generated_tokens": gen_tokens,
         }
+        # over the whole batch (every rank holds all groups), not one data-parallel shard
+        adv = experience.advantages_for(groups, norm_by_std=self.cfg.algorithm.norm_adv_by_std)
+        out.update(verl_metrics.advantage_metrics(adv, lengths.long().tolist()))
         if rounds:  # carried-over groups can fill a step without any new generation
             out["rollout/acc_all_generated"] = float(torch.cat([r.scores for r in rounds]).gt(0).float().mean())
         return out
@@ -594,7 +594,17 @@ class DapoTrainer:
             metrics.update({f"timing_s/{k}": v for k, v in self.timings.items()})
             metrics["timing_s/step"] = step_time
             metrics["perf/time_per_step"] = step_time
-            metrics["perf/throughput"] = metrics["rollout/generated_tokens"] / max(step_time, 1e-9) / self.dp_size
+            metrics.update(
+                verl_metrics.throughput_metrics(
+                    [len(g.payload["prompt_ids"]) for g in groups for _ in g.payload["response_ids"]],
+                    [len(r) for g in groups for r in g.payload["response_ids"]],
+                    step_seconds=step_time,
+                    num_gpus=dist.get_world_size() if dist.is_initialized() else 1,
+                    generated_tokens=metrics["rollout/generated_tokens"],
+                    dp_size=self.dp_size,
+                )
+            )
+            metrics.update(verl_metrics.progress_metrics(self.step, self.sampler.epoch))
             metrics["train/epoch"] = float(self.sampler.epoch)
             # Log before saving: a crash in between redoes this step (its row is dropped on
             # resume); saving first could lose the row of a step that the checkpoint holds.
