@@ -28,7 +28,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dapo_megatron import experience
+from dapo_megatron import experience, verl_metrics
 from dapo_megatron.algo.dynamic_sampling import DynamicSamplingBuffer, Group
 from dapo_megatron.config import DapoConfig, data_parallel_size, to_dict, validate
 from dapo_megatron.distributed import all_max, all_sum, any_true
@@ -77,6 +77,7 @@ class DapoTrainer:
             dedup=cfg.data.dedup_prompts,
             filter_overlong_prompts=cfg.data.filter_overlong_prompts,
             truncation=cfg.data.truncation,
+            apply_chat_template=cfg.data.apply_chat_template,
         )
         self.train_set = load_prompt_dataset(cfg.data.train_files, self.tokenizer, **load)
         self.val_set = []
@@ -331,7 +332,8 @@ class DapoTrainer:
         with self._timer("reward"):
             texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
             truths = [r.ground_truth for r in records for _ in range(cfg.rollout.n)]
-            scored = score_sharded(self.pool, texts, truths)
+            contexts = [(r.data_source, r.extra_info) for r in records for _ in range(cfg.rollout.n)]
+            scored = score_sharded(self.pool, texts, truths, contexts)
         return experience.build_round(cfg, records, rollouts, scored, draw=f"{self.step}.{round_index}")
 
     def _collect_batch(self) -> tuple[list[Group], list[experience.RoundResult]]:
@@ -401,9 +403,6 @@ class DapoTrainer:
             metrics.update(self.actor.update(batch))
         if torch.cuda.is_available():  # a CPU has no meaningful peak to compare with
             metrics["perf/mfu/actor"] = self._actor_mfu(batch.seq_lengths.tolist(), time.perf_counter() - t0)
-        metrics["critic/advantages/mean"] = float(adv.mean())
-        metrics["critic/advantages/max"] = float(adv.max())
-        metrics["critic/advantages/min"] = float(adv.min())
         return metrics
 
     def _require_finite_policy(self, old_log_probs: torch.Tensor, mask: torch.Tensor) -> None:
@@ -590,6 +589,9 @@ class DapoTrainer:
             "prompt_length/min": float(prompt_lengths.min()),
             "rollout/generated_tokens": gen_tokens,
         }
+        # over the whole batch (every rank holds all groups), not one data-parallel shard
+        adv = experience.advantages_for(groups, norm_by_std=self.cfg.algorithm.norm_adv_by_std)
+        out.update(verl_metrics.advantage_metrics(adv, lengths.long().tolist()))
         if rounds:  # carried-over groups can fill a step without any new generation
             out["rollout/acc_all_generated"] = float(torch.cat([r.scores for r in rounds]).gt(0).float().mean())
         return out
@@ -660,7 +662,17 @@ class DapoTrainer:
             metrics.update({f"timing_s/lifecycle/{k}": v for k, v in self.lifecycle.pop_timings().items()})
             metrics["timing_s/step"] = step_time
             metrics["perf/time_per_step"] = step_time
-            metrics["perf/throughput"] = metrics["rollout/generated_tokens"] / max(step_time, 1e-9) / self.dp_size
+            metrics.update(
+                verl_metrics.throughput_metrics(
+                    [len(g.payload["prompt_ids"]) for g in groups for _ in g.payload["response_ids"]],
+                    [len(r) for g in groups for r in g.payload["response_ids"]],
+                    step_seconds=step_time,
+                    num_gpus=dist.get_world_size() if dist.is_initialized() else 1,
+                    generated_tokens=metrics["rollout/generated_tokens"],
+                    dp_size=self.dp_size,
+                )
+            )
+            metrics.update(verl_metrics.progress_metrics(self.step, self.sampler.epoch))
             self._log(metrics)
             if pending is not None:
                 self.commit_checkpoint(pending)
@@ -694,12 +706,18 @@ class DapoTrainer:
 def main(argv: Sequence[str] | None = None, trainer_cls: type[DapoTrainer] = DapoTrainer) -> int:
     import argparse
 
-    from dapo_megatron.config import load_config
+    from dapo_megatron.config import explain, load_config
 
     parser = argparse.ArgumentParser(description="DAPO training (run under torchrun)")
     parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
+    parser.add_argument(
+        "--explain", action="store_true", help="print the resolved config and what each verl key became; no training"
+    )
+    parser.add_argument("overrides", nargs="*", help="key.sub=value, ours or verl's")
     args = parser.parse_args(argv)
+    if args.explain:
+        print(explain(args.config, args.overrides), end="")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = load_config(args.config, args.overrides)
     trainer = trainer_cls(cfg)

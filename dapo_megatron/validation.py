@@ -37,7 +37,7 @@ def validate(
     rollouts = engine.generate([r.prompt_ids for r in records], k, spec, cfg.rollout.val.seed)
     texts = tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
     truths = [r.ground_truth for r in records for _ in range(k)]
-    scored = score_sharded(pool, texts, truths)
+    scored = score_sharded(pool, texts, truths, [(r.data_source, r.extra_info) for r in records for _ in range(k)])
     metrics = avg_at_k(
         scored.acc,
         [r.uid for r in records for _ in range(k)],

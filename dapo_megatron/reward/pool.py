@@ -48,7 +48,10 @@ from dapo_megatron.reward import BACKENDS, get_scorer
 
 logger = logging.getLogger(__name__)
 
-Scorer = Callable[[str, str], Mapping[str, Any]]
+Scorer = Callable[..., Mapping[str, Any]]
+# (data source, extra info) of one response, or None when the caller has none
+Context = tuple[str, dict[str, Any]] | None
+_Item = tuple[str, str, Context]
 EXECUTORS = ("process", "ray", "inline")
 FAILED_SCORE = -1.0
 TIMEOUT_PRED = "[TIMEOUT]"
@@ -173,8 +176,13 @@ class RewardPool:
         else:
             self._impl = _InlineExecutor(scorer)
 
-    def score(self, responses: Sequence[str], ground_truths: Sequence[str]) -> ScoredBatch:
-        """Score every response; hung or crashed verifiers yield -1.0 and a ``failed`` reason."""
+    def score(
+        self, responses: Sequence[str], ground_truths: Sequence[str], contexts: Sequence[Context] | None = None
+    ) -> ScoredBatch:
+        """Score every response; hung or crashed verifiers yield -1.0 and a ``failed`` reason.
+
+        ``contexts[i]`` is response i's (data source, extra info), for scorers that take them.
+        """
         if self._closed:
             raise RuntimeError("RewardPool is closed")
         if len(responses) != len(ground_truths):
@@ -182,7 +190,11 @@ class RewardPool:
         for i, r in enumerate(responses):
             if not isinstance(r, str):
                 raise TypeError(f"responses[{i}] must be str, got {type(r).__name__}")
-        items = [(r, str(g)) for r, g in zip(responses, ground_truths, strict=True)]
+        if contexts is None:
+            contexts = [None] * len(responses)
+        elif len(contexts) != len(responses):
+            raise ValueError(f"responses and contexts differ in length: {len(responses)} != {len(contexts)}")
+        items = [(r, str(g), c) for r, g, c in zip(responses, ground_truths, contexts, strict=True)]
         with self._lock:
             t0 = time.perf_counter()
             outcomes = self._impl.run(items) if items else []
@@ -282,9 +294,15 @@ def _coerce(raw: Any) -> tuple[float, bool, str]:
     return score, bool(raw["acc"]), str(raw.get("pred", ""))
 
 
-def _score_one(scorer: Scorer, response: str, ground_truth: str) -> tuple:
-    """("ok", score, acc, pred) or ("error", description); never raises."""
+def _score_one(scorer: Scorer, response: str, ground_truth: str, context: Context = None) -> tuple:
+    """("ok", score, acc, pred) or ("error", description); never raises.
+
+    ``context`` (data source, extra info) reaches only scorers that ask for it
+    (``takes_context``, as verl-style reward functions do); the built-in backends never need it.
+    """
     try:
+        if getattr(scorer, "takes_context", False):
+            return ("ok", *_coerce(scorer(response, ground_truth, context)))
         return ("ok", *_coerce(scorer(response, ground_truth)))
     except BaseException as exc:  # noqa: BLE001 - SystemExit from a scorer is an error too
         return ("error", _describe(exc))
@@ -309,7 +327,7 @@ def _failed(reason: str) -> _Outcome:
 
 class _Executor(abc.ABC):
     @abc.abstractmethod
-    def run(self, items: list[tuple[str, str]]) -> list[_Outcome]: ...
+    def run(self, items: list[_Item]) -> list[_Outcome]: ...
 
     def pop_restarts(self) -> int:
         return 0
@@ -327,8 +345,8 @@ class _InlineExecutor(_Executor):
             warmup()
         self._scorer = scorer
 
-    def run(self, items: list[tuple[str, str]]) -> list[_Outcome]:
-        return [_to_outcome(_score_one(self._scorer, r, g)) for r, g in items]
+    def run(self, items: list[_Item]) -> list[_Outcome]:
+        return [_to_outcome(_score_one(self._scorer, *item)) for item in items]
 
 
 # ----------------------------------------------------------------------------
@@ -354,8 +372,8 @@ def _worker_main(conn: Connection, scorer: Scorer) -> None:
             return
         if msg is None:
             return
-        index, response, ground_truth = msg
-        conn.send((index, _score_one(scorer, response, ground_truth)))
+        index, *item = msg
+        conn.send((index, _score_one(scorer, *item)))
 
 
 class _Worker:
@@ -403,7 +421,7 @@ class _ProcessExecutor(_Executor):
         n, self._restarts = self._restarts, 0
         return n
 
-    def run(self, items: list[tuple[str, str]]) -> list[_Outcome]:
+    def run(self, items: list[_Item]) -> list[_Outcome]:
         results: list[_Outcome | None] = [None] * len(items)
         pending = deque(range(len(items)))
         try:
@@ -421,7 +439,7 @@ class _ProcessExecutor(_Executor):
             raise
         return _complete(results)
 
-    def _dispatch(self, items: list[tuple[str, str]], pending: deque[int]) -> None:
+    def _dispatch(self, items: list[_Item], pending: deque[int]) -> None:
         for w in self._workers:
             if not pending:
                 return

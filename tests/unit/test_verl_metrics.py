@@ -1,0 +1,46 @@
+"""Metrics under verl's names follow verl's definitions (whole batch, token-weighted, per GPU)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from dapo_megatron.verl_metrics import STEP_NAMES, advantage_metrics, progress_metrics, throughput_metrics
+
+
+def test_the_pinned_names_are_verl_s():
+    """The list a real run is checked against (tests/e2e/test_base_model_prompts.py); renaming one breaks dashboards."""
+    assert STEP_NAMES == (
+        "critic/advantages/mean",
+        "critic/advantages/max",
+        "critic/advantages/min",
+        "critic/score/mean",
+        "critic/rewards/mean",
+        "response_length/mean",
+        "response_length/clip_ratio",
+        "perf/total_num_tokens",
+        "perf/throughput",
+        "perf/time_per_step",
+        "training/global_step",
+        "training/epoch",
+        "actor/pg_loss",
+        "actor/pg_clipfrac",
+        "actor/ppo_kl",
+    )
+
+
+def test_advantages_are_token_weighted_over_the_whole_batch():
+    # two responses of 1 and 3 tokens: verl's masked mean is (1*1 + 3*(-1)) / 4, not (1 - 1) / 2
+    out = advantage_metrics(torch.tensor([1.0, -1.0, 5.0]), [1, 3, 0])
+    assert out == {"critic/advantages/mean": -0.5, "critic/advantages/max": 1.0, "critic/advantages/min": -1.0}
+    with pytest.raises(ValueError, match="3 advantages for 2 responses"):
+        advantage_metrics(torch.zeros(3), [1, 2])
+
+
+def test_throughput_is_trained_prompt_and_response_tokens_per_second_per_gpu():
+    out = throughput_metrics([10, 10], [5, 15], step_seconds=2.0, num_gpus=4, generated_tokens=20.0, dp_size=2)
+    assert out == {"perf/total_num_tokens": 40.0, "perf/throughput": 5.0, "perf/generation_throughput": 5.0}
+
+
+def test_progress():
+    assert progress_metrics(3, 1) == {"training/global_step": 3.0, "training/epoch": 1.0}
