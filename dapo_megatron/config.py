@@ -111,12 +111,24 @@ class OffloadConfig:
 
 
 @dataclass
+class DdpConfig:
+    """Megatron DDP gradient reduction (names of megatron's DistributedDataParallelConfig)."""
+
+    # Reduce(-scatter) gradients bucket by bucket while the backward pass still runs.
+    overlap_grad_reduce: bool = True
+    # Parameters per bucket; None: megatron's default max(40M, 1M x DP). Only with overlap:
+    # without it megatron makes one bucket of every gradient.
+    bucket_size: int | None = None
+
+
+@dataclass
 class ActorConfig:
     model_path: str | None = None  # HF checkpoint directory (config, weights, tokenizer)
     load: str | None = None  # Megatron dist checkpoint to start from instead of model_path
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
+    ddp: DdpConfig = field(default_factory=DdpConfig)
     params_dtype: str = "bfloat16"
     # Megatron-LM's --transformer-impl: "transformer_engine" or "local"; None: TE with CUDA,
     # local without. Never a silent fallback: TE asked for (or defaulted to) and unusable is refused.
@@ -524,6 +536,13 @@ def validate(cfg: DapoConfig, *, world_size: int | None = None, check_files: boo
     )
     if a.transformer_impl is not None:
         c.choice(a.transformer_impl, "actor.transformer_impl", TRANSFORMER_IMPLS)
+    if a.ddp.bucket_size is not None:
+        c.positive(a.ddp.bucket_size, "actor.ddp.bucket_size")
+        c.require(
+            a.ddp.overlap_grad_reduce,
+            "actor.ddp.bucket_size",
+            "needs actor.ddp.overlap_grad_reduce=true (without overlap megatron reduces one bucket of every gradient)",
+        )
     c.choice(a.recompute, "actor.recompute", RECOMPUTE)
     c.positive(a.ppo_mini_batch_size, "actor.ppo_mini_batch_size")
     c.positive(a.ppo_epochs, "actor.ppo_epochs")

@@ -156,7 +156,12 @@ class MegatronActor:
             load_hf_weights_into_model(model, weights, hf_config)
         self.hf_vocab_size = model.hf_vocab_size
         self.gpt = model
-        self.model = wrap_ddp(model, use_distributed_optimizer=actor_cfg.optim.use_distributed_optimizer)
+        self.model = wrap_ddp(
+            model,
+            use_distributed_optimizer=actor_cfg.optim.use_distributed_optimizer,
+            overlap_grad_reduce=actor_cfg.ddp.overlap_grad_reduce,
+            bucket_size=actor_cfg.ddp.bucket_size,
+        )
         self.optimizer = build_optimizer(self.model, actor_cfg.optim, params_dtype=self.params_dtype)
         self.offloader = ActorOffloader(self.model, self.optimizer)
         self.update_count = 0  # training steps taken (LR schedule position)
