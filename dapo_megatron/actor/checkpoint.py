@@ -56,6 +56,7 @@ import torch
 import torch.distributed as dist
 
 from dapo_megatron.actor.hf_loading import unwrap_model
+from dapo_megatron.actor.megatron_patches import fully_reshardable_bucket_fix
 from dapo_megatron.distributed import any_true
 from dapo_megatron.models import get_layout, model_type_of
 
@@ -451,9 +452,10 @@ def save_checkpoint(
 
     sharded = {"model": _model_sharded_state_dict(model)}
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(
-            sharded["model"], metadata={"distrib_optim_sharding_type": optimizer_sharding}
-        )
+        with fully_reshardable_bucket_fix(optimizer):
+            sharded["optimizer"] = optimizer.sharded_state_dict(
+                sharded["model"], metadata={"distrib_optim_sharding_type": optimizer_sharding}
+            )
     dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_fully_parallel_save_strategy())
     world = dist.get_world_size() if dist.is_initialized() else 1
     if rank_state is not None:
@@ -641,9 +643,10 @@ def load_checkpoint(
     if optimizer is not None:
         sharding = check_optimizer_layout(meta, *_layout(), where=f"checkpoint {directory}")
         _materialize_optimizer_state(optimizer)
-        sharded["optimizer"] = optimizer.sharded_state_dict(
-            sharded["model"], is_loading=True, metadata={"distrib_optim_sharding_type": sharding}
-        )
+        with fully_reshardable_bucket_fix(optimizer):
+            sharded["optimizer"] = optimizer.sharded_state_dict(
+                sharded["model"], is_loading=True, metadata={"distrib_optim_sharding_type": sharding}
+            )
     loaded = dist_checkpointing.load(sharded, str(directory))
     inner = unwrap_model(model)
     inner.load_state_dict(loaded["model"], strict=True)
