@@ -101,6 +101,10 @@ class ActorOffloader:
         self.model = ddp_model
         self.optimizer = optimizer
         self._stashed: dict[str, list[_Stash]] = {}
+        # Host buffers are kept between offloads: pinned allocations cost about as much as the
+        # copy itself, and every step offloads the same storages again (Megatron's DDP buffers
+        # keep their pinned copies the same way).
+        self._host: dict[str, list[torch.Tensor]] = {}
 
     # ------------------------------------------------------------- what is where
     def _storages(self) -> dict[str, list[torch.UntypedStorage]]:
@@ -146,12 +150,17 @@ class ActorOffloader:
                 continue
             t0 = time.perf_counter()
             stashes = []
-            for s in storages[kind]:
+            hosts = self._host.get(kind, [])
+            if [h.numel() for h in hosts] != [s.nbytes() for s in storages[kind]]:
+                hosts = []  # first offload of this kind (or its storages changed): allocate
+            for i, s in enumerate(storages[kind]):
                 host = None
                 if kind != "grads":
-                    host = torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=pin)
+                    host = hosts[i] if hosts else torch.empty(s.nbytes(), dtype=torch.uint8, pin_memory=pin)
                     host.copy_(_raw(s), non_blocking=pin)
                 stashes.append(_Stash(s, s.nbytes(), host))
+            if kind != "grads":
+                self._host[kind] = [st.host for st in stashes]
             moved[kind] = stashes
             stats.seconds[kind] = time.perf_counter() - t0
             stats.bytes[kind] = sum(st.nbytes for st in stashes)
