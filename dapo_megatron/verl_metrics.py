@@ -12,6 +12,8 @@ from one data-parallel rank's shard.
   The throughput this project logged before (generated tokens per second per data-parallel
   rank) is kept as ``perf/generation_throughput``.
 * ``training/global_step``, ``training/epoch``.
+
+:func:`val_names` pins the names of every validation (definitions in ``reward/val_metrics.py``).
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
+
+from dapo_megatron.reward.val_metrics import bootstrap_sizes
 
 # verl's names that every training step emits, pinned by tests (a unit test holds the list, an
 # end-to-end run checks the names appear); renaming one silently breaks verl dashboards.
@@ -39,6 +43,32 @@ STEP_NAMES = (
     "actor/pg_clipfrac",
     "actor/ppo_kl",
 )
+
+
+def val_names(data_source: str, n: int) -> list[str]:
+    """The validation names pinned for one data source sampled n > 1 times: verl's (its core
+    metrics at n, best/maj/worst for the bootstrap sizes, score and reward means) and ours."""
+    ds = data_source
+    names = [
+        f"val-core/{ds}/acc/mean@{n}",
+        f"val-core/{ds}/acc/best@{n}/mean",
+        f"val-core/{ds}/acc/best@{n}/std",
+        f"val-core/{ds}/acc/maj@{n}/mean",
+        f"val-core/{ds}/acc/maj@{n}/std",
+        f"val-aux/{ds}/acc/std@{n}",
+        f"val-aux/{ds}/score/mean@{n}",
+        f"val-aux/{ds}/reward/mean@{n}",
+        f"val-aux/{ds}/score/best@{n}/mean",
+        f"val-aux/{ds}/reward/maj@{n}/mean",
+    ]
+    for size in bootstrap_sizes(n)[:-1]:
+        names += [
+            f"val-aux/{ds}/acc/{kind}@{size}/{stat}" for kind in ("best", "worst", "maj") for stat in ("mean", "std")
+        ]
+    names += [f"val-aux/{ds}/acc/worst@{n}/mean", f"val-aux/{ds}/acc/worst@{n}/std"]
+    # ours: the plots and the demo's verdict read mean@n and sem@n
+    names += [f"val-aux/{ds}/pass@{n}", f"val-aux/{ds}/acc/sem@{n}", f"val-aux/{ds}/acc/problem_std@{n}"]
+    return names
 
 
 def advantage_metrics(advantages: torch.Tensor, response_lengths: Sequence[int]) -> dict[str, float]:
