@@ -13,7 +13,9 @@ from one data-parallel rank's shard.
   rank) is kept as ``perf/generation_throughput``.
 * ``training/global_step``, ``training/epoch``.
 
-:func:`val_names` pins the names of every validation (definitions in ``reward/val_metrics.py``).
+Two sibling lists pin the names of other metric families: :data:`ROLLOUT_CORR_NAMES` (every
+step with ``algorithm.rollout_is.enable``; definitions in ``algo/rollout_correction.py``) and
+:func:`val_names` (every validation; definitions in ``reward/val_metrics.py``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,50 @@ STEP_NAMES = (
     "actor/pg_loss",
     "actor/pg_clipfrac",
     "actor/ppo_kl",
+)
+
+# verl's rollout-correction names (token-level truncated IS and its mismatch diagnostics), then ours.
+ROLLOUT_CORR_NAMES = (
+    *(
+        f"rollout_corr/rollout_is_{name}"
+        for name in (
+            "mean",
+            "max",
+            "min",
+            "ratio_fraction_high",
+            "ratio_fraction_low",
+            "std",
+            "eff_sample_size",
+            "seq_mean",
+            "seq_std",
+            "seq_max",
+            "seq_min",
+            "seq_max_deviation",
+            "seq_fraction_high",
+            "seq_fraction_low",
+        )
+    ),
+    *(
+        f"rollout_corr/{name}"
+        for name in (
+            "training_ppl",
+            "training_log_ppl",
+            "kl",
+            "k3_kl",
+            "rollout_ppl",
+            "rollout_log_ppl",
+            "log_ppl_diff",
+            "log_ppl_abs_diff",
+            "log_ppl_diff_max",
+            "log_ppl_diff_min",
+            "ppl_ratio",
+            "chi2_token",
+            "chi2_seq",
+        )
+    ),
+    "rollout_is/weight_mean",
+    "rollout_is/weight_min",
+    "rollout_is/capped_frac",
 )
 
 

@@ -80,3 +80,22 @@ def test_validation_names_are_pinned_and_emitted():
     values = {"acc": acc, "score": [2 * a - 1 for a in acc], "reward": [2 * a - 1.5 for a in acc]}
     emitted = {**verl_val_metrics(values, gids, sources, list("12213343")), **avg_at_k(acc, gids, sources)}
     assert [name for name in val_names("aime", 4) if name not in emitted] == []
+
+
+def test_rollout_correction_names_are_verl_s():
+    from dapo_megatron.verl_metrics import ROLLOUT_CORR_NAMES
+
+    verl = (
+        "mean max min ratio_fraction_high ratio_fraction_low std eff_sample_size seq_mean seq_std seq_max "
+        "seq_min seq_max_deviation seq_fraction_high seq_fraction_low"
+    ).split()
+    diagnostics = (
+        "training_ppl training_log_ppl kl k3_kl rollout_ppl rollout_log_ppl log_ppl_diff log_ppl_abs_diff "
+        "log_ppl_diff_max log_ppl_diff_min ppl_ratio chi2_token chi2_seq"
+    ).split()
+    ours = ("rollout_is/weight_mean", "rollout_is/weight_min", "rollout_is/capped_frac")
+    assert ROLLOUT_CORR_NAMES == (
+        *(f"rollout_corr/rollout_is_{n}" for n in verl),
+        *(f"rollout_corr/{n}" for n in diagnostics),
+        *ours,
+    )
