@@ -360,7 +360,7 @@ class DapoTrainer:
         return groups, rounds
 
     def _train_on(self, groups: list[Group]) -> dict[str, float]:
-        from dapo_megatron.algo.rollout_correction import is_weight_metrics, truncated_is_weights
+        from dapo_megatron.algo.rollout_correction import rollout_corr_metrics_over_ranks, truncated_is_weights
         from dapo_megatron.rollout.mismatch import logprob_mismatch
 
         cfg = self.cfg
@@ -395,7 +395,7 @@ class DapoTrainer:
             # Token-level advantages A * w are exactly the TIS-weighted loss (see rollout_correction).
             cap = cfg.algorithm.rollout_is.cap
             weights = truncated_is_weights(old, rollout_lp, mask, cap=cap)
-            metrics.update(is_weight_metrics(weights, mask, cap=cap))
+            metrics.update(rollout_corr_metrics_over_ranks(old, rollout_lp, mask, cap=cap))  # collective
             batch = dataclasses.replace(batch, advantages=adv.unsqueeze(-1) * weights)
         batch = dataclasses.replace(batch, old_log_probs=old)
         t0 = time.perf_counter()
