@@ -61,8 +61,14 @@ ERROR_PRED = "[ERROR]"
 STARTUP_TIMEOUT_S = 120.0
 _MAX_MESSAGE_CHARS = 500
 
-# (score, acc, pred, failed)
-_Outcome = tuple[float, bool, str, "str | None"]
+@dataclass(frozen=True)
+class _Outcome:
+    """One response's result inside the pool (``failed``: None, ``"timeout"`` or ``"error: ..."``)."""
+
+    score: float
+    acc: bool
+    pred: str
+    failed: str | None = None
 
 
 @dataclass
@@ -199,7 +205,7 @@ class RewardPool:
             t0 = time.perf_counter()
             outcomes = self._impl.run(items) if items else []
             self._counters.add(outcomes, time.perf_counter() - t0, self._impl.pop_restarts())
-        failures = [(i, o[3]) for i, o in enumerate(outcomes) if o[3] is not None]
+        failures = [(i, o.failed) for i, o in enumerate(outcomes) if o.failed is not None]
         if failures:
             # Failures are scored as incorrect and training goes on, so say it where people look.
             index, reason = failures[0]
@@ -212,10 +218,10 @@ class RewardPool:
                 reason,
             )
         return ScoredBatch(
-            scores=[o[0] for o in outcomes],
-            acc=[o[1] for o in outcomes],
-            preds=[o[2] for o in outcomes],
-            failed=[o[3] for o in outcomes],
+            scores=[o.score for o in outcomes],
+            acc=[o.acc for o in outcomes],
+            preds=[o.pred for o in outcomes],
+            failed=[o.failed for o in outcomes],
         )
 
     def metrics(self) -> dict[str, float]:
@@ -255,8 +261,8 @@ class _Counters:
 
     def add(self, outcomes: list[_Outcome], seconds: float, restarts: int) -> None:
         self.scored += len(outcomes)
-        self.timeouts += sum(1 for o in outcomes if o[3] == "timeout")
-        self.errors += sum(1 for o in outcomes if o[3] is not None and o[3] != "timeout")
+        self.timeouts += sum(1 for o in outcomes if o.failed == "timeout")
+        self.errors += sum(1 for o in outcomes if o.failed is not None and o.failed != "timeout")
         self.restarts += restarts
         self.seconds += seconds
 
@@ -310,7 +316,7 @@ def _score_one(scorer: Scorer, response: str, ground_truth: str, context: Contex
 
 def _to_outcome(result: tuple) -> _Outcome:
     if result[0] == "ok":
-        return result[1], result[2], result[3], None
+        return _Outcome(result[1], result[2], result[3])
     return _failed("error: " + result[1])
 
 
@@ -322,7 +328,7 @@ def _complete(results: list[_Outcome | None]) -> list[_Outcome]:
 
 
 def _failed(reason: str) -> _Outcome:
-    return FAILED_SCORE, False, TIMEOUT_PRED if reason == "timeout" else ERROR_PRED, reason
+    return _Outcome(FAILED_SCORE, False, TIMEOUT_PRED if reason == "timeout" else ERROR_PRED, reason)
 
 
 class _Executor(abc.ABC):

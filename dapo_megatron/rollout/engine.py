@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -85,7 +85,6 @@ class Rollouts:
     response_ids: list[list[int]]
     logprobs: list[list[float]]
     finish_reason: list[str]
-    meta: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         total = self.num_prompts * self.n

@@ -181,7 +181,6 @@ class VllmEngine(RolloutEngine):
         # alike instead of one replica raising while the others wait in the gather.
         self._validate_prompts(prompts, sampling.max_tokens)
         mine = self.layout.my_prompts(len(prompts))
-        t0 = time.perf_counter()
         local: list[tuple[list[int], list[float], str]] = []
         error: str | None = None
         try:
@@ -199,7 +198,6 @@ class VllmEngine(RolloutEngine):
             if self._gather_group is None:
                 raise
             error = f"{type(e).__name__}: {e}"
-        gen_s = time.perf_counter() - t0
         records = self._gather(local, error)
         rollouts = Rollouts(
             num_prompts=len(prompts),
@@ -209,7 +207,6 @@ class VllmEngine(RolloutEngine):
             logprobs=[r[1] for r in records],
             finish_reason=[r[2] for r in records],
         )
-        rollouts.meta.update(generate_s=gen_s, weights_version=float(self.weights_version))
         return rollouts
 
     def _validate_prompts(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> None:
