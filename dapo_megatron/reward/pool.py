@@ -61,6 +61,7 @@ ERROR_PRED = "[ERROR]"
 STARTUP_TIMEOUT_S = 120.0
 _MAX_MESSAGE_CHARS = 500
 
+
 @dataclass(frozen=True)
 class _Outcome:
     """One response's result inside the pool (``failed``: None, ``"timeout"`` or ``"error: ..."``)."""
