@@ -111,6 +111,7 @@ class DapoTrainer:
             max_num_gen_batches=fg.max_num_gen_batches,
             on_exhausted=fg.on_exhausted,
             max_carry_age=fg.max_carry_age,
+            payload_type=experience.GroupSamples,
         )
         self.step = 0
         resumed = self._maybe_resume()
@@ -384,7 +385,7 @@ class DapoTrainer:
         rollout_lp = experience.rollout_log_probs(mine, cfg.data.max_response_length)
         # Groups carried over from an earlier step were sampled by earlier weights: their gap
         # is off-policy staleness, not a sync error, so it gets its own metric.
-        born = torch.tensor([g.born_step for g in mine for _ in g.payload["response_ids"]])
+        born = torch.tensor([g.born_step for g in mine for _ in g.payload.response_ids])
         fresh = mask & (born == self.step).unsqueeze(-1)
         for prefix, part in (("rollout/actor_mismatch_", fresh), ("rollout/carried_mismatch_", mask & ~fresh)):
             if bool(part.any()):
@@ -569,9 +570,9 @@ class DapoTrainer:
     def _batch_metrics(self, groups: Sequence[Group], rounds: Sequence[experience.RoundResult]) -> dict[str, float]:
         scores = torch.tensor([s for g in groups for s in g.metrics["score"]])
         rewards = torch.tensor([s for g in groups for s in g.metrics["seq_reward"]])
-        lengths = torch.tensor([len(r) for g in groups for r in g.payload["response_ids"]], dtype=torch.float32)
-        prompt_lengths = torch.tensor([len(g.payload["prompt_ids"]) for g in groups], dtype=torch.float32)
-        truncated = torch.tensor([t for g in groups for t in g.payload["truncated"]], dtype=torch.float32)
+        lengths = torch.tensor([len(r) for g in groups for r in g.payload.response_ids], dtype=torch.float32)
+        prompt_lengths = torch.tensor([len(g.payload.prompt_ids) for g in groups], dtype=torch.float32)
+        truncated = torch.tensor([t for g in groups for t in g.payload.truncated], dtype=torch.float32)
         gen_tokens = float(sum(int(r.lengths.sum()) for r in rounds))
         out = {
             "critic/score/mean": float(scores.mean()),
@@ -664,8 +665,8 @@ class DapoTrainer:
             metrics["perf/time_per_step"] = step_time
             metrics.update(
                 verl_metrics.throughput_metrics(
-                    [len(g.payload["prompt_ids"]) for g in groups for _ in g.payload["response_ids"]],
-                    [len(r) for g in groups for r in g.payload["response_ids"]],
+                    [len(g.payload.prompt_ids) for g in groups for _ in g.payload.response_ids],
+                    [len(r) for g in groups for r in g.payload.response_ids],
                     step_seconds=step_time,
                     num_gpus=dist.get_world_size() if dist.is_initialized() else 1,
                     generated_tokens=metrics["rollout/generated_tokens"],
