@@ -103,8 +103,8 @@ def _layout_problems(cfg: DapoConfig, shape: ModelShape, cluster: Cluster) -> li
          f"model's {shape.num_layers} layers"),
         (shape.num_attention_heads % tp == 0, "actor.parallel.tensor_model_parallel_size",
          f"{tp} does not divide num_attention_heads={shape.num_attention_heads}"),
-        (shape.num_kv_heads % tp == 0, "actor.parallel.tensor_model_parallel_size",
-         f"{tp} does not divide num_key_value_heads={shape.num_kv_heads} (Megatron splits whole KV groups)"),
+        (shape.num_query_groups % tp == 0, "actor.parallel.tensor_model_parallel_size",
+         f"{tp} does not divide num_key_value_heads={shape.num_query_groups} (Megatron splits whole KV groups)"),
         (shape.ffn_hidden_size % tp == 0, "actor.parallel.tensor_model_parallel_size",
          f"{tp} does not divide intermediate_size={shape.ffn_hidden_size}"),
         (shape.num_attention_heads % tr == 0, "rollout.tensor_model_parallel_size",
@@ -351,7 +351,7 @@ def format_plan(plan: Plan, assumptions: Assumptions) -> str:
     lines = [
         "dapo-megatron preflight plan",
         f"  model    {_fmt_count(shape.total_params())} params: {shape.num_layers} layers, hidden {shape.hidden_size}, "
-        f"heads {shape.num_attention_heads}/{shape.num_kv_heads} kv, ffn {shape.ffn_hidden_size}, "
+        f"heads {shape.num_attention_heads}/{shape.num_query_groups} kv, ffn {shape.ffn_hidden_size}, "
         f"vocab {shape.vocab_size}, {'tied' if shape.tie_word_embeddings else 'untied'}",
         f"  cluster  {cl.nodes} node(s) x {cl.gpus_per_node} GPUs = {cl.world_size}, {cl.gpu_memory_gib:g} GiB each",
         f"  actor    TP{p.tensor_model_parallel_size} x PP{p.pipeline_model_parallel_size} x DP{mem.dp}"

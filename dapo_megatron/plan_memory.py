@@ -57,6 +57,7 @@ from dapo_megatron.config import DapoConfig, data_parallel_size
 from dapo_megatron.lifecycle import LifecyclePlan
 from dapo_megatron.lifecycle import Phase as LifecyclePhase
 from dapo_megatron.models import get_layout
+from dapo_megatron.models.qwen2 import DecoderLayout, pad_vocab_size
 
 GiB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -64,69 +65,14 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CUDA_GRAPH_GIB = 0.5  # allowance for captured CUDA graphs when enforce_eager is off
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers of a llama-family decoder that memory and FLOPs depend on."""
-
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_kv_heads: int
-    head_dim: int
-    ffn_hidden_size: int
-    vocab_size: int
-    tie_word_embeddings: bool
-    qkv_bias: bool = False
-    qk_norm: bool = False
-
-    @property
-    def qkv_rows(self) -> int:
-        return (self.num_attention_heads + 2 * self.num_kv_heads) * self.head_dim
-
-    def layer_sharded_params(self) -> int:
-        """Parameters of one layer that tensor parallelism splits (QKV, proj, FC1, FC2, QKV bias)."""
-        h, f = self.hidden_size, self.ffn_hidden_size
-        qkv = self.qkv_rows * h + (self.qkv_rows if self.qkv_bias else 0)
-        proj = h * self.num_attention_heads * self.head_dim
-        return qkv + proj + 3 * h * f
-
-    def layer_replicated_params(self) -> int:
-        """Parameters every TP rank holds in full (the two RMSNorms, q/k norms)."""
-        return 2 * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
-
-    def total_params(self) -> int:
-        """The HF parameter count (unpadded vocabulary)."""
-        embed = self.vocab_size * self.hidden_size
-        layers = self.num_layers * (self.layer_sharded_params() + self.layer_replicated_params())
-        return layers + self.hidden_size + embed * (1 if self.tie_word_embeddings else 2)
-
-    def non_embedding_params(self) -> int:
-        return self.num_layers * (self.layer_sharded_params() + self.layer_replicated_params()) + self.hidden_size
-
-    def matmul_params(self) -> int:
-        """Parameters that multiply every token: P of ``6 P T``.
-
-        The input embedding is a row lookup, no FLOPs: an untied model counts its output
-        layer once, not its embedding too (tied, the one matrix is the output layer).
-        """
-        return self.non_embedding_params() + self.vocab_size * self.hidden_size
+# The planner's model description is the mapping's own layout (tp=1: the HF vocabulary padded
+# for one rank; per-TP padding is :func:`pad_vocab`), so a model family is described once.
+ModelShape = DecoderLayout
 
 
 def model_shape_from_hf(hf_config) -> ModelShape:
-    """ModelShape from an HF config object, validated by the same layout code as the actor."""
-    layout = get_layout(hf_config, tp=1)
-    return ModelShape(
-        num_layers=layout.num_layers,
-        hidden_size=layout.hidden_size,
-        num_attention_heads=layout.num_attention_heads,
-        num_kv_heads=layout.num_query_groups,
-        head_dim=layout.head_dim,
-        ffn_hidden_size=layout.ffn_hidden_size,
-        vocab_size=layout.vocab_size,
-        tie_word_embeddings=layout.tie_word_embeddings,
-        qkv_bias=layout.qkv_bias,
-        qk_norm=layout.qk_norm,
-    )
+    """The layout of an HF config object, validated by the same code as the actor's."""
+    return get_layout(hf_config, tp=1)
 
 
 def load_model_shape(path: str) -> ModelShape:
@@ -160,9 +106,8 @@ def load_model_shape(path: str) -> ModelShape:
 
 
 def pad_vocab(vocab_size: int, tp: int) -> int:
-    """Megatron's padded vocabulary: a multiple of 128 x tp."""
-    multiple = 128 * tp
-    return math.ceil(vocab_size / multiple) * multiple
+    """Megatron's padded vocabulary: a multiple of 128 x tp (the mapping's own rule)."""
+    return pad_vocab_size(vocab_size, tp)
 
 
 # ------------------------------------------------------------------ actor state
@@ -252,7 +197,7 @@ def logits_bytes(shape: ModelShape, *, tokens: int, tp: int) -> int:
 # --------------------------------------------------------------------------- vLLM
 def kv_bytes_per_token(shape: ModelShape, rollout_tp: int, dtype: str) -> int:
     """K and V of every layer for one token on one GPU (KV heads are replicated when tr > ng)."""
-    kv_heads = max(1, shape.num_kv_heads // rollout_tp)
+    kv_heads = max(1, shape.num_query_groups // rollout_tp)
     return 2 * shape.num_layers * kv_heads * shape.head_dim * DTYPE_BYTES[dtype]
 
 

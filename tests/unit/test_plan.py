@@ -45,7 +45,7 @@ def test_32b_model_config_has_the_public_architecture(shape32b):
     raw = json.loads(Path(QWEN32B).read_text())
     assert raw["rope_theta"] == 1e6 and raw["rms_norm_eps"] == 1e-5 and raw["tie_word_embeddings"] is False
     s = shape32b
-    assert (s.num_layers, s.hidden_size, s.num_attention_heads, s.num_kv_heads) == (L, H, NQ, NG)
+    assert (s.num_layers, s.hidden_size, s.num_attention_heads, s.num_query_groups) == (L, H, NQ, NG)
     assert (s.head_dim, s.ffn_hidden_size, s.vocab_size, s.qkv_bias) == (D, F, V, True)
     assert LAYER_SHARDED == 487_595_008
     total = L * (LAYER_SHARDED + LAYER_REPLICATED) + H + 2 * V * H
@@ -318,10 +318,11 @@ def test_model_training_flops_by_hand():
         num_layers=2,
         hidden_size=8,
         num_attention_heads=2,
-        num_kv_heads=1,
+        num_query_groups=1,
         head_dim=4,
         ffn_hidden_size=16,
         vocab_size=10,
+        padded_vocab_size=128,
         tie_word_embeddings=True,
     )
     # params: layer = qkv (2+2)*4*8=128 + proj 8*8=64 + 3*8*16=384 -> 576, norms 16 -> 592;
