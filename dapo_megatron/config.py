@@ -29,9 +29,11 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dapo_megatron.verl_compat import DEFAULTS_THAT_DIFFER, Translation, VerlKeyError, get_path, translate
+
 LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
 FILTER_METRICS = ("acc", "score", "seq_reward")
-REWARD_BACKENDS = ("math_dapo", "math_verify")
+REWARD_BACKENDS = ("math_dapo", "math_lenient", "math_verify")
 REWARD_EXECUTORS = ("process", "ray", "inline")
 TRUNCATION_MODES = ("error", "left", "right")
 LR_SCHEDULES = ("constant", "cosine")
@@ -54,6 +56,9 @@ class DataConfig:
     val_files: list[str] = field(default_factory=list)
     tokenizer_path: str | None = None  # defaults to actor.model_path
     prompt_key: str = "prompt"
+    # false: prompts are tokenized as plain text (base models, tokenizers without a chat
+    # template); the prompt column may then hold strings as well as message lists
+    apply_chat_template: bool = True
     max_prompt_length: int = 512
     max_response_length: int = 512
     # Prompts longer than max_prompt_length: dropped with a count, or (filter off)
@@ -92,12 +97,38 @@ class OptimConfig:
     use_distributed_optimizer: bool = True
 
 
+OFFLOAD_KINDS = ("params", "grads", "optimizer")  # the fields of OffloadConfig, in offload order
+
+
+@dataclass
+class OffloadConfig:
+    """What the actor moves to host memory while the engine generates (verl's
+    ``actor.megatron.param_offload/grad_offload/optimizer_offload``); see dapo_megatron/lifecycle.py."""
+
+    params: bool = False
+    grads: bool = False
+    optimizer: bool = False
+
+
+@dataclass
+class DdpConfig:
+    """Megatron DDP gradient reduction (names of megatron's DistributedDataParallelConfig)."""
+
+    # Reduce(-scatter) gradients bucket by bucket while the backward pass still runs.
+    overlap_grad_reduce: bool = True
+    # Parameters per bucket; None: megatron's default max(40M, 1M x DP). Only with overlap:
+    # without it megatron makes one bucket of every gradient.
+    bucket_size: int | None = None
+
+
 @dataclass
 class ActorConfig:
     model_path: str | None = None  # HF checkpoint directory (config, weights, tokenizer)
     load: str | None = None  # Megatron dist checkpoint to start from instead of model_path
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    ddp: DdpConfig = field(default_factory=DdpConfig)
     params_dtype: str = "bfloat16"
     # Megatron-LM's --transformer-impl: "transformer_engine" or "local"; None: TE with CUDA,
     # local without. Never a silent fallback: TE asked for (or defaulted to) and unusable is refused.
@@ -160,6 +191,9 @@ class RolloutConfig:
     enforce_eager: bool = False
     enable_prefix_caching: bool = True
     free_cache_engine: bool = True  # sleep the engine while the actor trains
+    # vLLM's sleep level: 1 keeps the engine's weights in host memory, 2 discards them (the
+    # weight sync refills them before the engine is used again; less host memory)
+    sleep_level: int = 1
     # "auto" (read the HF checkpoint) or "dummy" (random weights; the trainer syncs the actor's
     # before the first generation or validation). None: dummy with CUDA, as verl and slime
     # start their engines; auto otherwise (see rollout/vllm_engine.resolve_load_format).
@@ -292,21 +326,37 @@ def _clean_omegaconf_error(exc: OmegaConfBaseException, source: str) -> ConfigEr
 
 
 def parse_overrides(overrides: Sequence[str]) -> Any:
-    """``a.b=1`` strings -> an OmegaConf node; a malformed item is named."""
+    """``a.b=1`` strings (ours or verl's) -> an OmegaConf node; a malformed item is named."""
+    return _parse_overrides(overrides)[0]
+
+
+def _parse_overrides(overrides: Sequence[str]) -> tuple[Any, Translation]:
+    try:
+        translation = translate(overrides, DapoConfig)
+    except VerlKeyError as exc:
+        raise ConfigError(str(exc)) from exc
     items = []
     list_keys = _list_keys(DapoConfig)
-    for item in overrides:
-        if "=" not in item or item.startswith("="):
-            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+    for item in translation.passthrough:
         key, value = item.split("=", 1)
         # `data.train_files=a.parquet` means a one-element list, as in verl.
         if key in list_keys and not value.lstrip().startswith("["):
             item = f"{key}=[{value}]"
         items.append(item)
     try:
-        return OmegaConf.from_dotlist(items)
+        node = OmegaConf.from_dotlist(items)
+        if translation.values:
+            nested: dict = {}
+            for key, value in translation.values.items():
+                *parents, leaf = key.split(".")
+                target = nested
+                for part in parents:
+                    target = target.setdefault(part, {})
+                target[leaf] = value
+            node = OmegaConf.merge(node, OmegaConf.create(nested))
     except OmegaConfBaseException as exc:
         raise _clean_omegaconf_error(exc, "overrides") from exc
+    return node, translation
 
 
 def _list_keys(cls: type, prefix: str = "") -> set[str]:
@@ -326,8 +376,15 @@ def load_config(
     validate_config: bool = True,
     check_files: bool = False,
 ) -> DapoConfig:
-    """Schema defaults <- YAML file <- command-line overrides, then validation."""
+    """Schema defaults <- YAML file <- command-line overrides (ours or verl's), then validation."""
+    return _load(path, overrides, validate_config=validate_config, check_files=check_files)[0]
+
+
+def _load(
+    path: str | None, overrides: Sequence[str], *, validate_config: bool = True, check_files: bool = False
+) -> tuple[DapoConfig, Translation | None]:
     stage = "defaults"
+    translation = None
     try:
         merged = OmegaConf.structured(DapoConfig)
         if path is not None:
@@ -341,13 +398,56 @@ def load_config(
             merged = OmegaConf.merge(merged, from_file)
         if overrides:
             stage = "overrides"
-            merged = OmegaConf.merge(merged, parse_overrides(overrides))
+            node, translation = _parse_overrides(overrides)
+            merged = OmegaConf.merge(merged, node)
         cfg: DapoConfig = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise _clean_omegaconf_error(exc, stage) from exc
+    if translation is not None:
+        try:
+            translation.check(cfg)
+        except VerlKeyError as exc:
+            raise ConfigError(str(exc)) from exc
     if validate_config:
-        validate(cfg, check_files=check_files)
-    return cfg
+        try:
+            validate(cfg, check_files=check_files)
+        except ConfigError as exc:
+            raise ConfigError(_name_verl_origins(str(exc), translation)) from exc
+    return cfg, translation
+
+
+def _name_verl_origins(message: str, translation: Translation | None) -> str:
+    """Append "(from verl's X)" to each problem line about a key a verl override set."""
+    if translation is None:
+        return message
+    lines = []
+    for line in message.splitlines():
+        key = line.strip().removeprefix("- ").split(":", 1)[0]
+        origin = translation.origin(key)
+        lines.append(f"{line} (set by verl's {origin})" if origin else line)
+    return "\n".join(lines)
+
+
+def explain(path: str | None, overrides: Sequence[str]) -> str:
+    """The resolved config, then what each verl key became, for ``--explain``."""
+    cfg, translation = _load(path, overrides)
+    out = ["# resolved configuration", to_yaml(cfg).rstrip()]
+    if translation is not None and translation.explained:
+        out += ["", "# verl keys"]
+        out += [e.line() for e in translation.explained]
+        given = set(translation.values) | {item.split("=", 1)[0] for item in translation.passthrough}
+        differ = [
+            f"{key}={_show_value(get_path(cfg, key))} (verl: {_show_value(verl)}): {why}"
+            for key, verl, why in DEFAULTS_THAT_DIFFER
+            if key not in given
+        ]
+        if differ:
+            out += ["", "# not given; our default differs from verl's"] + differ
+    return "\n".join(out) + "\n"
+
+
+def _show_value(value: Any) -> str:
+    return "null" if value is None else str(value)
 
 
 def to_dict(cfg: DapoConfig) -> dict:
@@ -440,6 +540,13 @@ def validate(cfg: DapoConfig, *, world_size: int | None = None, check_files: boo
     )
     if a.transformer_impl is not None:
         c.choice(a.transformer_impl, "actor.transformer_impl", TRANSFORMER_IMPLS)
+    if a.ddp.bucket_size is not None:
+        c.positive(a.ddp.bucket_size, "actor.ddp.bucket_size")
+        c.require(
+            a.ddp.overlap_grad_reduce,
+            "actor.ddp.bucket_size",
+            "needs actor.ddp.overlap_grad_reduce=true (without overlap megatron reduces one bucket of every gradient)",
+        )
     c.choice(a.recompute, "actor.recompute", RECOMPUTE)
     c.positive(a.ppo_mini_batch_size, "actor.ppo_mini_batch_size")
     c.positive(a.ppo_epochs, "actor.ppo_epochs")
@@ -484,6 +591,7 @@ def validate(cfg: DapoConfig, *, world_size: int | None = None, check_files: boo
     c.choice(r.dtype, "rollout.dtype", DTYPES)
     if r.load_format is not None:
         c.choice(r.load_format, "rollout.load_format", LOAD_FORMATS)
+    c.require(r.sleep_level in (1, 2), "rollout.sleep_level", f"vLLM's sleep level is 1 or 2, got {r.sleep_level}")
     c.positive(r.val.n, "rollout.val.n")
     c.require(not cfg.trainer.val_only or bool(cfg.data.val_files), "trainer.val_only", "needs data.val_files")
     c.require(0 < r.val.top_p <= 1, "rollout.val.top_p", f"must be in (0, 1], got {r.val.top_p}")
@@ -594,3 +702,32 @@ def _validate_files(c: _Checker, cfg: DapoConfig) -> None:
     custom = cfg.reward.custom_function.path
     if custom:
         c.require(os.path.isfile(custom), "reward.custom_function.path", f"file not found: {custom}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    import argparse
+    import sys
+
+    parser = argparse.ArgumentParser(
+        prog="python -m dapo_megatron.config",
+        description="Resolve a configuration (YAML plus overrides, ours or verl's) and print it.",
+    )
+    parser.add_argument("--config", default=None, help="YAML file (default: the schema defaults)")
+    parser.add_argument(
+        "--explain", action="store_true", help="also print, for each verl key given, which of our keys it became"
+    )
+    parser.add_argument("overrides", nargs="*", help="key.sub=value, ours or verl's (Hydra's leading + accepted)")
+    args = parser.parse_args(argv)
+    try:
+        if args.explain:
+            sys.stdout.write(explain(args.config, args.overrides))
+        else:
+            sys.stdout.write(to_yaml(load_config(args.config, args.overrides)))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -28,6 +28,17 @@ from dapo_megatron.rollout.engine import Rollouts
 
 
 @dataclass
+class GroupSamples:
+    """A prompt group's samples: what the actor trains on once the buffer keeps the group."""
+
+    prompt_ids: list[int]
+    response_ids: list[list[int]]
+    rollout_log_probs: list[list[float]]  # the engine's, per sampled token
+    truncated: list[bool]  # hit max_response_length
+    data_source: str = ""
+
+
+@dataclass
 class RoundResult:
     """One generation round, scored and shaped, as the buffer receives it."""
 
@@ -79,13 +90,13 @@ def build_round(
                     "score": scores[sl].tolist(),
                     "seq_reward": shaped[sl].tolist(),
                 },
-                payload={
-                    "prompt_ids": list(rec.prompt_ids),
-                    "response_ids": [list(r) for r in rollouts.response_ids[sl]],
-                    "rollout_log_probs": [list(lp) for lp in rollouts.logprobs[sl]],
-                    "truncated": rollouts.truncated[sl],
-                    "data_source": rec.data_source,
-                },
+                payload=GroupSamples(
+                    prompt_ids=list(rec.prompt_ids),
+                    response_ids=[list(r) for r in rollouts.response_ids[sl]],
+                    rollout_log_probs=[list(lp) for lp in rollouts.logprobs[sl]],
+                    truncated=rollouts.truncated[sl],
+                    data_source=rec.data_source,
+                ),
             )
         )
     return RoundResult(
@@ -127,10 +138,10 @@ def to_actor_batch(
     advantages: torch.Tensor | None = None,
 ) -> ActorBatch:
     """Pack groups into the actor's right-padded batch (prompt + response per row)."""
-    prompts = [g.payload["prompt_ids"] for g in groups for _ in g.payload["response_ids"]]
-    responses = [r for g in groups for r in g.payload["response_ids"]]
-    truncated = [t for g in groups for t in g.payload["truncated"]]
-    sizes = {len(g.payload["response_ids"]) for g in groups}
+    prompts = [g.payload.prompt_ids for g in groups for _ in g.payload.response_ids]
+    responses = [r for g in groups for r in g.payload.response_ids]
+    truncated = [t for g in groups for t in g.payload.truncated]
+    sizes = {len(g.payload.response_ids) for g in groups}
     if len(sizes) > 1:
         raise ValueError(f"groups of different sizes {sorted(sizes)} cannot form one batch")
     group_size = sizes.pop() if sizes else 1
@@ -157,7 +168,7 @@ def to_actor_batch(
 
 def rollout_log_probs(groups: Sequence[Group], max_response_length: int) -> torch.Tensor:
     """The engine's log-probs of the sampled tokens, [N, R], zero-padded."""
-    rows = [lp for g in groups for lp in g.payload["rollout_log_probs"]]
+    rows = [lp for g in groups for lp in g.payload.rollout_log_probs]
     out = torch.zeros((len(rows), max_response_length), dtype=torch.float32)
     for i, lp in enumerate(rows):
         out[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)

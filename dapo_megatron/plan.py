@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from dapo_megatron.config import ConfigError, DapoConfig, load_config, validate
+from dapo_megatron.config import OFFLOAD_KINDS, ConfigError, DapoConfig, load_config, validate
 from dapo_megatron.plan_memory import (
     CostPlan,
     GiB,
@@ -103,8 +103,8 @@ def _layout_problems(cfg: DapoConfig, shape: ModelShape, cluster: Cluster) -> li
          f"model's {shape.num_layers} layers"),
         (shape.num_attention_heads % tp == 0, "actor.parallel.tensor_model_parallel_size",
          f"{tp} does not divide num_attention_heads={shape.num_attention_heads}"),
-        (shape.num_kv_heads % tp == 0, "actor.parallel.tensor_model_parallel_size",
-         f"{tp} does not divide num_key_value_heads={shape.num_kv_heads} (Megatron splits whole KV groups)"),
+        (shape.num_query_groups % tp == 0, "actor.parallel.tensor_model_parallel_size",
+         f"{tp} does not divide num_key_value_heads={shape.num_query_groups} (Megatron splits whole KV groups)"),
         (shape.ffn_hidden_size % tp == 0, "actor.parallel.tensor_model_parallel_size",
          f"{tp} does not divide intermediate_size={shape.ffn_hidden_size}"),
         (shape.num_attention_heads % tr == 0, "rollout.tensor_model_parallel_size",
@@ -116,6 +116,11 @@ def _layout_problems(cfg: DapoConfig, shape: ModelShape, cluster: Cluster) -> li
     ]  # fmt: skip
     problems += [f"{key}: {msg}" for ok, key, msg in checks if not ok]
     return problems
+
+
+def _offloaded(cfg: DapoConfig) -> str:
+    kinds = [k for k in OFFLOAD_KINDS if getattr(cfg.actor.offload, k)]
+    return " + ".join(kinds) if kinds else "none"
 
 
 def _gib(n: float) -> str:
@@ -208,6 +213,13 @@ def _candidates(cfg: DapoConfig, shape: ModelShape, cluster: Cluster) -> list[di
     """Single changes in order of preference (cheapest for throughput first)."""
     a, p, r = cfg.actor, cfg.actor.parallel, cfg.rollout
     out: list[dict[str, Any]] = []
+    # Offload first: a host round trip of the actor's state per step costs seconds, next to
+    # steps of minutes, and changes nothing else about the run (verl's recipe offloads all three).
+    offload: dict[str, Any] = {}
+    for kind in ("optimizer", "grads", "params"):  # largest saving per byte moved first
+        if not getattr(a.offload, kind):
+            offload[f"actor.offload.{kind}"] = True
+            out.append(dict(offload))
     if a.recompute != "full":
         out.append({"actor.recompute": "full"})
     seq = cfg.data.max_prompt_length + cfg.data.max_response_length
@@ -339,7 +351,7 @@ def format_plan(plan: Plan, assumptions: Assumptions) -> str:
     lines = [
         "dapo-megatron preflight plan",
         f"  model    {_fmt_count(shape.total_params())} params: {shape.num_layers} layers, hidden {shape.hidden_size}, "
-        f"heads {shape.num_attention_heads}/{shape.num_kv_heads} kv, ffn {shape.ffn_hidden_size}, "
+        f"heads {shape.num_attention_heads}/{shape.num_query_groups} kv, ffn {shape.ffn_hidden_size}, "
         f"vocab {shape.vocab_size}, {'tied' if shape.tie_word_embeddings else 'untied'}",
         f"  cluster  {cl.nodes} node(s) x {cl.gpus_per_node} GPUs = {cl.world_size}, {cl.gpu_memory_gib:g} GiB each",
         f"  actor    TP{p.tensor_model_parallel_size} x PP{p.pipeline_model_parallel_size} x DP{mem.dp}"
@@ -349,7 +361,8 @@ def format_plan(plan: Plan, assumptions: Assumptions) -> str:
         "per optimizer step",
         f"  rollout  TP{r.tensor_model_parallel_size} x {max(cl.world_size // r.tensor_model_parallel_size, 1)} "
         f"replicas, gpu_memory_utilization {r.gpu_memory_utilization}, engine sleep "
-        f"{'on' if mem.engine_sleeps else 'off'}",
+        f"{f'level {r.sleep_level}' if mem.engine_sleeps else 'off'}",
+        f"  offload  {_offloaded(cfg)} (actor.offload.*: to host memory outside the train phase)",
         "",
         "per-GPU memory (GiB)",
     ]

@@ -33,12 +33,15 @@ Memory model, per GPU (all formulas are per rank; ``t`` = actor TP, ``p`` = acto
   (``P / tr x rollout dtype``), the profiling activation peak for
   ``max_num_batched_tokens`` and the sampler's fp32 logits, a CUDA-graph allowance, and
   the KV cache with ``2 x L x max(1, ng / tr) x d x dtype bytes`` per token.
-  Engine sleep (``rollout.free_cache_engine``) releases the whole budget while the actor
-  trains; otherwise it stays allocated in every phase.
-* rollout phase: the actor's weights, grads and optimizer state stay resident (there is no
-  actor offload yet) next to the whole vLLM budget, which vLLM insists on finding free
-  at start-up (``requested = gpu_memory_utilization x total``).
-* weight sync: the woken engine weights, one bucket and the largest merged tensor.
+* which of these is on the device in each phase is not decided here: it is
+  :class:`dapo_megatron.lifecycle.LifecyclePlan`'s residency table, the one the trainer
+  executes.  Engine sleep (``rollout.free_cache_engine``) releases the whole budget while
+  the actor trains and keeps only the weights during the weight sync; actor offload
+  (``actor.offload.*``) removes weights, grads or optimizer state from the rollout phase
+  (and grads and optimizer state from the sync).  In the rollout phase vLLM insists on
+  finding its whole budget free at start-up (``requested = gpu_memory_utilization x total``).
+* weight sync: additionally one bucket and the largest merged tensor in flight.
+* verify (``rollout.weight_sync.verify``): the awake engine next to the actor's weights.
 * a fixed reserve (CUDA context, NCCL communicators, allocator slack) in every phase.
 """
 
@@ -51,7 +54,10 @@ import types
 from dataclasses import dataclass, field
 
 from dapo_megatron.config import DapoConfig, data_parallel_size
+from dapo_megatron.lifecycle import LifecyclePlan
+from dapo_megatron.lifecycle import Phase as LifecyclePhase
 from dapo_megatron.models import get_layout
+from dapo_megatron.models.qwen2 import DecoderLayout, pad_vocab_size
 
 GiB = 1 << 30
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -59,69 +65,14 @@ DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 CUDA_GRAPH_GIB = 0.5  # allowance for captured CUDA graphs when enforce_eager is off
 
 
-@dataclass(frozen=True)
-class ModelShape:
-    """The numbers of a llama-family decoder that memory and FLOPs depend on."""
-
-    num_layers: int
-    hidden_size: int
-    num_attention_heads: int
-    num_kv_heads: int
-    head_dim: int
-    ffn_hidden_size: int
-    vocab_size: int
-    tie_word_embeddings: bool
-    qkv_bias: bool = False
-    qk_norm: bool = False
-
-    @property
-    def qkv_rows(self) -> int:
-        return (self.num_attention_heads + 2 * self.num_kv_heads) * self.head_dim
-
-    def layer_sharded_params(self) -> int:
-        """Parameters of one layer that tensor parallelism splits (QKV, proj, FC1, FC2, QKV bias)."""
-        h, f = self.hidden_size, self.ffn_hidden_size
-        qkv = self.qkv_rows * h + (self.qkv_rows if self.qkv_bias else 0)
-        proj = h * self.num_attention_heads * self.head_dim
-        return qkv + proj + 3 * h * f
-
-    def layer_replicated_params(self) -> int:
-        """Parameters every TP rank holds in full (the two RMSNorms, q/k norms)."""
-        return 2 * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
-
-    def total_params(self) -> int:
-        """The HF parameter count (unpadded vocabulary)."""
-        embed = self.vocab_size * self.hidden_size
-        layers = self.num_layers * (self.layer_sharded_params() + self.layer_replicated_params())
-        return layers + self.hidden_size + embed * (1 if self.tie_word_embeddings else 2)
-
-    def non_embedding_params(self) -> int:
-        return self.num_layers * (self.layer_sharded_params() + self.layer_replicated_params()) + self.hidden_size
-
-    def matmul_params(self) -> int:
-        """Parameters that multiply every token: P of ``6 P T``.
-
-        The input embedding is a row lookup, no FLOPs: an untied model counts its output
-        layer once, not its embedding too (tied, the one matrix is the output layer).
-        """
-        return self.non_embedding_params() + self.vocab_size * self.hidden_size
+# The planner's model description is the mapping's own layout (tp=1: the HF vocabulary padded
+# for one rank; per-TP padding is :func:`pad_vocab`), so a model family is described once.
+ModelShape = DecoderLayout
 
 
 def model_shape_from_hf(hf_config) -> ModelShape:
-    """ModelShape from an HF config object, validated by the same layout code as the actor."""
-    layout = get_layout(hf_config, tp=1)
-    return ModelShape(
-        num_layers=layout.num_layers,
-        hidden_size=layout.hidden_size,
-        num_attention_heads=layout.num_attention_heads,
-        num_kv_heads=layout.num_query_groups,
-        head_dim=layout.head_dim,
-        ffn_hidden_size=layout.ffn_hidden_size,
-        vocab_size=layout.vocab_size,
-        tie_word_embeddings=layout.tie_word_embeddings,
-        qkv_bias=layout.qkv_bias,
-        qk_norm=layout.qk_norm,
-    )
+    """The layout of an HF config object, validated by the same code as the actor's."""
+    return get_layout(hf_config, tp=1)
 
 
 def load_model_shape(path: str) -> ModelShape:
@@ -155,9 +106,8 @@ def load_model_shape(path: str) -> ModelShape:
 
 
 def pad_vocab(vocab_size: int, tp: int) -> int:
-    """Megatron's padded vocabulary: a multiple of 128 x tp."""
-    multiple = 128 * tp
-    return math.ceil(vocab_size / multiple) * multiple
+    """Megatron's padded vocabulary: a multiple of 128 x tp (the mapping's own rule)."""
+    return pad_vocab_size(vocab_size, tp)
 
 
 # ------------------------------------------------------------------ actor state
@@ -247,7 +197,7 @@ def logits_bytes(shape: ModelShape, *, tokens: int, tp: int) -> int:
 # --------------------------------------------------------------------------- vLLM
 def kv_bytes_per_token(shape: ModelShape, rollout_tp: int, dtype: str) -> int:
     """K and V of every layer for one token on one GPU (KV heads are replicated when tr > ng)."""
-    kv_heads = max(1, shape.num_kv_heads // rollout_tp)
+    kv_heads = max(1, shape.num_query_groups // rollout_tp)
     return 2 * shape.num_layers * kv_heads * shape.head_dim * DTYPE_BYTES[dtype]
 
 
@@ -389,69 +339,65 @@ def estimate_memory(
     n_micro = micro_batches_per_mini_batch(cfg, dp)
     vllm = vllm_budget(cfg, shape, gpu_bytes)
     sleeps = cfg.rollout.free_cache_engine
-    engine_while_training = 0 if sleeps else vllm.budget
+    lifecycle = LifecyclePlan.from_config(cfg)
+
+    def engine(phase: LifecyclePhase) -> dict[str, int]:
+        res = lifecycle.residency(phase)
+        if res.engine_kv:
+            return {"vLLM budget": vllm.budget}
+        return {"vLLM weights": vllm.weights} if res.engine_weights else {}
 
     stages = sorted({0, pp - 1})
-    per_stage: dict[str, list[Phase]] = {"rollout": [], "log-prob": [], "train": [], "weight sync": []}
+    names = {"rollout": LifecyclePhase.ROLLOUT, "log-prob": LifecyclePhase.TRAIN, "train": LifecyclePhase.TRAIN}
+    names["weight sync"] = LifecyclePhase.SYNC
+    if lifecycle.verify:
+        names["verify"] = LifecyclePhase.VERIFY
+    per_stage: dict[str, list[Phase]] = {name: [] for name in names}
     states = []
     for stage in stages:
         st = actor_state_bytes(
             actor_stage_params(shape, tp, pp, stage), a.params_dtype, dp, a.optim.use_distributed_optimizer
         )
         states.append(st)
-        resident = {"actor weights": st.weights, "actor grads (fp32)": st.grads, "optimizer state": st.optimizer}
+
+        def actor(phase: LifecyclePhase, st=st) -> dict[str, int]:
+            res = lifecycle.residency(phase)
+            held = {"actor weights": (res.params, st.weights), "actor grads (fp32)": (res.grads, st.grads)}
+            held["optimizer state"] = (res.optimizer, st.optimizer)
+            return {name: size for name, (on, size) in held.items() if on}
+
         last = stage == pp - 1
         logits = logits_bytes(shape, tokens=tokens, tp=tp) if last else 0
         in_flight = min(pp - stage, n_micro)
-        per_stage["rollout"].append(
-            Phase("rollout", {**resident, "vLLM budget": vllm.budget, "reserve": reserve_bytes})
-        )
-        per_stage["log-prob"].append(
-            Phase(
-                "log-prob",
-                {
-                    **resident,
-                    "activations": forward_activation_bytes(shape, tokens=tokens, tp=tp, sequence_parallel=sp),
-                    "logits": logits,
-                    "vLLM (awake)": engine_while_training,
-                    "reserve": reserve_bytes,
-                },
-            )
-        )
-        per_stage["train"].append(
-            Phase(
-                "train",
-                {
-                    **resident,
-                    "activations": training_activation_bytes(
-                        shape,
-                        tokens=tokens,
-                        tp=tp,
-                        pp=pp,
-                        sequence_parallel=sp,
-                        recompute=a.recompute,
-                        in_flight=in_flight,
-                    ),
-                    "logits": logits,
-                    "vLLM (awake)": engine_while_training,
-                    "reserve": reserve_bytes,
-                },
-            )
-        )
-        # weight sync: engine weights woken, one bucket and the largest merged tensor in flight
+        # weight sync: one bucket and the largest merged tensor in flight
         largest = pad_vocab(shape.vocab_size, tp) * shape.hidden_size * DTYPE_BYTES[a.params_dtype]
         largest = max(largest, 2 * shape.ffn_hidden_size * shape.hidden_size * DTYPE_BYTES[a.params_dtype])
-        per_stage["weight sync"].append(
-            Phase(
-                "weight sync",
-                {
-                    **resident,
-                    "vLLM weights" if sleeps else "vLLM budget": vllm.weights if sleeps else vllm.budget,
-                    "sync bucket + gathered tensor": cfg.rollout.weight_sync.bucket_size_mb * (1 << 20) + largest,
-                    "reserve": reserve_bytes,
-                },
-            )
-        )
+        work = {
+            "rollout": {},
+            "log-prob": {
+                "activations": forward_activation_bytes(shape, tokens=tokens, tp=tp, sequence_parallel=sp),
+                "logits": logits,
+            },
+            "train": {
+                "activations": training_activation_bytes(
+                    shape,
+                    tokens=tokens,
+                    tp=tp,
+                    pp=pp,
+                    sequence_parallel=sp,
+                    recompute=a.recompute,
+                    in_flight=in_flight,
+                ),
+                "logits": logits,
+            },
+            "weight sync": {
+                "sync bucket + gathered tensor": cfg.rollout.weight_sync.bucket_size_mb * (1 << 20) + largest,
+            },
+            "verify": {},
+        }
+        for name, phase in names.items():
+            items = {**actor(phase), **engine(phase), **work[name], "reserve": reserve_bytes}
+            per_stage[name].append(Phase(name, items))
     phases = [max(v, key=lambda ph: ph.total) for v in per_stage.values()]
     return MemoryPlan(
         gpu_bytes=gpu_bytes,

@@ -29,10 +29,11 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from dapo_megatron import experience
+from dapo_megatron import experience, verl_metrics
 from dapo_megatron.algo.dynamic_sampling import DynamicSamplingBuffer, Group
 from dapo_megatron.config import DapoConfig, data_parallel_size, to_dict, validate
 from dapo_megatron.distributed import all_max, all_sum, any_true
+from dapo_megatron.lifecycle import ColocatedLifecycle, LifecyclePlan, Phase
 
 logger = logging.getLogger(__name__)
 
@@ -53,14 +54,12 @@ class DapoTrainer:
     def setup(self) -> None:
         from transformers import AutoConfig, AutoTokenizer
 
-        from dapo_megatron.actor.actor import MegatronActor
         from dapo_megatron.actor.parallel import init_parallel
         from dapo_megatron.data.parquet_dataset import load_prompt_dataset
         from dapo_megatron.data.sampler import ResumableSampler
         from dapo_megatron.reward.custom import load_file_scorer
         from dapo_megatron.reward.pool import RewardPool
         from dapo_megatron.rollout.mismatch import max_mismatch_for
-        from dapo_megatron.rollout.vllm_engine import VllmEngine
         from dapo_megatron.weight_sync.transport import ColocatedTransport, StaleTensorDrill
 
         cfg = self.cfg
@@ -79,6 +78,7 @@ class DapoTrainer:
             dedup=cfg.data.dedup_prompts,
             filter_overlong_prompts=cfg.data.filter_overlong_prompts,
             truncation=cfg.data.truncation,
+            apply_chat_template=cfg.data.apply_chat_template,
         )
         self.train_set = load_prompt_dataset(cfg.data.train_files, self.tokenizer, **load)
         self.val_set = []
@@ -99,30 +99,8 @@ class DapoTrainer:
         self.dp_size = data_parallel_size(cfg, world)
         self.is_logger = self.rank == 0
         self.total_steps = self._total_steps()
-        self.actor = MegatronActor(
-            cfg.actor,
-            cfg.algorithm,
-            self.hf_config,
-            weights=model_path,
-            temperature=cfg.rollout.temperature,
-            total_training_steps=self.total_steps,
-            pad_token_id=self.pad_id,
-        )
-        # Created after the actor: vLLM's start-up check wants gpu_memory_utilization x HBM free
-        # next to the actor's weights, grad buffers and optimizer shards (the planner sizes both).
-        self.engine = VllmEngine.from_config(
-            cfg.rollout,
-            model_path,
-            max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length,
-        )
-        self.transport = ColocatedTransport(self.engine)
-        if cfg.rollout.weight_sync.inject_stale_tensors:
-            self.transport = StaleTensorDrill(self.transport, cfg.rollout.weight_sync.inject_stale_tensors)
-        self.max_mismatch = max_mismatch_for(cfg.rollout.max_mismatch, cfg.rollout.dtype, cfg.actor.params_dtype)
-        self._mismatch_breaches = 0
-        # the function check's prompts: fixed, so probe gaps are comparable across steps
-        probe_count = min(cfg.rollout.weight_sync.probe_prompts, len(self.train_set))
-        self.probe_prompts = [self.train_set[i].prompt_ids for i in range(probe_count)]
+        self.actor = self._build_actor()
+        self.lifecycle = self._build_lifecycle()
         self.pool = RewardPool.from_config(cfg.reward, scorer=scorer)
         self.sampler = ResumableSampler(len(self.train_set), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
         fg = cfg.algorithm.filter_groups
@@ -134,10 +112,27 @@ class DapoTrainer:
             max_num_gen_batches=fg.max_num_gen_batches,
             on_exhausted=fg.on_exhausted,
             max_carry_age=fg.max_carry_age,
+            payload_type=experience.GroupSamples,
         )
         self.step = 0
         resumed = self._maybe_resume()
-        self._ready_engine_weights(resumed)
+        # The actor hands back what it does not hold while the engine generates before the
+        # engine is built: vLLM's start-up check wants gpu_memory_utilization x HBM free.
+        self._enter(Phase.ROLLOUT)
+        self.engine = self._build_engine()
+        self.lifecycle.attach_engine(self.engine)
+        self.transport = ColocatedTransport(self.engine)
+        if cfg.rollout.weight_sync.inject_stale_tensors:
+            self.transport = StaleTensorDrill(self.transport, cfg.rollout.weight_sync.inject_stale_tensors)
+        self.max_mismatch = max_mismatch_for(cfg.rollout.max_mismatch, cfg.rollout.dtype, cfg.actor.params_dtype)
+        self._mismatch_breaches = 0
+        # the function check's prompts: fixed, so probe gaps are comparable across steps
+        probe_count = min(cfg.rollout.weight_sync.probe_prompts, len(self.train_set))
+        self.probe_prompts = [self.train_set[i].prompt_ids for i in range(probe_count)]
+        if self._engine_needs_actor_weights(resumed):
+            self._refresh_engine()
+            logger.info("engine weights synced from the actor (%s)", "resumed" if resumed else "dummy start")
+        self.timings.clear()
         self.tracker = None
         if self.is_logger:
             from dapo_megatron.tracking import MetricsLogger
@@ -153,12 +148,44 @@ class DapoTrainer:
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
 
+    def _engine_needs_actor_weights(self, resumed: bool) -> bool:
+        """Before any validation or generation: a dummy-started engine holds random weights, and
+        after a resume the engine holds the HF checkpoint's, not the resumed actor's."""
+        return resumed or self.engine.load_format == "dummy"
+
+    def _build_actor(self):
+        from dapo_megatron.actor.actor import MegatronActor
+
+        cfg = self.cfg
+        return MegatronActor(
+            cfg.actor,
+            cfg.algorithm,
+            self.hf_config,
+            weights=cfg.actor.model_path,
+            temperature=cfg.rollout.temperature,
+            total_training_steps=self.total_steps,
+            pad_token_id=self.pad_id,
+        )
+
+    def _build_lifecycle(self) -> ColocatedLifecycle:
+        return ColocatedLifecycle(LifecyclePlan.from_config(self.cfg), self.actor)
+
+    def _build_engine(self):
+        from dapo_megatron.rollout.vllm_engine import VllmEngine
+
+        cfg = self.cfg
+        return VllmEngine.from_config(
+            cfg.rollout,
+            cfg.actor.model_path,
+            max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length,
+        )
+
     def _preflight(self) -> None:
         """Refuse a config whose memory estimate does not fit this GPU, before loading anything.
 
         CPU runs skip it: the planner models GPU memory (weights, optimizer, KV cache).
         """
-        from dapo_megatron.plan import Assumptions, Cluster, make_plan, suggest
+        from dapo_megatron.plan import Assumptions, Cluster, format_plan, make_plan, suggest
         from dapo_megatron.plan_memory import load_model_shape
 
         t = self.cfg.trainer
@@ -166,6 +193,9 @@ class DapoTrainer:
         cluster = Cluster(nodes=t.nnodes, gpus_per_node=t.n_gpus_per_node, gpu_memory_gib=gib)
         shape = load_model_shape(os.path.join(self.cfg.actor.model_path, "config.json"))
         plan = make_plan(self.cfg, shape, cluster, Assumptions())
+        if int(os.environ.get("RANK", "0")) == 0:
+            # the table this check judged, phase by phase, as the trainer's lifecycle will run them
+            logger.info("preflight:\n%s", format_plan(plan, Assumptions()))
         for warning in plan.warnings:
             logger.warning("preflight: %s", warning)
         if not plan.feasible:
@@ -245,21 +275,15 @@ class DapoTrainer:
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
-        # The engine started from the HF weights: give it the resumed actor's.
-        self._sync_weights()
         logger.info("resumed from %s at step %d", path, self.step)
         return True
 
-    def _ready_engine_weights(self, resumed: bool) -> None:
-        """An engine started with dummy weights gets the actor's now, before any validation or
-        generation (a resume has synced already)."""
-        if self.engine.load_format == "dummy" and not resumed:
-            self._sync_weights()
-            logger.info("engine started with dummy weights: synced the actor's before first use")
-
-    def save_checkpoint(self) -> Path:
+    def save_checkpoint(self, *, commit: bool = True):
+        """Write the checkpoint of this step; ``commit=False`` leaves ``latest`` for
+        :meth:`commit_checkpoint` (returns the pending checkpoint)."""
         from dapo_megatron.actor.checkpoint import save_checkpoint
 
+        self.actor.require_resident(("params", "optimizer"), "save a checkpoint")
         with self._timer("save_checkpoint"):
             return save_checkpoint(
                 self.ckpt_root,
@@ -269,8 +293,15 @@ class DapoTrainer:
                 optimizer=self.actor.optimizer,
                 extra_state=self._trainer_state(),
                 keep_last=self.cfg.trainer.checkpoint.keep_last,
+                commit=commit,
                 run_config=to_dict(self.cfg),
             )
+
+    def commit_checkpoint(self, pending) -> Path:
+        from dapo_megatron.actor.checkpoint import commit_checkpoint
+
+        with self._timer("save_checkpoint"):
+            return commit_checkpoint(pending)
 
     # ------------------------------------------------------------------ stages
     @contextmanager
@@ -298,7 +329,8 @@ class DapoTrainer:
         with self._timer("reward"):
             texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
             truths = [r.ground_truth for r in records for _ in range(cfg.rollout.n)]
-            scored = score_sharded(self.pool, texts, truths)
+            contexts = [(r.data_source, r.extra_info) for r in records for _ in range(cfg.rollout.n)]
+            scored = score_sharded(self.pool, texts, truths, contexts)
         return experience.build_round(cfg, records, rollouts, scored, draw=f"{self.step}.{round_index}")
 
     def _collect_batch(self) -> tuple[list[Group], list[experience.RoundResult]]:
@@ -325,7 +357,7 @@ class DapoTrainer:
         return groups, rounds
 
     def _train_on(self, groups: list[Group]) -> dict[str, float]:
-        from dapo_megatron.algo.rollout_correction import is_weight_metrics, truncated_is_weights
+        from dapo_megatron.algo.rollout_correction import rollout_corr_metrics_over_ranks, truncated_is_weights
         from dapo_megatron.rollout.mismatch import logprob_mismatch
 
         cfg = self.cfg
@@ -349,7 +381,7 @@ class DapoTrainer:
         rollout_lp = experience.rollout_log_probs(mine, cfg.data.max_response_length)
         # Groups carried over from an earlier step were sampled by earlier weights: their gap
         # is off-policy staleness, not a sync error, so it gets its own metric.
-        born = torch.tensor([g.born_step for g in mine for _ in g.payload["response_ids"]])
+        born = torch.tensor([g.born_step for g in mine for _ in g.payload.response_ids])
         fresh = mask & (born == self.step).unsqueeze(-1)
         for prefix, part in (("rollout/actor_mismatch_", fresh), ("rollout/carried_mismatch_", mask & ~fresh)):
             if bool(part.any()):
@@ -360,7 +392,7 @@ class DapoTrainer:
             # Token-level advantages A * w are exactly the TIS-weighted loss (see rollout_correction).
             cap = cfg.algorithm.rollout_is.cap
             weights = truncated_is_weights(old, rollout_lp, mask, cap=cap)
-            metrics.update(is_weight_metrics(weights, mask, cap=cap))
+            metrics.update(rollout_corr_metrics_over_ranks(old, rollout_lp, mask, cap=cap))  # collective
             batch = dataclasses.replace(batch, advantages=adv.unsqueeze(-1) * weights)
         batch = dataclasses.replace(batch, old_log_probs=old)
         t0 = time.perf_counter()
@@ -368,9 +400,6 @@ class DapoTrainer:
             metrics.update(self.actor.update(batch))
         if torch.cuda.is_available():  # a CPU has no meaningful peak to compare with
             metrics["perf/mfu/actor"] = self._actor_mfu(batch.seq_lengths.tolist(), time.perf_counter() - t0)
-        metrics["critic/advantages/mean"] = float(adv.mean())
-        metrics["critic/advantages/max"] = float(adv.max())
-        metrics["critic/advantages/min"] = float(adv.min())
         return metrics
 
     def _require_finite_policy(self, old_log_probs: torch.Tensor, mask: torch.Tensor) -> None:
@@ -423,7 +452,7 @@ class DapoTrainer:
                 f"{self.max_mismatch:.1e} for {self._mismatch_breaches} steps (now {gap:.3e} per token) although "
                 f"the weights verified after the first; likely causes: {LIKELY_CAUSES}"
             )
-        verified = self._verify_engine()
+        verified = self._reverify_engine()
         logger.error(
             "step %d: re-verification passed (%d tensors, probe gap %.3e); the run stops if the next step's "
             "gap is above the threshold again",
@@ -472,10 +501,42 @@ class DapoTrainer:
         world = dist.get_world_size()
         return flops / max(seconds, 1e-9) / (world * self.cfg.trainer.gpu_peak_tflops * 1e12)
 
+    def _enter(self, phase: Phase) -> None:
+        self.lifecycle.enter(phase)
+
+    def _refresh_engine(self) -> dict[str, float]:
+        """From TRAIN (or start-up) to ROLLOUT: the engine gets the actor's weights, verified
+        when configured (see :mod:`dapo_megatron.lifecycle` for what moves in each phase)."""
+        self._enter(Phase.SYNC)
+        metrics = self._sync_weights()
+        if self.cfg.rollout.weight_sync.verify:
+            self._enter(Phase.VERIFY)
+            with self._timer("verify_weights"):
+                metrics.update(self._verify_engine())
+        self._enter(Phase.ROLLOUT)
+        return metrics
+
+    def _reverify_engine(self) -> dict[str, float]:
+        """Verify, in the middle of TRAIN, the weights this step was sampled with.
+
+        The engine is asleep here. A level-1 sleep kept its weights in host memory and waking
+        restores them; a level-2 sleep discarded them, so they are refilled from the actor first,
+        which still holds the same weights (the update has not run).
+        """
+        plan = self.lifecycle.plan
+        if plan.free_cache_engine and plan.sleep_level == 2:
+            self._enter(Phase.SYNC)
+            self._sync_weights()
+        self._enter(Phase.VERIFY)
+        verified = self._verify_engine()
+        self._enter(Phase.TRAIN)
+        return verified
+
     def _sync_weights(self) -> dict[str, float]:
         from dapo_megatron.rollout.vllm_engine import torch_dtype
         from dapo_megatron.weight_sync.sync import sync_weights
 
+        self.actor.require_resident(("params",), "sync weights to the engine")
         ws = self.cfg.rollout.weight_sync
         with self._timer("update_weights"):
             stats = sync_weights(
@@ -485,17 +546,13 @@ class DapoTrainer:
                 dtype=torch_dtype(self.cfg.rollout.dtype),
                 bucket_size_mb=ws.bucket_size_mb,
             )
-        metrics = {
+        return {
             "weight_sync/seconds": stats.seconds,
             "weight_sync/gbps": stats.gbps,
             "weight_sync/buckets": float(stats.buckets),
             "weight_sync/verified_tensors": 0.0,
             "weight_sync/stage_received_mb": stats.stage_received_bytes / (1 << 20),
         }
-        if ws.verify:
-            with self._timer("verify_weights"):
-                metrics.update(self._verify_engine())
-        return metrics
 
     def _validate(self) -> dict[str, float]:
         from dapo_megatron.validation import validate as run_validation
@@ -509,9 +566,9 @@ class DapoTrainer:
     def _batch_metrics(self, groups: Sequence[Group], rounds: Sequence[experience.RoundResult]) -> dict[str, float]:
         scores = torch.tensor([s for g in groups for s in g.metrics["score"]])
         rewards = torch.tensor([s for g in groups for s in g.metrics["seq_reward"]])
-        lengths = torch.tensor([len(r) for g in groups for r in g.payload["response_ids"]], dtype=torch.float32)
-        prompt_lengths = torch.tensor([len(g.payload["prompt_ids"]) for g in groups], dtype=torch.float32)
-        truncated = torch.tensor([t for g in groups for t in g.payload["truncated"]], dtype=torch.float32)
+        lengths = torch.tensor([len(r) for g in groups for r in g.payload.response_ids], dtype=torch.float32)
+        prompt_lengths = torch.tensor([len(g.payload.prompt_ids) for g in groups], dtype=torch.float32)
+        truncated = torch.tensor([t for g in groups for t in g.payload.truncated], dtype=torch.float32)
         gen_tokens = float(sum(int(r.lengths.sum()) for r in rounds))
         out = {
             "critic/score/mean": float(scores.mean()),
@@ -529,6 +586,9 @@ class DapoTrainer:
             "prompt_length/min": float(prompt_lengths.min()),
             "rollout/generated_tokens": gen_tokens,
         }
+        # over the whole batch (every rank holds all groups), not one data-parallel shard
+        adv = experience.advantages_for(groups, norm_by_std=self.cfg.algorithm.norm_adv_by_std)
+        out.update(verl_metrics.advantage_metrics(adv, lengths.long().tolist()))
         if rounds:  # carried-over groups can fill a step without any new generation
             out["rollout/acc_all_generated"] = float(torch.cat([r.scores for r in rounds]).gt(0).float().mean())
         return out
@@ -568,9 +628,10 @@ class DapoTrainer:
             self.step += 1
             self.timings.clear()
             t0 = time.perf_counter()
-            groups, rounds = self._collect_batch()
+            groups, rounds = self._collect_batch()  # Phase.ROLLOUT
             metrics = self._batch_metrics(groups, rounds)
             metrics.update(self.buffer.metrics())
+            self._enter(Phase.TRAIN)
             try:
                 metrics.update(self._train_on(groups))
             except NonFiniteUpdateError:
@@ -579,25 +640,39 @@ class DapoTrainer:
                 logger.exception("non-finite updates at step %d; checkpointing before stopping", self.step)
                 self.save_checkpoint()
                 raise
-            metrics.update(self._sync_weights())
             metrics.update(self._pool_metrics())
+            metrics["train/epoch"] = float(self.sampler.epoch)
+            stop = self._stop_agreed()
+            save_freq = cfg.checkpoint.save_freq
+            pending = None
+            if stop or (save_freq > 0 and (self.step % save_freq == 0 or self.step == self.total_steps)):
+                # Written while the engine sleeps and the actor holds everything the save reads;
+                # committed (``latest`` moved) only after this step's row is logged below, so a
+                # crash in between resumes from the previous checkpoint and redoes the whole step
+                # (a resume drops rows past its step): no row is lost, none is written twice.
+                pending = self.save_checkpoint(commit=False)
+            metrics.update(self._refresh_engine())
             if cfg.test_freq > 0 and (self.step % cfg.test_freq == 0 or self.step == self.total_steps):
                 metrics.update(self._validate())
-            stop = self._stop_agreed()
             step_time = time.perf_counter() - t0
             metrics.update({f"timing_s/{k}": v for k, v in self.timings.items()})
+            metrics.update({f"timing_s/lifecycle/{k}": v for k, v in self.lifecycle.pop_timings().items()})
             metrics["timing_s/step"] = step_time
             metrics["perf/time_per_step"] = step_time
-            metrics["perf/throughput"] = metrics["rollout/generated_tokens"] / max(step_time, 1e-9) / self.dp_size
-            metrics["train/epoch"] = float(self.sampler.epoch)
-            # Log before saving: a crash in between redoes this step (its row is dropped on
-            # resume); saving first could lose the row of a step that the checkpoint holds.
+            metrics.update(
+                verl_metrics.throughput_metrics(
+                    [len(g.payload.prompt_ids) for g in groups for _ in g.payload.response_ids],
+                    [len(r) for g in groups for r in g.payload.response_ids],
+                    step_seconds=step_time,
+                    num_gpus=dist.get_world_size() if dist.is_initialized() else 1,
+                    generated_tokens=metrics["rollout/generated_tokens"],
+                    dp_size=self.dp_size,
+                )
+            )
+            metrics.update(verl_metrics.progress_metrics(self.step, self.sampler.epoch))
             self._log(metrics)
-            save_freq = cfg.checkpoint.save_freq
-            if stop or (save_freq > 0 and (self.step % save_freq == 0 or self.step == self.total_steps)):
-                self.save_checkpoint()
-                # Once, in a second row of the step that saved (readers merge rows by step).
-                self._log({"timing_s/save_checkpoint": self.timings.pop("save_checkpoint")})
+            if pending is not None:
+                self.commit_checkpoint(pending)
             if bar is not None:
                 bar.update(1)
                 bar.set_postfix(
@@ -637,7 +712,7 @@ def _startup_errors() -> tuple[type[Exception], ...]:
     return (ConfigError, DataError, CheckpointIntegrityError, CheckpointMismatchError)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, trainer_cls: type[DapoTrainer] = DapoTrainer) -> int:
     """Train; a user error found at start-up is printed once, by rank 0, without a traceback.
 
     Why: every rank meets the same bad key, file or checkpoint, so before this each of them
@@ -647,16 +722,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     import argparse
 
-    from dapo_megatron.config import load_config
+    from dapo_megatron.config import explain, load_config
 
     parser = argparse.ArgumentParser(description="DAPO training (run under torchrun)")
     parser.add_argument("--config", required=True)
-    parser.add_argument("overrides", nargs="*", help="key.sub=value")
+    parser.add_argument(
+        "--explain", action="store_true", help="print the resolved config and what each verl key became; no training"
+    )
+    parser.add_argument("overrides", nargs="*", help="key.sub=value, ours or verl's")
     args = parser.parse_args(argv)
+    if args.explain:
+        print(explain(args.config, args.overrides), end="")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
-        trainer = DapoTrainer(cfg)
+        trainer = trainer_cls(cfg)
         trainer.setup()
     except _startup_errors() as exc:
         if int(os.environ.get("RANK", "0")) == 0:

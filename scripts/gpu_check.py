@@ -23,6 +23,10 @@ Checks (sizes: a Qwen2.5-0.5B-shaped random model on a GPU, a tiny one with ``--
                   on a Qwen2.5-1.5B-shaped model.
 ``logprobs``      the chunked log-prob/entropy kernel against naive ``log_softmax`` on a
                   16k x 152k bf16 problem (GPU; small on CPU): peak extra memory and time.
+``offload``       the actor's params, grads and optimizer state to host memory and back (the
+                  colocated lifecycle): ``torch.cuda.memory_allocated`` must drop by the bytes
+                  moved, the round trip's GB/s against the pinned host-link bound, and the
+                  weights must come back bit-exact.
 ``checkpoint``    save and load of model + optimizer state: seconds, GB/s, bit-exact reload.
 ``weight_sync``   the HF-ordered gather into preallocated buffers and the chunked checksum: GB/s
                   against the device copy bound.
@@ -340,6 +344,41 @@ def check_logprobs(device: torch.device, sizes: Sizes) -> dict:
     return out
 
 
+def check_offload(device: torch.device, state_box: dict, bounds: dict | None) -> dict:
+    from dapo_megatron.config import OFFLOAD_KINDS
+
+    actor = state_box["actor"]
+    want = [p.detach().clone() for p in actor.gpt.parameters()]
+    out: dict = {}
+    for kinds in [(k,) for k in OFFLOAD_KINDS] + [tuple(OFFLOAD_KINDS)]:
+        name = "+".join(kinds)
+        _sync(device)
+        before = torch.cuda.memory_allocated() if device.type == "cuda" else None
+        t0 = time.perf_counter()
+        stats = actor.offload(kinds)
+        _sync(device)
+        offload_s = time.perf_counter() - t0
+        after = torch.cuda.memory_allocated() if device.type == "cuda" else None
+        t0 = time.perf_counter()
+        actor.onload(kinds)
+        _sync(device)
+        onload_s = time.perf_counter() - t0
+        copied = sum(b for k, b in stats.bytes.items() if k != "grads")  # grads are dropped, not copied
+        row = {"bytes_moved": stats.total_bytes, "offload_s": offload_s, "onload_s": onload_s}
+        if copied:
+            row["round_trip_gbps"] = 2 * copied / (offload_s + onload_s) / 1e9
+            if bounds and bounds.get("host_link_gbps"):
+                row["round_trip_vs_host_link"] = row["round_trip_gbps"] / bounds["host_link_gbps"]
+        if before is not None:
+            row["allocated_drop_bytes"] = before - after
+            row["drop_over_moved"] = (before - after) / max(stats.total_bytes, 1)
+        out[name] = row
+    out["weights_bit_exact"] = all(torch.equal(a, p) for a, p in zip(want, actor.gpt.parameters(), strict=True))
+    if not out["weights_bit_exact"]:
+        raise AssertionError(f"weights changed across offload/onload: {out}")
+    return out
+
+
 def check_checkpoint(device: torch.device, state_box: dict) -> dict:
     from dapo_megatron.actor.checkpoint import load_checkpoint, save_checkpoint
 
@@ -458,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     updated = report.run("update", lambda: check_update(device, sizes, bounds, args.peak_tflops, state_box))
     report.run("logprobs", lambda: check_logprobs(device, sizes))
     if updated is not None:
+        report.run("offload", lambda: check_offload(device, state_box, bounds))
         report.run("checkpoint", lambda: check_checkpoint(device, state_box))
         report.run("weight_sync", lambda: check_weight_sync(device, state_box, bounds))
     state_box.clear()  # frees the first actor before the larger one

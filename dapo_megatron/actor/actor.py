@@ -43,6 +43,7 @@ from dapo_megatron.actor.micro_batch import (
     scatter_to_input_order,
 )
 from dapo_megatron.actor.model import build_gpt_model
+from dapo_megatron.actor.offload import ActorOffloader, OffloadStats
 from dapo_megatron.actor.optimizer import build_optimizer, lr_at_step, set_lr, wrap_ddp
 from dapo_megatron.algo.loss import aggregate_loss, local_normalizer, policy_loss
 from dapo_megatron.config import ActorConfig, AlgorithmConfig
@@ -155,11 +156,29 @@ class MegatronActor:
             load_hf_weights_into_model(model, weights, hf_config)
         self.hf_vocab_size = model.hf_vocab_size
         self.gpt = model
-        self.model = wrap_ddp(model, use_distributed_optimizer=actor_cfg.optim.use_distributed_optimizer)
+        self.model = wrap_ddp(
+            model,
+            use_distributed_optimizer=actor_cfg.optim.use_distributed_optimizer,
+            overlap_grad_reduce=actor_cfg.ddp.overlap_grad_reduce,
+            bucket_size=actor_cfg.ddp.bucket_size,
+        )
         self.optimizer = build_optimizer(self.model, actor_cfg.optim, params_dtype=self.params_dtype)
+        self.offloader = ActorOffloader(self.model, self.optimizer)
         self.update_count = 0  # training steps taken (LR schedule position)
         self.consecutive_nonfinite = 0
         self.nonfinite_skips = 0
+
+    # ------------------------------------------------------------------ offload
+    def offload(self, kinds: tuple[str, ...]) -> OffloadStats:
+        """Move ``kinds`` (params, grads, optimizer) to host memory; see :mod:`dapo_megatron.actor.offload`."""
+        return self.offloader.offload(kinds)
+
+    def onload(self, kinds: tuple[str, ...]) -> OffloadStats:
+        return self.offloader.onload(kinds)
+
+    def require_resident(self, kinds: tuple[str, ...], what: str) -> None:
+        """Raise :class:`~dapo_megatron.actor.offload.ActorStateOffloadedError` if any of ``kinds`` is away."""
+        self.offloader.require(kinds, what)
 
     # ------------------------------------------------------------------ micro-batches
     def _plan(self, batch: ActorBatch, indices: torch.Tensor) -> list[MicroBatch]:
@@ -230,6 +249,7 @@ class MegatronActor:
         0 where ``response_mask`` is 0 (entropy is None when not requested).  Identical on
         every rank of the model-parallel group.
         """
+        self.require_resident(("params",), "compute log-probs")
         self.model.eval()
         mbs = self._plan(batch, torch.arange(batch.num_sequences))
 
@@ -399,6 +419,7 @@ class MegatronActor:
         Raises:
             NonFiniteUpdateError: after ``max_consecutive_nonfinite`` skipped steps in a row.
         """
+        self.require_resident(("params", "grads", "optimizer"), "update the policy")
         _synchronize()  # earlier phases' queued work is not this update's
         start = time.perf_counter()
         lr = lr_at_step(self.update_count, self.cfg.optim, self.total_training_steps)

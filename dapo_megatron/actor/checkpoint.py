@@ -19,12 +19,15 @@ Why the commit protocol: a save writes into ``DIR/tmp-step_N``; once every rank 
 finished, the size and CRC-32 of every file go into ``manifest.json``, written last
 (:mod:`~dapo_megatron.actor.checkpoint_manifest`); only then is the directory renamed to
 ``DIR/step_N`` and ``DIR/latest`` rewritten (temp file + ``os.replace``), and only after
-that are checkpoints beyond ``keep_last`` deleted.  A crash at any point leaves ``latest``
-pointing at the previous complete checkpoint; stale ``tmp-*`` directories are ignored by
-:func:`find_latest` and removed by the next save.  A failed write on any rank (a full
-disk) is agreed by every rank before anyone moves on (:func:`_agree_on_failure`), so the
-save stops on all ranks with one :class:`CheckpointSaveError` naming the path and the free
-space, instead of one rank raising while the others wait in the next collective.
+that are checkpoints beyond ``keep_last`` deleted.  The trainer may defer the rename
+(``commit=False``, :func:`commit_checkpoint`): the checkpoint, manifest included, is then
+written while the engine sleeps and committed once the step's metrics are logged.  A
+crash at any point leaves ``latest`` pointing at the previous complete checkpoint; stale
+``tmp-*`` directories are ignored by :func:`find_latest` and removed by the next save.
+A failed write on any rank (a full disk) is agreed by every rank before anyone moves on
+(:func:`_agree_on_failure`), so the save stops on all ranks with one
+:class:`CheckpointSaveError` naming the path and the free space, instead of one rank
+raising while the others wait in the next collective.
 
 Why verify before loading: :func:`verify_checkpoint` compares every file with the
 manifest (sizes always, CRCs on request) before the collective load starts, so a
@@ -81,6 +84,7 @@ from dapo_megatron.actor.checkpoint_manifest import (
     write_manifest,
 )
 from dapo_megatron.actor.hf_loading import unwrap_model
+from dapo_megatron.actor.megatron_patches import fully_reshardable_bucket_fix
 from dapo_megatron.distributed import all_max, any_true
 from dapo_megatron.models import get_layout, model_type_of
 
@@ -96,11 +100,13 @@ __all__ = [
     "apply_checkpoint_cpu_shim",
     "check_compatible",
     "check_optimizer_layout",
+    "commit_checkpoint",
     "complete_checkpoints",
     "find_latest",
     "load_checkpoint",
     "load_rank_state",
     "model_metadata",
+    "PendingCheckpoint",
     "quarantine_checkpoint",
     "read_checkpoint_metadata",
     "resolve_checkpoint_dir",
@@ -731,8 +737,9 @@ def save_checkpoint(
     rank_state: Mapping[str, Any] | None = None,
     keep_last: int | None = None,
     optimizer_sharding: str = OPTIMIZER_SHARDING_METADATA["distrib_optim_sharding_type"],
+    commit: bool = True,
     run_config: Mapping[str, Any] | None = None,
-) -> Path:
+) -> Path | PendingCheckpoint:
     """Save this rank's model shard (and optimizer state) as ``root/step_N``; collective.
 
     Args:
@@ -750,10 +757,14 @@ def save_checkpoint(
         optimizer_sharding: megatron's ``distrib_optim_sharding_type``.  The default
             ``fully_reshardable`` loads at any layout; ``dp_reshardable`` saves without the
             DP all-gather (no extra host memory) but loads only at the same TP x PP.
+        commit: False writes everything into ``root/tmp-step_N`` (manifest included) and returns
+            a :class:`PendingCheckpoint` for :func:`commit_checkpoint`: the trainer writes while
+            the engine sleeps and commits once the step's metrics are logged, so a crash in
+            between resumes from the previous checkpoint and redoes the whole step.
         run_config: the run's configuration (JSON types), stored so a resume can list what changed.
 
     Returns:
-        The committed step directory.
+        The committed step directory (``commit=False``: the pending checkpoint).
 
     Raises:
         FileExistsError: ``root/step_N`` already exists (a checkpoint is never overwritten).
@@ -792,9 +803,10 @@ def save_checkpoint(
 
     sharded = {"model": _model_sharded_state_dict(model)}
     if optimizer is not None:
-        sharded["optimizer"] = optimizer.sharded_state_dict(
-            sharded["model"], metadata={"distrib_optim_sharding_type": optimizer_sharding}
-        )
+        with fully_reshardable_bucket_fix(optimizer):
+            sharded["optimizer"] = optimizer.sharded_state_dict(
+                sharded["model"], metadata={"distrib_optim_sharding_type": optimizer_sharding}
+            )
     world = dist.get_world_size() if dist.is_initialized() else 1
 
     # 1. every rank writes its tensors (and its rank state); failures agreed, nobody left waiting
@@ -851,23 +863,45 @@ def save_checkpoint(
     except Exception as exc:  # re-raised on every rank by agree()
         error = exc
     agree(error)
+    pending = PendingCheckpoint(root=root, tmp=tmp, final=final, keep_last=keep_last)
+    return commit_checkpoint(pending) if commit else pending
 
-    # 4. rank 0 commits: rename, move `latest`
-    error, renamed = None, False
+
+@dataclass(frozen=True)
+class PendingCheckpoint:
+    """A fully written checkpoint, manifest included, that ``latest`` does not name yet
+    (see :func:`commit_checkpoint`)."""
+
+    root: Path
+    tmp: Path
+    final: Path
+    keep_last: int | None
+
+
+def commit_checkpoint(pending: PendingCheckpoint) -> Path:
+    """Rename the written checkpoint into place, point ``latest`` at it, then prune; collective.
+
+    Raises:
+        CheckpointSaveError: the rename or ``latest`` failed (on every rank; the checkpoint is
+            moved back and removed, ``latest`` unchanged, nothing older deleted).
+    """
+    root, tmp, final = pending.root, pending.tmp, pending.final
+    error: BaseException | None = None
+    renamed = False
     if _rank() == 0:
         try:
             os.rename(tmp, final)
             renamed = True
             _fsync_dir(root)
             _atomic_write_text(root / LATEST_FILE, final.name + "\n")
-        except Exception as exc:  # re-raised on every rank by agree()
+        except Exception as exc:  # re-raised on every rank by _agree_on_failure()
             error = exc
-    agree(error, undo=(lambda: os.rename(final, tmp)) if renamed else None)
+    _agree_on_failure(error, root=root, tmp=tmp, final=final, undo=(lambda: os.rename(final, tmp)) if renamed else None)
 
-    # 5. only now, with the new checkpoint written, verified and named by `latest`: drop old ones
+    # only now, with the new checkpoint written, read back and named by `latest`: drop old ones
     def cleanup() -> None:
-        if keep_last is not None:
-            for _, old in _complete_steps(root)[:-keep_last]:
+        if pending.keep_last is not None:
+            for _, old in _complete_steps(root)[: -pending.keep_last]:
                 shutil.rmtree(old)
         for stale in root.glob("tmp-step_*"):
             shutil.rmtree(stale)
@@ -1018,9 +1052,10 @@ def load_checkpoint(
     if optimizer is not None:
         sharding = check_optimizer_layout(meta, *_layout(), where=f"checkpoint {directory}")
         _materialize_optimizer_state(optimizer)
-        sharded["optimizer"] = optimizer.sharded_state_dict(
-            sharded["model"], is_loading=True, metadata={"distrib_optim_sharding_type": sharding}
-        )
+        with fully_reshardable_bucket_fix(optimizer):
+            sharded["optimizer"] = optimizer.sharded_state_dict(
+                sharded["model"], is_loading=True, metadata={"distrib_optim_sharding_type": sharding}
+            )
     loaded = dist_checkpointing.load(sharded, str(directory))
     inner = unwrap_model(model)
     inner.load_state_dict(loaded["model"], strict=True)

@@ -77,26 +77,49 @@ def finalize_grads_without_token_scaling(model, num_tokens=None, pg_collection=N
     return finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
 
 
-def wrap_ddp(model: torch.nn.Module, *, use_distributed_optimizer: bool):
+def wrap_ddp(
+    model: torch.nn.Module,
+    *,
+    use_distributed_optimizer: bool,
+    overlap_grad_reduce: bool = True,
+    bucket_size: int | None = None,
+):
     """Wrap a GPTModel in megatron DDP with fp32 grad buffers and a SUM reduction.
 
     The model's TransformerConfig must have ``calculate_per_token_loss=True`` (checked, since
     otherwise DDP silently averages over DP and the global-mean arithmetic breaks).
+
+    ``overlap_grad_reduce``: gradients are reduced (reduce-scattered with the distributed
+    optimizer) bucket by bucket, asynchronously, as the last micro-batch's backward fills each
+    bucket; megatron's ``finalize_model_grads`` waits for them.  Without it there is one bucket
+    of every gradient (8 GB of fp32 at 32B), reduced after the backward pass, and the fully
+    reshardable checkpoint's gather allocates a bucket-sized buffer per optimizer-state key.
+    ``bucket_size`` (parameters; None: megatron's ``max(40M, 1M x DP)``) applies with overlap.
+    The parameter all-gather after the optimizer step is not overlapped: the weight sync and
+    the checkpoint read the parameters right after the update, before any forward pass could
+    wait for an overlapped gather.
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     config = model.config
     if not config.calculate_per_token_loss:
         raise ValueError("the model's TransformerConfig needs calculate_per_token_loss=True (gradients are summed)")
+    if bucket_size is not None and not overlap_grad_reduce:
+        raise ValueError("actor.ddp.bucket_size needs actor.ddp.overlap_grad_reduce=true")
     ddp_config = DistributedDataParallelConfig(
         grad_reduce_in_fp32=True,
-        overlap_grad_reduce=False,
+        overlap_grad_reduce=overlap_grad_reduce,
+        overlap_param_gather=False,
+        bucket_size=bucket_size,
         use_distributed_optimizer=use_distributed_optimizer,
         check_for_nan_in_grad=False,  # non-finite steps are skipped by the actor, not raised here
         average_in_collective=False,
     )
     ddp = DistributedDataParallel(config=config, ddp_config=ddp_config, module=model)
     config.no_sync_func = ddp.no_sync
+    if overlap_grad_reduce:
+        # as Megatron-LM (align_grad_reduce): pipelined schedules start each stage's reduction
+        config.grad_sync_func = ddp.start_grad_sync
     config.finalize_model_grads_func = finalize_grads_without_token_scaling
     return ddp
 

@@ -20,6 +20,7 @@ Compared with the verl recipe this buffer fixes what users complain about:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Sequence
@@ -54,8 +55,10 @@ class Group:
     """All samples of one prompt, as the buffer sees them.
 
     ``metrics`` holds one value per member for each metric name; ``payload`` is
-    opaque to the buffer (tensors, token lists) and must survive ``torch.save``
-    because carried groups are checkpointed. ``born_step`` is set by the buffer.
+    opaque to the buffer (the trainer's is :class:`dapo_megatron.experience.GroupSamples`)
+    and must survive ``torch.save`` because carried groups are checkpointed: a dataclass
+    payload is saved as a plain dict and rebuilt by the buffer's ``payload_type``.
+    ``born_step`` is set by the buffer.
     """
 
     uid: str
@@ -95,6 +98,7 @@ class DynamicSamplingBuffer:
         max_num_gen_batches: int = 10,
         on_exhausted: str = "raise",
         max_carry_age: int = 0,
+        payload_type: type | None = None,
     ) -> None:
         if train_batch_size <= 0:
             raise ValueError(f"train_batch_size must be > 0, got {train_batch_size}")
@@ -115,6 +119,7 @@ class DynamicSamplingBuffer:
         self.max_num_gen_batches = max_num_gen_batches
         self.on_exhausted = on_exhausted
         self.max_carry_age = max_carry_age
+        self.payload_type = payload_type
 
         self._kept: list[Group] = []  # oldest first
         self._step: int | None = None
@@ -294,12 +299,17 @@ class DynamicSamplingBuffer:
                 {
                     "uid": g.uid,
                     "metrics": {k: list(v) for k, v in g.metrics.items()},
-                    "payload": g.payload,
+                    "payload": dataclasses.asdict(g.payload) if dataclasses.is_dataclass(g.payload) else g.payload,
                     "born_step": g.born_step,
                 }
                 for g in self._kept
             ],
         }
+
+    def _payload_from_state(self, payload: Any) -> Any:
+        if self.payload_type is not None and isinstance(payload, dict):
+            return self.payload_type(**payload)
+        return payload
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved; the constructor config stays as built.
@@ -318,7 +328,7 @@ class DynamicSamplingBuffer:
             Group(
                 uid=g["uid"],
                 metrics={k: list(v) for k, v in g["metrics"].items()},
-                payload=g["payload"],
+                payload=self._payload_from_state(g["payload"]),
                 born_step=int(g["born_step"]),
             )
             for g in state["groups"]

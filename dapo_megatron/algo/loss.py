@@ -209,8 +209,10 @@ def policy_loss(
     # torch.where would still turn its zero gradient into NaN).
     zero = torch.zeros((), dtype=log_prob.dtype, device=log_prob.device)
     advantages = torch.where(mask, advantages.to(log_prob.dtype), zero)
-    log_ratio = torch.where(mask, log_prob - old_log_prob, zero)
-    ratio = torch.exp(log_ratio.clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP))
+    # Clamped once, for the ratio and the ppo_kl metric alike, as verl does: otherwise the
+    # metric would differ from verl's on exactly the tokens where the policies disagree most.
+    log_ratio = torch.where(mask, log_prob - old_log_prob, zero).clamp(-LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = torch.exp(log_ratio)
 
     loss_unclipped = -advantages * ratio
     loss_clipped = -advantages * ratio.clamp(1.0 - clip_ratio_low, 1.0 + clip_ratio_high)

@@ -93,22 +93,26 @@ def load_prompt_dataset(
     (the usual choice: a truncated math problem is a different problem);
     otherwise ``truncation`` decides: "error" raises, "left" keeps the end
     of the prompt (where the question and generation prompt are), "right"
-    keeps the start. Without the chat template the message contents are
-    joined by newlines and the tokenizer's own special tokens (e.g. BOS) are
-    added, as a base model expects.
+    keeps the start. Without the chat template (``data.apply_chat_template:
+    false``, for base models) the prompt column may also hold plain strings;
+    the message contents are joined by newlines and tokenized as is, with the
+    tokenizer's own special-token rule (e.g. a BOS), as a base model expects.
     """
     if max_prompt_length <= 0:
         raise ValueError(f"max_prompt_length must be positive, got {max_prompt_length}")
     if truncation not in TRUNCATION_MODES:
         raise ValueError(f"truncation must be one of {TRUNCATION_MODES}, got {truncation!r}")
     if apply_chat_template and not getattr(tokenizer, "chat_template", None):
-        raise ValueError("the tokenizer has no chat template; set one or pass apply_chat_template=False")
+        raise ValueError(
+            "the tokenizer has no chat template (a base model's?); set data.apply_chat_template=false to "
+            "tokenize prompts as plain text, or give a tokenizer with a template (data.tokenizer_path)"
+        )
     paths = _as_paths(files)
     stats = DatasetStats()
 
     rows: list[_Row] = []
     for path in paths:
-        rows.extend(_read_file(path, prompt_key))
+        rows.extend(_read_file(path, prompt_key, plain_text_ok=not apply_chat_template))
     stats.num_rows = len(rows)
 
     if dedup:
@@ -178,7 +182,7 @@ def _as_paths(
     return paths
 
 
-def _read_file(path: Path, prompt_key: str) -> list[_Row]:
+def _read_file(path: Path, prompt_key: str, *, plain_text_ok: bool) -> list[_Row]:
     try:
         table = pq.read_table(path)
     except (pa.ArrowException, OSError) as exc:
@@ -204,7 +208,7 @@ def _read_file(path: Path, prompt_key: str) -> list[_Row]:
             _Row(
                 file=path,
                 row=i,
-                messages=_check_messages(prompts[i], where, prompt_key),
+                messages=_check_messages(prompts[i], where, prompt_key, plain_text_ok),
                 ground_truth=_check_ground_truth(reward_models[i], where),
                 data_source=_check_data_source(sources[i], where),
                 extra_info=_check_extra_info(extras[i], where),
@@ -213,7 +217,15 @@ def _read_file(path: Path, prompt_key: str) -> list[_Row]:
     return rows
 
 
-def _check_messages(value: Any, where: str, key: str) -> list[dict[str, str]]:
+def _check_messages(value: Any, where: str, key: str, plain_text_ok: bool) -> list[dict[str, str]]:
+    if isinstance(value, str) and value:
+        if not plain_text_ok:
+            raise DataError(
+                f"{where}: field {key!r} is a plain string; a chat template needs a list of {{role, content}} "
+                "messages. For a base model's plain-text prompts set data.apply_chat_template=false"
+            )
+        # One user turn: the same record a chat-format row gives, so uids and dedup do not depend on the format.
+        return [{"role": "user", "content": value}]
     expected = "a non-empty list of {role, content} messages"
     if not isinstance(value, list) or not value:
         shown = "an empty list" if isinstance(value, list) else type(value).__name__

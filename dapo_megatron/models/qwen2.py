@@ -153,6 +153,39 @@ class DecoderLayout:
     def heads_per_group(self) -> int:
         return self.num_attention_heads // self.num_query_groups
 
+    # The counts below are what memory and FLOPs depend on (the planner's arithmetic); they
+    # use the HF vocabulary, not the padded one.
+    @property
+    def qkv_rows(self) -> int:
+        return (self.num_attention_heads + 2 * self.num_query_groups) * self.head_dim
+
+    def layer_sharded_params(self) -> int:
+        """Parameters of one layer that tensor parallelism splits (QKV, proj, FC1, FC2, QKV bias)."""
+        h, f = self.hidden_size, self.ffn_hidden_size
+        qkv = self.qkv_rows * h + (self.qkv_rows if self.qkv_bias else 0)
+        proj = h * self.num_attention_heads * self.head_dim
+        return qkv + proj + 3 * h * f
+
+    def layer_replicated_params(self) -> int:
+        """Parameters every TP rank holds in full (the two RMSNorms, q/k norms)."""
+        return 2 * self.hidden_size + (2 * self.head_dim if self.qk_norm else 0)
+
+    def non_embedding_params(self) -> int:
+        return self.num_layers * (self.layer_sharded_params() + self.layer_replicated_params()) + self.hidden_size
+
+    def total_params(self) -> int:
+        """The HF parameter count (unpadded vocabulary)."""
+        embed = self.vocab_size * self.hidden_size
+        return self.non_embedding_params() + embed * (1 if self.tie_word_embeddings else 2)
+
+    def matmul_params(self) -> int:
+        """Parameters that multiply every token: P of ``6 P T``.
+
+        The input embedding is a row lookup, no FLOPs: an untied model counts its output
+        layer once, not its embedding too (tied, the one matrix is the output layer).
+        """
+        return self.non_embedding_params() + self.vocab_size * self.hidden_size
+
 
 class DecoderMapping:
     """Name/layout mapping between a Megatron GPTModel and an HF llama-family model."""

@@ -9,8 +9,10 @@ incorrect answer plus a counter in the metrics.
 
 Backends (``get_scorer`` names):
 
-* ``"math_dapo"`` - the DAPO recipe's verifier: last "Answer:" line,
-  normalised, exact string match. Fast and never hangs.
+* ``"math_dapo"`` - the DAPO recipe's verifier, scoring exactly as verl's math_dapo:
+  last "Answer:" line, normalised, exact string match. Fast and never hangs.
+* ``"math_lenient"`` - the same extraction with a more forgiving normalisation (markdown,
+  trailing periods, units, number forms such as 3.140 = 3.14); not comparable with verl runs.
 * ``"math_verify"`` - HF math-verify, symbolic equivalence via sympy; needs the
   optional ``math-verify`` package.
 
@@ -22,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-BACKENDS = ("math_dapo", "math_verify")
+BACKENDS = ("math_dapo", "math_lenient", "math_verify")
 
 
 @dataclass(frozen=True)
@@ -57,6 +59,10 @@ class BackendScorer:
             from dapo_megatron.reward import math_dapo
 
             return math_dapo
+        if self.backend == "math_lenient":
+            from dapo_megatron.reward import math_lenient
+
+            return math_lenient
         from dapo_megatron.reward import math_verify_backend
 
         return math_verify_backend

@@ -18,7 +18,7 @@ import importlib.util
 import threading
 from types import ModuleType
 
-from dapo_megatron.reward.math_dapo import (
+from dapo_megatron.reward.math_lenient import (
     BOX_TAIL_CHARS,
     INVALID,
     TAIL_CHARS,

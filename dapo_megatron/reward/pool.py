@@ -48,7 +48,10 @@ from dapo_megatron.reward import BACKENDS, get_scorer
 
 logger = logging.getLogger(__name__)
 
-Scorer = Callable[[str, str], Mapping[str, Any]]
+Scorer = Callable[..., Mapping[str, Any]]
+# (data source, extra info) of one response, or None when the caller has none
+Context = tuple[str, dict[str, Any]] | None
+_Item = tuple[str, str, Context]
 EXECUTORS = ("process", "ray", "inline")
 FAILED_SCORE = -1.0
 TIMEOUT_PRED = "[TIMEOUT]"
@@ -58,8 +61,15 @@ ERROR_PRED = "[ERROR]"
 STARTUP_TIMEOUT_S = 120.0
 _MAX_MESSAGE_CHARS = 500
 
-# (score, acc, pred, failed)
-_Outcome = tuple[float, bool, str, "str | None"]
+
+@dataclass(frozen=True)
+class _Outcome:
+    """One response's result inside the pool (``failed``: None, ``"timeout"`` or ``"error: ..."``)."""
+
+    score: float
+    acc: bool
+    pred: str
+    failed: str | None = None
 
 
 @dataclass
@@ -173,8 +183,13 @@ class RewardPool:
         else:
             self._impl = _InlineExecutor(scorer)
 
-    def score(self, responses: Sequence[str], ground_truths: Sequence[str]) -> ScoredBatch:
-        """Score every response; hung or crashed verifiers yield -1.0 and a ``failed`` reason."""
+    def score(
+        self, responses: Sequence[str], ground_truths: Sequence[str], contexts: Sequence[Context] | None = None
+    ) -> ScoredBatch:
+        """Score every response; hung or crashed verifiers yield -1.0 and a ``failed`` reason.
+
+        ``contexts[i]`` is response i's (data source, extra info), for scorers that take them.
+        """
         if self._closed:
             raise RuntimeError("RewardPool is closed")
         if len(responses) != len(ground_truths):
@@ -182,12 +197,16 @@ class RewardPool:
         for i, r in enumerate(responses):
             if not isinstance(r, str):
                 raise TypeError(f"responses[{i}] must be str, got {type(r).__name__}")
-        items = [(r, str(g)) for r, g in zip(responses, ground_truths, strict=True)]
+        if contexts is None:
+            contexts = [None] * len(responses)
+        elif len(contexts) != len(responses):
+            raise ValueError(f"responses and contexts differ in length: {len(responses)} != {len(contexts)}")
+        items = [(r, str(g), c) for r, g, c in zip(responses, ground_truths, contexts, strict=True)]
         with self._lock:
             t0 = time.perf_counter()
             outcomes = self._impl.run(items) if items else []
             self._counters.add(outcomes, time.perf_counter() - t0, self._impl.pop_restarts())
-        failures = [(i, o[3]) for i, o in enumerate(outcomes) if o[3] is not None]
+        failures = [(i, o.failed) for i, o in enumerate(outcomes) if o.failed is not None]
         if failures:
             # Failures are scored as incorrect and training goes on, so say it where people look.
             index, reason = failures[0]
@@ -200,10 +219,10 @@ class RewardPool:
                 reason,
             )
         return ScoredBatch(
-            scores=[o[0] for o in outcomes],
-            acc=[o[1] for o in outcomes],
-            preds=[o[2] for o in outcomes],
-            failed=[o[3] for o in outcomes],
+            scores=[o.score for o in outcomes],
+            acc=[o.acc for o in outcomes],
+            preds=[o.pred for o in outcomes],
+            failed=[o.failed for o in outcomes],
         )
 
     def metrics(self) -> dict[str, float]:
@@ -243,8 +262,8 @@ class _Counters:
 
     def add(self, outcomes: list[_Outcome], seconds: float, restarts: int) -> None:
         self.scored += len(outcomes)
-        self.timeouts += sum(1 for o in outcomes if o[3] == "timeout")
-        self.errors += sum(1 for o in outcomes if o[3] is not None and o[3] != "timeout")
+        self.timeouts += sum(1 for o in outcomes if o.failed == "timeout")
+        self.errors += sum(1 for o in outcomes if o.failed is not None and o.failed != "timeout")
         self.restarts += restarts
         self.seconds += seconds
 
@@ -282,9 +301,15 @@ def _coerce(raw: Any) -> tuple[float, bool, str]:
     return score, bool(raw["acc"]), str(raw.get("pred", ""))
 
 
-def _score_one(scorer: Scorer, response: str, ground_truth: str) -> tuple:
-    """("ok", score, acc, pred) or ("error", description); never raises."""
+def _score_one(scorer: Scorer, response: str, ground_truth: str, context: Context = None) -> tuple:
+    """("ok", score, acc, pred) or ("error", description); never raises.
+
+    ``context`` (data source, extra info) reaches only scorers that ask for it
+    (``takes_context``, as verl-style reward functions do); the built-in backends never need it.
+    """
     try:
+        if getattr(scorer, "takes_context", False):
+            return ("ok", *_coerce(scorer(response, ground_truth, context)))
         return ("ok", *_coerce(scorer(response, ground_truth)))
     except BaseException as exc:  # noqa: BLE001 - SystemExit from a scorer is an error too
         return ("error", _describe(exc))
@@ -292,7 +317,7 @@ def _score_one(scorer: Scorer, response: str, ground_truth: str) -> tuple:
 
 def _to_outcome(result: tuple) -> _Outcome:
     if result[0] == "ok":
-        return result[1], result[2], result[3], None
+        return _Outcome(result[1], result[2], result[3])
     return _failed("error: " + result[1])
 
 
@@ -304,12 +329,12 @@ def _complete(results: list[_Outcome | None]) -> list[_Outcome]:
 
 
 def _failed(reason: str) -> _Outcome:
-    return FAILED_SCORE, False, TIMEOUT_PRED if reason == "timeout" else ERROR_PRED, reason
+    return _Outcome(FAILED_SCORE, False, TIMEOUT_PRED if reason == "timeout" else ERROR_PRED, reason)
 
 
 class _Executor(abc.ABC):
     @abc.abstractmethod
-    def run(self, items: list[tuple[str, str]]) -> list[_Outcome]: ...
+    def run(self, items: list[_Item]) -> list[_Outcome]: ...
 
     def pop_restarts(self) -> int:
         return 0
@@ -327,8 +352,8 @@ class _InlineExecutor(_Executor):
             warmup()
         self._scorer = scorer
 
-    def run(self, items: list[tuple[str, str]]) -> list[_Outcome]:
-        return [_to_outcome(_score_one(self._scorer, r, g)) for r, g in items]
+    def run(self, items: list[_Item]) -> list[_Outcome]:
+        return [_to_outcome(_score_one(self._scorer, *item)) for item in items]
 
 
 # ----------------------------------------------------------------------------
@@ -354,8 +379,8 @@ def _worker_main(conn: Connection, scorer: Scorer) -> None:
             return
         if msg is None:
             return
-        index, response, ground_truth = msg
-        conn.send((index, _score_one(scorer, response, ground_truth)))
+        index, *item = msg
+        conn.send((index, _score_one(scorer, *item)))
 
 
 class _Worker:
@@ -403,7 +428,7 @@ class _ProcessExecutor(_Executor):
         n, self._restarts = self._restarts, 0
         return n
 
-    def run(self, items: list[tuple[str, str]]) -> list[_Outcome]:
+    def run(self, items: list[_Item]) -> list[_Outcome]:
         results: list[_Outcome | None] = [None] * len(items)
         pending = deque(range(len(items)))
         try:
@@ -421,7 +446,7 @@ class _ProcessExecutor(_Executor):
             raise
         return _complete(results)
 
-    def _dispatch(self, items: list[tuple[str, str]], pending: deque[int]) -> None:
+    def _dispatch(self, items: list[_Item], pending: deque[int]) -> None:
         for w in self._workers:
             if not pending:
                 return

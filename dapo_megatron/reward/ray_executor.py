@@ -13,11 +13,13 @@ from typing import Any
 
 from dapo_megatron.reward.pool import (
     STARTUP_TIMEOUT_S,
+    Context,
     Scorer,
     _complete,
     _describe,
     _Executor,
     _failed,
+    _Item,
     _Outcome,
     _score_one,
     _to_outcome,
@@ -95,7 +97,7 @@ class RayExecutor(_Executor):
         n, self._restarts = self._restarts, 0
         return n
 
-    def run(self, items: list[tuple[str, str]]) -> list[_Outcome]:
+    def run(self, items: list[_Item]) -> list[_Outcome]:
         ray = self._ray
         results: list[_Outcome | None] = [None] * len(items)
         pending = deque(range(len(items)))
@@ -142,7 +144,7 @@ def _ray_warmup(scorer: Scorer) -> None:
         warmup()
 
 
-def _ray_score_one(scorer: Scorer, response: str, ground_truth: str) -> tuple:
+def _ray_score_one(scorer: Scorer, response: str, ground_truth: str, context: Context = None) -> tuple:
     # Ray may route a task to a fresh worker (e.g. after a forced cancel).
     _ray_warmup(scorer)
-    return _score_one(scorer, response, ground_truth)
+    return _score_one(scorer, response, ground_truth, context)

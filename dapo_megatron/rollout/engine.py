@@ -7,14 +7,16 @@ here) and lets weight sync treat the engine as a sink of ``(hf_name, tensor)`` p
 
 Engine states: ``ready`` -> (``update_weights`` starts) ``syncing`` -> ``ready``; any
 exception while weights are half-loaded leaves ``broken``, and ``generate`` then refuses
-with the original error instead of sampling from a half-updated model.
+with the original error instead of sampling from a half-updated model.  Independently the
+engine may be asleep by tag (``weights``, ``kv_cache``): it generates only fully awake, and
+loads weights only with its weights awake (see :mod:`dapo_megatron.lifecycle`).
 """
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -83,7 +85,6 @@ class Rollouts:
     response_ids: list[list[int]]
     logprobs: list[list[float]]
     finish_reason: list[str]
-    meta: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         total = self.num_prompts * self.n
@@ -137,9 +138,9 @@ class RolloutEngine(abc.ABC):
         """Load HF-named full tensors (any order); resets the prefix cache.  Returns tensors loaded."""
 
     @abc.abstractmethod
-    def sleep(self) -> None:
-        """Free engine memory while the actor trains (may be a no-op)."""
+    def sleep(self, level: int = 1) -> None:
+        """Free the engine's weights and KV cache while the actor trains (level 2: weights discarded)."""
 
     @abc.abstractmethod
-    def wake_up(self) -> None:
-        """Undo :meth:`sleep`."""
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        """Reallocate ``tags`` (``weights``, ``kv_cache``; None: both) after :meth:`sleep`."""

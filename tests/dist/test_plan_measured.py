@@ -13,10 +13,11 @@ SHAPE = ModelShape(
     num_layers=4,
     hidden_size=64,
     num_attention_heads=4,
-    num_kv_heads=2,
+    num_query_groups=2,
     head_dim=16,
     ffn_hidden_size=128,
     vocab_size=300,
+    padded_vocab_size=384,
     tie_word_embeddings=False,
     qkv_bias=True,
 )

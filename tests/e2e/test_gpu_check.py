@@ -19,6 +19,7 @@ CHECKS = [
     "hf_parity",
     "update",
     "logprobs",
+    "offload",
     "checkpoint",
     "weight_sync",
     "update_larger",
@@ -43,6 +44,8 @@ def test_gpu_check_dry_run(tmp_path):
     assert rows["backend"]["backend"] == "cpu:gloo,cuda:gloo"
     assert rows["hf_parity"]["max_abs_diff_float32"] < 1e-4
     assert rows["update"]["update_tokens_per_s"] > 0 and rows["update"]["planner_train_gib"] > 0
+    offload = rows["offload"]
+    assert offload["weights_bit_exact"] and offload["params"]["bytes_moved"] >= rows["weight_sync"]["bytes"]
     assert rows["weight_sync"]["bytes"] == 4 * rows["update"]["params"]  # fp32 on CPU, tied: every tensor once
     assert rows["update_larger"]["params"] > rows["update"]["params"]
     assert rows["convert"]["cuda_initialized"] is False

@@ -38,6 +38,7 @@ def _fake_actor(events: list[str]):
         optimizer=SimpleNamespace(param_groups=[{}]),
         dp_size=1,
         zero_grad=lambda: None,
+        require_resident=lambda kinds, what: None,
         _mini_batch_slices=lambda batch: [torch.arange(0, 2), torch.arange(2, 4)],
         forward_backward=lambda batch, inject_nan: events.append("fwd_bwd") or {**stats, "num_micro_batches": 1.0},
         _optimizer_step=lambda loss: events.append("step") or (True, 1.0),

@@ -126,6 +126,11 @@ def test_broken_yaml_and_missing_file(tmp_path):
         (["rollout.load_format=safetensors"], r"rollout\.load_format: 'safetensors' is not one of auto, dummy"),
         (["rollout.max_mismatch=0"], r"rollout\.max_mismatch: must be > 0 \(or null for the dtype default\)"),
         (["rollout.weight_sync.probe_prompts=0"], r"rollout\.weight_sync\.probe_prompts: must be > 0"),
+        (
+            ["actor.ddp.overlap_grad_reduce=false", "actor.ddp.bucket_size=1000000"],
+            r"actor\.ddp\.bucket_size: needs actor\.ddp\.overlap_grad_reduce=true",
+        ),
+        (["actor.ddp.bucket_size=0"], r"actor\.ddp\.bucket_size"),
     ],
 )
 def test_range_errors_name_the_key(overrides, message):

@@ -1,4 +1,4 @@
-"""GPU engines start from dummy weights, and the trainer syncs before first use."""
+"""GPU engines start from dummy weights, and the trainer syncs before first use (and after a resume)."""
 
 from __future__ import annotations
 
@@ -26,12 +26,9 @@ def test_resolve_load_format(requested, cuda, want):
 
 @pytest.mark.parametrize(
     ("load_format", "resumed", "syncs"),
-    [("dummy", False, 1), ("dummy", True, 0), ("auto", False, 0)],
+    [("dummy", False, True), ("dummy", True, True), ("auto", False, False), ("auto", True, True)],
 )
-def test_trainer_syncs_a_dummy_engine_before_first_use(load_format, resumed, syncs):
+def test_trainer_syncs_a_dummy_or_resumed_engine_before_first_use(load_format, resumed, syncs):
     trainer = DapoTrainer(DapoConfig())
     trainer.engine = SimpleNamespace(load_format=load_format)
-    calls = []
-    trainer._sync_weights = lambda: calls.append("sync") or {}
-    trainer._ready_engine_weights(resumed)
-    assert len(calls) == syncs
+    assert trainer._engine_needs_actor_weights(resumed) is syncs

@@ -47,8 +47,8 @@ def test_build_round_groups_and_shapes_rewards():
     assert g0.metrics["seq_reward"] == [1.0, -2.0]
     assert g1.metrics["seq_reward"] == [-1.0, -1.5]
     assert g0.metrics["score"] == [1.0, -1.0]  # the raw score is kept apart for filtering
-    assert g0.payload["truncated"] == [False, True]
-    assert g1.payload["prompt_ids"] == [5]
+    assert g0.payload.truncated == [False, True]
+    assert g1.payload.prompt_ids == [5]
 
 
 def test_round_size_mismatches_are_errors():
@@ -109,3 +109,32 @@ def test_a_prompt_drawn_twice_makes_two_groups():
     assert len(groups) == 4
     adv = advantages_for(first, norm_by_std=False)
     assert torch.allclose(adv, torch.tensor([1.5, -1.5, 0.25, -0.25]))  # each draw is its own group
+
+
+def test_carried_groups_checkpoint_as_plain_dicts_and_come_back_typed(tmp_path):
+    import io
+
+    from dapo_megatron.algo.dynamic_sampling import DynamicSamplingBuffer, Group
+    from dapo_megatron.experience import GroupSamples
+
+    samples = GroupSamples(prompt_ids=[1, 2], response_ids=[[3], [4, 5]], rollout_log_probs=[[-0.1], [-0.2, -0.3]],
+                           truncated=[False, True], data_source="arith")  # fmt: skip
+    group = Group(uid="p@1.0.0", metrics={"acc": [1.0, 0.0]}, payload=samples)
+    buf = DynamicSamplingBuffer(1, max_carry_age=1, payload_type=GroupSamples)
+    buf.begin_step(1)
+    buf.add_round([group, Group(uid="q@1.0.1", metrics={"acc": [0.0, 1.0]}, payload=samples)])
+    buf.take()  # one group trained, the other carried
+    state = buf.state_dict()
+    assert state["groups"] and all(isinstance(g["payload"], dict) for g in state["groups"])
+    blob = io.BytesIO()
+    torch.save(state, blob)
+    blob.seek(0)
+    restored = DynamicSamplingBuffer(1, max_carry_age=1, payload_type=GroupSamples)
+    restored.load_state_dict(torch.load(blob, weights_only=True))  # plain containers only
+    assert restored.state_dict() == state
+    assert [g.payload for g in restored._kept] == [samples]
+    # a checkpoint written before the payload was typed (a dict without data_source) loads too
+    old = {**state, "groups": [{**g, "payload": {k: v for k, v in g["payload"].items() if k != "data_source"}}
+                               for g in state["groups"]]}  # fmt: skip
+    restored.load_state_dict(old)
+    assert restored._kept[0].payload.response_ids == [[3], [4, 5]]

@@ -256,3 +256,14 @@ def test_other_bad_arguments() -> None:
         aggregate_loss(new, mask, "token-mean", global_num_tokens=-1)
     with pytest.raises(ValueError, match="max_response_length"):
         aggregate_loss(new, mask, "seq-mean-token-sum-norm", max_response_length=0)
+
+
+def test_ppo_kl_clamps_the_log_ratio_at_20_as_the_ratio_does() -> None:
+    """verl's ppo_kl is the mean of -clamp(log-ratio, -20, 20): 20 here, where the unclamped mean is 35."""
+    old = torch.zeros(1, 2)
+    new = torch.tensor([[-50.0, -20.0]])
+    out = policy_loss(new, old, torch.ones(1), torch.ones(1, 2, dtype=torch.bool))
+    assert out["ppo_kl"].item() == pytest.approx(20.0)
+    new = torch.tensor([[30.0, -50.0]])
+    out = policy_loss(new, old, torch.ones(1), torch.ones(1, 2, dtype=torch.bool))
+    assert out["ppo_kl"].item() == pytest.approx((-20.0 + 20.0) / 2)

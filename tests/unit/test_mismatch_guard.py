@@ -12,6 +12,7 @@ import logging
 import pytest
 
 from dapo_megatron.config import DapoConfig
+from dapo_megatron.lifecycle import ColocatedLifecycle, LifecyclePlan, Phase
 from dapo_megatron.rollout.mismatch import (
     FP32_MAX_MISMATCH,
     LOW_PRECISION_MAX_MISMATCH,
@@ -21,8 +22,22 @@ from dapo_megatron.rollout.mismatch import (
 from dapo_megatron.trainer import DapoTrainer
 
 
-def _trainer(verify_calls: list) -> DapoTrainer:
+class _Engine:
+    def __init__(self, log: list):
+        self.log = log
+
+    def sleep(self, level):
+        self.log.append(f"sleep({level})")
+
+    def wake_up(self, tags):
+        self.log.append(f"wake({','.join(tags)})")
+
+
+def _trainer(verify_calls: list, plan: LifecyclePlan | None = None, log: list | None = None) -> DapoTrainer:
     trainer = DapoTrainer(DapoConfig())
+    trainer.lifecycle = ColocatedLifecycle(plan or LifecyclePlan(free_cache_engine=False), actor=None)
+    trainer.lifecycle.attach_engine(_Engine(log if log is not None else []))
+    trainer.lifecycle.enter(Phase.TRAIN)  # the guard runs between the old log-probs and the update
     trainer.max_mismatch = 1e-4
     trainer._mismatch_breaches = 0
     trainer.step = 7
@@ -76,6 +91,25 @@ def test_failed_reverification_propagates():
     trainer._verify_engine = broken
     with pytest.raises(RuntimeError, match="lm_head.weight"):
         trainer._guard_mismatch(1.0)
+
+
+@pytest.mark.parametrize("level", [1, 2])
+def test_reverification_wakes_the_sleeping_engine_and_refills_discarded_weights(level):
+    log: list = []
+    trainer = _trainer(log, LifecyclePlan(sleep_level=level), log)
+    trainer._verify_engine = lambda: (
+        log.append("verify")
+        or {
+            "weight_sync/verified_tensors": 1.0,
+            "weight_sync/probe_mean_abs_diff": 0.0,
+        }
+    )
+    trainer._sync_weights = lambda: log.append("sync") or {}
+    trainer._guard_mismatch(1.0)
+    refill = ["wake(weights)", "sync"] if level == 2 else ["wake(weights)"]
+    # level 1: the engine's own weights come back from host memory; level 2 discarded them
+    assert log == [f"sleep({level})", *refill, "wake(kv_cache)", "verify", f"sleep({level})"]
+    assert trainer.lifecycle.phase is Phase.TRAIN
 
 
 def test_threshold_defaults_follow_the_dtypes():

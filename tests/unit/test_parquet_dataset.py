@@ -181,7 +181,7 @@ def test_prompt_not_a_message_list(tmp_path, tok):
     )
     with pytest.raises(
         DataError,
-        match=r"p\.parquet, row 0: field 'prompt' must be a non-empty list.*got str",
+        match=r"p\.parquet, row 0: field 'prompt' is a plain string.*set data\.apply_chat_template=false",
     ):
         load(path, tok)
 
@@ -277,3 +277,21 @@ def test_without_chat_template_and_custom_prompt_key(tmp_path, tok):
     content = DAPO_PROMPT_TEMPLATE.format(problem="What is 1 + 1?")
     assert ds[0].prompt_ids == tok(content)["input_ids"]
     assert ds[0].messages == [{"role": "user", "content": content}]
+
+
+def test_plain_text_prompts_for_a_base_model_tokenizer(tmp_path, tok):
+    """A string prompt column and a tokenizer without a chat template: tokenized as is, special tokens by its rule."""
+    import copy
+
+    base = copy.deepcopy(tok)
+    base.chat_template = None
+    text = "Question: what is 1 + 1?\nAnswer:"
+    path = tmp_path / "plain.parquet"
+    pq.write_table(
+        pa.table({"data_source": ["math_dapo"], "prompt": [text], "reward_model": [{"ground_truth": "2"}]}), path
+    )
+    with pytest.raises(ValueError, match=r"the tokenizer has no chat template .*set data\.apply_chat_template=false"):
+        load(path, base)
+    ds = load(path, base, apply_chat_template=False)
+    assert ds[0].prompt_ids == base(text)["input_ids"]
+    assert ds[0].messages == [{"role": "user", "content": text}]

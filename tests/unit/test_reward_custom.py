@@ -85,3 +85,58 @@ def test_config_checks(reward_file, tmp_path):
     cfg = load_config(tiny, [f"reward.custom_function.path={tmp_path}/missing.py"])
     with pytest.raises(ConfigError, match=r"reward\.custom_function\.path: file not found: .*missing\.py"):
         validate(cfg, check_files=True)
+
+
+# verl's signature, called with keywords as verl's reward managers call it
+VERL_REWARD_FILE = """
+import time
+
+def compute_score(data_source, solution_str, ground_truth, extra_info=None):
+    if solution_str == "raise":
+        raise ValueError("the verl verifier choked")
+    if solution_str == "hang":
+        time.sleep(60)
+    ok = solution_str.strip() == ground_truth
+    if data_source == "as_float":
+        return 1.0 if ok else 0.0
+    bonus = (extra_info or {}).get("bonus", 0.0)
+    return {"score": (1.0 if ok else -1.0) + bonus, "source": data_source}
+
+def three_positional(a, b, c):
+    return 0.0
+"""
+
+
+@pytest.fixture
+def verl_reward_file(tmp_path) -> Path:
+    path = tmp_path / "verl_reward.py"
+    path.write_text(VERL_REWARD_FILE)
+    return path
+
+
+def test_verl_signature_is_recognised_and_gets_data_source_and_extra_info(verl_reward_file, reward_file):
+    assert load_file_scorer(str(verl_reward_file), "compute_score").style == "verl"
+    assert load_file_scorer(str(reward_file), "compute_score").style == "ours"
+    with pytest.raises(TypeError, match=r"reward\.custom_function\.name: three_positional .* takes \(a, b, c\)"):
+        load_file_scorer(str(verl_reward_file), "three_positional")
+
+
+def test_verl_reward_file_scores_through_the_pool_with_one_raising_and_one_hanging(verl_reward_file):
+    scorer = load_file_scorer(str(verl_reward_file), "compute_score")
+    responses = ["4", "5", "4", "0", "raise", "hang"]
+    contexts = [
+        ("math_dapo", {"bonus": 0.5}),  # a dict without acc: acc = score > 0
+        ("math_dapo", {}),
+        ("as_float", {}),  # a float: the score
+        ("as_float", {}),
+        ("math_dapo", {}),
+        ("math_dapo", {}),
+    ]
+    with RewardPool(scorer=scorer, num_workers=2, timeout_s=1.0) as pool:
+        out = pool.score(responses, ["4"] * 6, contexts)
+        metrics = pool.metrics()
+    assert out.scores == [1.5, -1.0, 1.0, 0.0, -1.0, -1.0]
+    assert out.acc == [True, False, True, False, False, False]
+    assert out.failed[:4] == [None] * 4
+    assert "ValueError: the verl verifier choked" in out.failed[4] and "timeout" in out.failed[5]
+    assert metrics["reward/num_errors"] == 1 and metrics["reward/num_timeouts"] == 1

@@ -20,7 +20,7 @@ def test_hand_computed_example() -> None:
     assert out == pytest.approx(
         {
             "val-core/aime/acc/mean@4": 0.5,
-            "val-aux/aime/acc/std@4": float(np.std([0.5, 0.0, 1.0])),
+            "val-aux/aime/acc/problem_std@4": float(np.std([0.5, 0.0, 1.0])),
             "val-aux/aime/pass@4": 2 / 3,
             "val-aux/aime/acc/sem@4": float(np.sqrt(0.5 * 0.5 / 3)) / 3,
         }
@@ -47,7 +47,7 @@ def test_sample_order_does_not_matter() -> None:
     assert avg_at_k(*zip(*rows, strict=True)) == pytest.approx(ordered)
     assert set(ordered) == {
         "val-core/aime/acc/mean@32",
-        "val-aux/aime/acc/std@32",
+        "val-aux/aime/acc/problem_std@32",
         "val-aux/aime/pass@32",
         "val-aux/aime/acc/sem@32",
     }
@@ -99,4 +99,4 @@ def test_mean_equals_flat_mean_when_groups_are_equal(groups: list[list[bool]]) -
     out = avg_at_k(acc, gids, ["s"] * len(acc))
     assert out["val-core/s/acc/mean@3"] == pytest.approx(np.mean(acc))
     assert out["val-aux/s/pass@3"] == pytest.approx(np.mean([any(g) for g in groups]))
-    assert 0.0 <= out["val-aux/s/acc/std@3"] <= 0.5
+    assert 0.0 <= out["val-aux/s/acc/problem_std@3"] <= 0.5

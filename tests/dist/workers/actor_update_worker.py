@@ -11,7 +11,8 @@ micro-batch, the loss straight from ``policy_loss`` without external normalisers
 
 * ``grad``: at TP1 x DP2 the DDP-reduced gradient of one mini-batch equals the oracle's, for
   every ``loss_agg_mode`` (entropy bonus on), with a large token budget (1 micro-batch per rank)
-  and a small one (4+ micro-batches, uneven counts equalised across ranks).
+  and a small one (4+ micro-batches, uneven counts equalised across ranks). Every check runs
+  with overlapped gradient reduction in many small buckets (``actor.ddp``).
 * ``layout``: TP1xDP2, TP2, TP2+SP and PP2 give the oracle's log-probs / entropy (temperature
   0.7), the same loss and grad norm on the first mini-batch, and the same weights after 3
   optimizer steps (distributed optimizer, clipping active); with TIED_HF_DIR also TP1xDP2 vs PP2
@@ -43,6 +44,7 @@ LP_TOL = 1e-4
 WEIGHT_TOL = 5e-5
 GRAD_NORM_RTOL = 2e-5
 TEMPERATURE = 0.7
+BUCKET = 4096  # DDP bucket size (parameters)
 GROUP = 2  # responses per prompt
 N_GROUPS = 6
 R = 12  # max response length
@@ -106,6 +108,7 @@ def actor_cfg(tp: int, pp: int, sp: bool, budget: int, *, dist_opt: bool) -> Act
     a.optim.adam_eps = 1e-6
     a.optim.clip_grad = 0.5
     a.optim.use_distributed_optimizer = dist_opt
+    a.ddp.bucket_size = BUCKET  # many overlapped buckets (megatron's default makes one for this model)
     return a
 
 
@@ -165,10 +168,12 @@ def check_grads(hf_dir, hf_model, hf_config, batch) -> list[str]:
                 _, _, ref_loss, ref_grads = hf_oracle(hf_model, mini, mode, algo, cfg.entropy_coeff)
                 d = rel_diff(megatron_grads_as_hf(actor, hf_config), ref_grads)
                 d_loss = abs(m["pg_loss"] - ref_loss)
+                buckets = sum(len(b.buckets) for b in actor.model.buffers)
                 line = (
                     f"ACTOR-OK grad mode={mode} budget={label} micro_batches={int(m['num_micro_batches'])} "
-                    f"rel_grad_diff={d:.2e} loss_diff={d_loss:.2e}"
+                    f"buckets={buckets} rel_grad_diff={d:.2e} loss_diff={d_loss:.2e}"
                 )
+                assert buckets > 1, line
                 assert d < GRAD_TOL and d_loss < 1e-6, line
                 lines.append(line)
             assert m["num_micro_batches"] == {"256": 1, "small": 4, "fixed3": 2}[label], m

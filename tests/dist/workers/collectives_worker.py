@@ -12,7 +12,8 @@ Every rank joins through ``init_parallel`` (the package's own process-group set-
    one-rank subgroup (which must see only its own value);
 3. the trainer's ``_stop_agreed`` (a signal on rank 1 only stops every rank; rank 0 records -1),
    ``_pool_metrics`` (counters summed over ranks) and ``_require_finite_policy`` (a NaN on rank 1
-   only makes every rank raise);
+   only makes every rank raise), and the rollout-correction metrics: each rank holds a different
+   shard, and every rank gets the whole batch's values;
 4. checkpointing's ``_rank0_phase``: a failure on rank 0 raises on every rank (rank 0 its own error),
    success returns rank 0's result.
 Rank 0 prints ``CHECK ...`` lines; any failure raises.
@@ -39,6 +40,11 @@ def main() -> None:
     from dapo_megatron.actor.actor import NonFinitePolicyError
     from dapo_megatron.actor.checkpoint import _rank0_phase
     from dapo_megatron.actor.parallel import destroy_parallel, init_parallel
+    from dapo_megatron.algo.rollout_correction import (
+        rollout_corr_metrics,
+        rollout_corr_metrics_over_ranks,
+        rollout_corr_partials,
+    )
     from dapo_megatron.config import DapoConfig
     from dapo_megatron.distributed import all_max, all_sum, any_true, default_backend
     from dapo_megatron.trainer import DapoTrainer
@@ -92,6 +98,17 @@ def main() -> None:
     else:
         raised = False
     check(raised, "trainer: a non-finite log-prob on rank 1 stops every rank")
+
+    g = torch.Generator().manual_seed(0)  # every rank builds the same batch, then takes its rows
+    old = -torch.rand(5, 4, generator=g, dtype=torch.float64) * 2
+    rollout = old + 0.5 * torch.randn(5, 4, generator=g, dtype=torch.float64)
+    lengths = torch.tensor([4, 1, 3, 2, 4])
+    valid = torch.arange(4) < lengths.unsqueeze(-1)
+    rows = slice(0, 2) if rank == 0 else slice(2, 5)  # shards of different sizes
+    whole = rollout_corr_metrics(*rollout_corr_partials(old, rollout, valid, cap=1.5), cap=1.5)
+    got = rollout_corr_metrics_over_ranks(old[rows], rollout[rows], valid[rows], cap=1.5)
+    close = got.keys() == whole.keys() and all(abs(got[k] - whole[k]) <= 1e-12 * max(1.0, abs(whole[k])) for k in got)
+    check(close, "trainer: rollout-correction metrics cover every rank's shard")
 
     def fail() -> None:
         raise OSError("disk full")
