@@ -34,6 +34,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from weight_sync import add_model_shape_args, min_time, qwen2_config  # this script's directory is on sys.path
 
 
 def _drop_from_page_cache(directory: Path) -> None:
@@ -49,10 +50,7 @@ def _drop_from_page_cache(directory: Path) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--ffn", type=int, default=2816)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_model_shape_args(ap)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--dir", default=None, help="where to write (default: a temp dir); removed at the end")
     args = ap.parse_args(argv)
@@ -60,7 +58,6 @@ def main(argv=None) -> int:
 
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from weight_sync import min_time, qwen2_config  # this script's directory is on sys.path
 
     from dapo_megatron.actor import checkpoint as ck
     from dapo_megatron.actor.checkpoint_manifest import build_manifest

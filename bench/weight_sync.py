@@ -47,6 +47,14 @@ def min_time(fn, repeats: int, before=None) -> float:
     return best
 
 
+def add_model_shape_args(parser) -> None:
+    """--hidden/--layers/--ffn/--vocab for :func:`qwen2_config`; the defaults give ~155M parameters."""
+    parser.add_argument("--hidden", type=int, default=1024)
+    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--ffn", type=int, default=2816)
+    parser.add_argument("--vocab", type=int, default=32000)
+
+
 def qwen2_config(hidden: int, layers: int, ffn: int, vocab: int):
     """A Qwen2 config of this size (64-wide heads, 4 query heads per KV head, untied); the
     defaults of the benches (1024, 8, 2816, 32000) give ~155M parameters."""
@@ -73,10 +81,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     ap.add_argument("--buckets", default="16,64,256,1024", help="bucket sizes in MB")
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--ffn", type=int, default=2816)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_model_shape_args(ap)
     ap.add_argument("--verify", action="store_true", help="also time one verification pass")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
