@@ -3,7 +3,7 @@
 The wrapper observes and forwards: every watched call on the engine and the actor, the
 lifecycle's ``empty_cache``, the checkpoint save, validation and each step's start are
 appended to ``<output_dir>/events.rank<R>.txt``, one per line, then the real call runs.
-tests/e2e/test_lifecycle.py asserts the colocated order from these files.
+tests/e2e/test_lifecycle_order.py asserts the colocated order from these files.
 
     torchrun --nproc-per-node 2 recording_train.py --config CONFIG [key.sub=value ...]
 """
