@@ -23,6 +23,7 @@ import sys
 import time
 from pathlib import Path
 
+from dapo_megatron.reward.val_metrics import is_held_out_accuracy
 from dapo_megatron.tracking import merge_rows_by_step, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,7 +170,7 @@ def held_out_curve(rows: list[dict]) -> list[tuple[int, float, float]]:
     """
     out = []
     for r in merge_rows_by_step(rows):
-        acc = [v for k, v in r.items() if k.startswith("val-core/")]
+        acc = [v for k, v in r.items() if is_held_out_accuracy(k)]
         if not acc:
             continue
         sem = [v for k, v in r.items() if k.startswith("val-aux/") and "/acc/sem@" in k]

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dapo_megatron.reward.val_metrics import is_held_out_accuracy
 from dapo_megatron.tracking import merge_rows_by_step, read_jsonl
 
 # (file stem, title, [(metric key or prefix*, label)], y label)
@@ -84,6 +85,8 @@ def _expand(rows: list[dict[str, Any]], pattern: str, label: str) -> list[tuple[
         return [(pattern, label or pattern)]
     prefix = pattern[:-1]
     keys = sorted({k for r in rows for k in r if k.startswith(prefix)})
+    if prefix == "val-core/":  # the accuracies, not verl's best@n / maj@n statistics beside them
+        keys = [k for k in keys if is_held_out_accuracy(k)]
     return [(k, k[len(prefix) :]) for k in keys]
 
 

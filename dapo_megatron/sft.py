@@ -78,11 +78,13 @@ class WarmupTargetNotReached(RuntimeError):
 
 
 def held_out_accuracy(metrics: dict[str, float]) -> float:
-    """The mean over data sources of ``val-core/*`` (what the demo summary reports)."""
-    values = [v for k, v in metrics.items() if k.startswith("val-core/")]
-    if not values:
-        raise ValueError(f"validation returned no val-core/ metric: {sorted(metrics)}")
-    return sum(values) / len(values)
+    """The mean over data sources of ``val-core/<source>/acc/mean@k`` (what the demo summary reports)."""
+    from dapo_megatron.reward.val_metrics import held_out_accuracy as mean_accuracy
+
+    value = mean_accuracy(metrics)
+    if value is None:
+        raise ValueError(f"validation returned no val-core/<source>/acc/mean@k metric: {sorted(metrics)}")
+    return value
 
 
 def sft_batch(records, tokenizer, max_response_length: int, pad_id: int):

@@ -18,6 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from dapo_megatron.reward.val_metrics import is_held_out_accuracy
+
 # Shown by the console backend, in this order, when present.
 CONSOLE_KEYS = (
     ("critic/score/mean", "score", "+.3f"),
@@ -85,7 +87,7 @@ def format_console_line(step: int, metrics: Mapping[str, float]) -> str:
     parts = [f"step {step}"]
     for key, label, fmt in CONSOLE_KEYS:
         if key == "val-core":
-            vals = [v for k, v in metrics.items() if k.startswith("val-core/")]
+            vals = [v for k, v in metrics.items() if is_held_out_accuracy(k)]
             if vals:
                 parts.append(f"{label} {sum(vals) / len(vals):{fmt}}")
         elif key in metrics:

@@ -12,6 +12,7 @@ bootstrapped best@n / worst@n / maj@n), so a dashboard built on verl runs reads 
 
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 from collections.abc import Hashable, Sequence
 
@@ -207,3 +208,22 @@ def verl_val_metrics(
             is_core = name == core and head in ("mean", "maj", "best") and int(n) == k_max
             metrics[f"{'val-core' if is_core else 'val-aux'}/{source}/{name}/{metric}"] = float(np.mean(per))
     return metrics
+
+
+_HELD_OUT = re.compile(r"^val-core/[^/]+/acc/mean@\d+$")
+
+
+def is_held_out_accuracy(key: str) -> bool:
+    """``val-core/<source>/acc/mean@k``: the held-out accuracy of one data source.
+
+    ``val-core/`` also holds verl's best@n and maj@n statistics (means and standard
+    deviations), so "every val-core key" is not an accuracy; the warm-up's stopping rule,
+    the demo's verdict, the console line and the plots all read these keys only.
+    """
+    return bool(_HELD_OUT.match(key))
+
+
+def held_out_accuracy(metrics) -> float | None:
+    """The mean over data sources of :func:`is_held_out_accuracy` keys (None: none logged)."""
+    values = [v for k, v in metrics.items() if is_held_out_accuracy(k)]
+    return sum(values) / len(values) if values else None

@@ -100,3 +100,26 @@ def test_mean_equals_flat_mean_when_groups_are_equal(groups: list[list[bool]]) -
     assert out["val-core/s/acc/mean@3"] == pytest.approx(np.mean(acc))
     assert out["val-aux/s/pass@3"] == pytest.approx(np.mean([any(g) for g in groups]))
     assert 0.0 <= out["val-aux/s/acc/problem_std@3"] <= 0.5
+
+
+def test_held_out_accuracy_reads_mean_at_k_only_not_the_best_and_maj_statistics_beside_it():
+    """The warm-up stopped on a mean over every val-core key once verl's best@n/maj@n (and their
+    standard deviations) joined acc/mean@k there: 0.206 "in the band" for a policy at 0.133."""
+    from dapo_megatron.demo import held_out_curve
+    from dapo_megatron.reward.val_metrics import held_out_accuracy, is_held_out_accuracy
+    from dapo_megatron.sft import held_out_accuracy as warmup_accuracy
+    from dapo_megatron.tracking import format_console_line
+
+    metrics = {
+        "val-core/a/acc/mean@8": 0.1,
+        "val-core/b/acc/mean@8": 0.3,
+        "val-core/a/acc/best@8/mean": 0.9,
+        "val-core/a/acc/best@8/std": 0.05,
+        "val-core/a/acc/maj@8/mean": 0.4,
+        "val-aux/a/acc/sem@8": 0.01,
+    }
+    assert [k for k in metrics if is_held_out_accuracy(k)] == ["val-core/a/acc/mean@8", "val-core/b/acc/mean@8"]
+    assert held_out_accuracy(metrics) == pytest.approx(0.2) == warmup_accuracy(metrics)
+    assert held_out_accuracy({"val-aux/a/acc/sem@8": 0.1}) is None
+    assert "val 0.200" in format_console_line(3, metrics)
+    assert held_out_curve([{"step": 3, **metrics}])[0][1] == pytest.approx(0.2)
