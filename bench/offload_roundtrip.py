@@ -31,6 +31,7 @@ import time
 
 import torch
 import torch.distributed as dist
+from weight_sync import add_model_shape_args, qwen2_config  # this script's directory is on sys.path
 
 
 def anon_bytes() -> int:
@@ -53,10 +54,7 @@ def allocated() -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--hidden", type=int, default=1024)
-    ap.add_argument("--layers", type=int, default=8)
-    ap.add_argument("--ffn", type=int, default=2816)
-    ap.add_argument("--vocab", type=int, default=32000)
+    add_model_shape_args(ap)
     ap.add_argument("--tiny", action="store_true", help="the demo's tiny model shape")
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args(argv)
@@ -64,25 +62,13 @@ def main(argv=None) -> int:
         args.hidden, args.layers, args.ffn, args.vocab = 64, 2, 128, 512
     torch.set_num_threads(1)
 
-    import transformers
-
     from dapo_megatron.actor.actor import MegatronActor
     from dapo_megatron.actor.micro_batch import ActorBatch
     from dapo_megatron.actor.parallel import init_parallel
     from dapo_megatron.config import OFFLOAD_KINDS, ActorConfig, AlgorithmConfig
 
     init_parallel(1, 1, seed=0)
-    heads = max(1, args.hidden // 64)
-    hf_config = transformers.Qwen2Config(
-        hidden_size=args.hidden,
-        num_hidden_layers=args.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=max(1, heads // 4),
-        intermediate_size=args.ffn,
-        vocab_size=args.vocab,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
+    hf_config = qwen2_config(args.hidden, args.layers, args.ffn, args.vocab)
     cfg = ActorConfig()
     cfg.params_dtype = "bfloat16" if torch.cuda.is_available() else "float32"
     cfg.ppo_mini_batch_size = 1

@@ -168,7 +168,6 @@ class ColocatedLifecycle:
         self.current = Residency(False, False, True, True, True)
         self.phase: Phase | None = None
         self.seconds: dict[str, float] = {}
-        self.moved_bytes = 0
 
     def attach_engine(self, engine) -> None:
         """A freshly built engine is awake (weights and KV cache allocated)."""
@@ -204,9 +203,9 @@ class ColocatedLifecycle:
         elif action.op == "engine.wake":
             self.engine.wake_up(tags=list(action.arg))
         elif action.op == "actor.offload":
-            self.moved_bytes += self.actor.offload(action.arg).total_bytes
+            self.actor.offload(action.arg)
         elif action.op == "actor.onload":
-            self.moved_bytes += self.actor.onload(action.arg).total_bytes
+            self.actor.onload(action.arg)
         elif action.op == "empty_cache":
             from dapo_megatron.actor.offload import empty_device_cache
 
