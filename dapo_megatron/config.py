@@ -12,9 +12,13 @@ filter_groups.*, overlong_buffer.*, gen_batch_size, train_batch_size, n), so a
 verl DAPO script translates key by key. Batch sizes count *prompts* (groups);
 trajectories are prompts x rollout.n.
 
-Range and divisibility checks live in :func:`validate`; they run on load and
-again with the real world size at launch, so a 128-GPU job fails in seconds
-rather than after the model is loaded.
+Range and divisibility checks sit beside each section's dataclass (``_check_data``,
+``_check_actor``, ...) and :func:`validate` runs them all; they run on load and again
+with the real world size at launch, so a 128-GPU job fails in seconds rather than after
+the model is loaded. Every value an engine or the actor would refuse once the process
+groups exist is refused here first. The choice lists are the ones the modules acting on
+the values define (``algo.LOSS_AGG_MODES``, ``dtypes.DTYPES``, ...), kept free of torch
+so loading a config (and the planner) stays fast.
 """
 
 from __future__ import annotations
@@ -29,24 +33,64 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dapo_megatron.actor import LR_SCHEDULES, RECOMPUTE, TRANSFORMER_IMPLS
+from dapo_megatron.algo import ADV_ESTIMATORS, FILTER_METRICS, LOSS_AGG_MODES, ON_EXHAUSTED
+from dapo_megatron.data import TRUNCATION_MODES
+from dapo_megatron.dtypes import DTYPES
+from dapo_megatron.reward import BACKENDS as REWARD_BACKENDS
+from dapo_megatron.reward import EXECUTORS as REWARD_EXECUTORS
+from dapo_megatron.rollout import ENGINES, LOAD_FORMATS, SLEEP_LEVELS
+from dapo_megatron.tracking import LOGGERS
 from dapo_megatron.verl_compat import DEFAULTS_THAT_DIFFER, Translation, VerlKeyError, get_path, translate
 
-LOSS_AGG_MODES = ("token-mean", "seq-mean-token-sum", "seq-mean-token-mean", "seq-mean-token-sum-norm")
-FILTER_METRICS = ("acc", "score", "seq_reward")
-REWARD_BACKENDS = ("math_dapo", "math_lenient", "math_verify")
-REWARD_EXECUTORS = ("process", "ray", "inline")
-TRUNCATION_MODES = ("error", "left", "right")
-LR_SCHEDULES = ("constant", "cosine")
-DTYPES = ("float32", "bfloat16", "float16")
-TRANSFORMER_IMPLS = ("transformer_engine", "local")  # actor/model.py resolves and checks usability
-LOAD_FORMATS = ("auto", "dummy")  # rollout engine start-up weights
-RECOMPUTE = ("none", "full", "selective")
-LOGGERS = ("console", "jsonl", "tensorboard", "wandb")
-ON_EXHAUSTED = ("raise", "train_partial")
+
+@dataclass(frozen=True)
+class Problem:
+    """One invalid value: the key that holds it and what is wrong with it."""
+
+    key: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.key}: {self.message}"
 
 
 class ConfigError(ValueError):
-    """A configuration problem, always naming the offending key."""
+    """A configuration problem, always naming the offending key.
+
+    ``problems`` lists what :func:`validate` found, one :class:`Problem` each (empty for
+    errors found while reading the YAML or the overrides, which the message names).
+    """
+
+    def __init__(self, message: str, problems: Sequence[Problem] = ()) -> None:
+        super().__init__(message)
+        self.problems: list[Problem] = list(problems)
+
+    @classmethod
+    def of(cls, problems: Sequence[Problem]) -> ConfigError:
+        lines = "\n  - ".join(map(str, problems))
+        return cls(f"invalid configuration ({len(problems)} problem(s)):\n  - {lines}", problems)
+
+
+class _Checker:
+    """Collects every problem so a user fixes them all in one edit, not one per launch."""
+
+    def __init__(self) -> None:
+        self.problems: list[Problem] = []
+
+    def require(self, ok: bool, key: str, message: str) -> None:
+        if not ok:
+            self.problems.append(Problem(key, message))
+
+    def choice(self, value: str, key: str, choices: Sequence[str]) -> None:
+        self.require(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
+
+    def positive(self, value: float, key: str) -> None:
+        self.require(value > 0, key, f"must be > 0, got {value}")
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise ConfigError.of(self.problems)
 
 
 # --------------------------------------------------------------------------- data
@@ -73,6 +117,15 @@ class DataConfig:
     val_max_samples: int = -1  # -1: all
 
 
+def _check_data(c: _Checker, cfg: DapoConfig) -> None:
+    d = cfg.data
+    c.positive(d.max_prompt_length, "data.max_prompt_length")
+    c.positive(d.max_response_length, "data.max_response_length")
+    c.choice(d.truncation, "data.truncation", TRUNCATION_MODES)
+    c.positive(d.gen_batch_size, "data.gen_batch_size")
+    c.positive(d.train_batch_size, "data.train_batch_size")
+
+
 # -------------------------------------------------------------------------- actor
 @dataclass
 class ParallelConfig:
@@ -97,9 +150,6 @@ class OptimConfig:
     use_distributed_optimizer: bool = True
 
 
-OFFLOAD_KINDS = ("params", "grads", "optimizer")  # the fields of OffloadConfig, in offload order
-
-
 @dataclass
 class OffloadConfig:
     """What the actor moves to host memory while the engine generates (verl's
@@ -108,6 +158,10 @@ class OffloadConfig:
     params: bool = False
     grads: bool = False
     optimizer: bool = False
+
+
+# what the actor can offload, in offload order (lifecycle.py, actor/offload.py, the planner)
+OFFLOAD_KINDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(OffloadConfig))
 
 
 @dataclass
@@ -124,7 +178,6 @@ class DdpConfig:
 @dataclass
 class ActorConfig:
     model_path: str | None = None  # HF checkpoint directory (config, weights, tokenizer)
-    load: str | None = None  # Megatron dist checkpoint to start from instead of model_path
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     offload: OffloadConfig = field(default_factory=OffloadConfig)
@@ -149,6 +202,72 @@ class ActorConfig:
     # rehearsed end to end on a real cluster before a long run depends on it.
     inject_nan_loss_at_steps: list[int] = field(default_factory=list)
     seed: int = 1234
+
+
+def _check_actor(c: _Checker, cfg: DapoConfig) -> None:
+    a, d = cfg.actor, cfg.data
+    p, o = a.parallel, a.optim
+    c.positive(p.tensor_model_parallel_size, "actor.parallel.tensor_model_parallel_size")
+    c.positive(p.pipeline_model_parallel_size, "actor.parallel.pipeline_model_parallel_size")
+    c.require(
+        not p.sequence_parallel or p.tensor_model_parallel_size > 1,
+        "actor.parallel.sequence_parallel",
+        "needs tensor_model_parallel_size > 1",
+    )
+    c.choice(a.params_dtype, "actor.params_dtype", DTYPES)
+    c.require(
+        a.params_dtype != "float16",
+        "actor.params_dtype",
+        "float16 is not supported: the actor does not wire megatron's dynamic loss scaling "
+        "(config.grad_scale_func, overflow steps left to the optimizer); use bfloat16",
+    )
+    if a.transformer_impl is not None:
+        c.choice(a.transformer_impl, "actor.transformer_impl", TRANSFORMER_IMPLS)
+    if a.ddp.bucket_size is not None:
+        c.positive(a.ddp.bucket_size, "actor.ddp.bucket_size")
+        c.require(
+            a.ddp.overlap_grad_reduce,
+            "actor.ddp.bucket_size",
+            "needs actor.ddp.overlap_grad_reduce=true (without overlap megatron reduces one bucket of every gradient)",
+        )
+    c.choice(a.recompute, "actor.recompute", RECOMPUTE)
+    c.positive(a.ppo_mini_batch_size, "actor.ppo_mini_batch_size")
+    c.positive(a.ppo_epochs, "actor.ppo_epochs")
+    c.positive(a.max_tokens_per_micro_batch, "actor.max_tokens_per_micro_batch")
+    c.positive(a.micro_batch_size, "actor.micro_batch_size")
+    c.require(a.max_consecutive_nonfinite >= 1, "actor.max_consecutive_nonfinite", "must be >= 1")
+    c.require(
+        all(s >= 1 for s in a.inject_nan_loss_at_steps),
+        "actor.inject_nan_loss_at_steps",
+        f"training steps are 1-based, got {list(a.inject_nan_loss_at_steps)}",
+    )
+    if a.use_dynamic_bsz:
+        longest = d.max_prompt_length + d.max_response_length
+        c.require(
+            a.max_tokens_per_micro_batch >= longest,
+            "actor.max_tokens_per_micro_batch",
+            f"{a.max_tokens_per_micro_batch} cannot hold one sequence of max_prompt_length + "
+            f"max_response_length = {longest} tokens",
+        )
+    c.require(
+        a.ppo_mini_batch_size <= d.train_batch_size and d.train_batch_size % a.ppo_mini_batch_size == 0,
+        "actor.ppo_mini_batch_size",
+        f"data.train_batch_size ({d.train_batch_size}) must be a multiple of it ({a.ppo_mini_batch_size})",
+    )
+    c.positive(o.lr, "actor.optim.lr")
+    c.require(0 <= o.min_lr <= o.lr, "actor.optim.min_lr", f"must be in [0, lr={o.lr}], got {o.min_lr}")
+    c.require(o.lr_warmup_steps >= 0, "actor.optim.lr_warmup_steps", "must be >= 0")
+    c.choice(o.lr_decay_style, "actor.optim.lr_decay_style", LR_SCHEDULES)
+    if o.lr_decay_style == "cosine" and o.lr_decay_steps is not None:  # the only schedule that reads it
+        c.require(
+            o.lr_decay_steps > 0,
+            "actor.optim.lr_decay_steps",
+            f"must be > 0 for cosine decay (or null: trainer.total_training_steps), got {o.lr_decay_steps}",
+        )
+    c.require(o.weight_decay >= 0, "actor.optim.weight_decay", "must be >= 0")
+    c.require(0 <= o.adam_beta1 < 1, "actor.optim.adam_beta1", "must be in [0, 1)")
+    c.require(0 <= o.adam_beta2 < 1, "actor.optim.adam_beta2", "must be in [0, 1)")
+    c.require(o.clip_grad >= 0, "actor.optim.clip_grad", "must be >= 0 (0 disables clipping)")
 
 
 # ------------------------------------------------------------------------ rollout
@@ -207,6 +326,38 @@ class RolloutConfig:
     weight_sync: WeightSyncConfig = field(default_factory=WeightSyncConfig)
 
 
+def _check_rollout(c: _Checker, cfg: DapoConfig) -> None:
+    r = cfg.rollout
+    c.choice(r.engine, "rollout.engine", ENGINES)
+    c.positive(r.n, "rollout.n")
+    c.positive(r.tensor_model_parallel_size, "rollout.tensor_model_parallel_size")
+    # not 0 (greedy): the actor scores the samples at this temperature, dividing its logits by it
+    c.require(
+        r.temperature > 0,
+        "rollout.temperature",
+        f"must be > 0 (the actor divides its logits by it to score the samples), got {r.temperature}",
+    )
+    c.require(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
+    c.require(r.top_k == -1 or r.top_k > 0, "rollout.top_k", "must be -1 (off) or > 0")
+    c.require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
+    c.choice(r.dtype, "rollout.dtype", DTYPES)
+    if r.load_format is not None:
+        c.choice(r.load_format, "rollout.load_format", LOAD_FORMATS)
+    c.require(
+        r.sleep_level in SLEEP_LEVELS,
+        "rollout.sleep_level",
+        f"vLLM's sleep level is {' or '.join(map(str, SLEEP_LEVELS))}, got {r.sleep_level}",
+    )
+    c.positive(r.val.n, "rollout.val.n")
+    c.require(r.val.temperature >= 0, "rollout.val.temperature", f"must be >= 0, got {r.val.temperature}")
+    c.require(0 < r.val.top_p <= 1, "rollout.val.top_p", f"must be in (0, 1], got {r.val.top_p}")
+    c.require(r.val.top_k == -1 or r.val.top_k > 0, "rollout.val.top_k", "must be -1 (off) or > 0")
+    c.positive(r.weight_sync.bucket_size_mb, "rollout.weight_sync.bucket_size_mb")
+    c.positive(r.weight_sync.probe_prompts, "rollout.weight_sync.probe_prompts")
+    if r.max_mismatch is not None:
+        c.require(r.max_mismatch > 0, "rollout.max_mismatch", "must be > 0 (or null for the dtype default)")
+
+
 # ---------------------------------------------------------------------- algorithm
 @dataclass
 class FilterGroupsConfig:
@@ -256,6 +407,37 @@ class AlgorithmConfig:
     rollout_is: RolloutISConfig = field(default_factory=RolloutISConfig)
 
 
+def _check_algorithm(c: _Checker, cfg: DapoConfig) -> None:
+    alg, d = cfg.algorithm, cfg.data
+    c.choice(alg.adv_estimator, "algorithm.adv_estimator", ADV_ESTIMATORS)
+    c.require(0 <= alg.clip_ratio_low < 1, "algorithm.clip_ratio_low", f"must be in [0, 1), got {alg.clip_ratio_low}")
+    c.require(
+        alg.clip_ratio_high >= alg.clip_ratio_low,
+        "algorithm.clip_ratio_high",
+        f"must be >= algorithm.clip_ratio_low ({alg.clip_ratio_low}), got {alg.clip_ratio_high}",
+    )
+    c.require(alg.clip_ratio_c > 1, "algorithm.clip_ratio_c", f"dual-clip constant must be > 1, got {alg.clip_ratio_c}")
+    c.choice(alg.loss_agg_mode, "algorithm.loss_agg_mode", LOSS_AGG_MODES)
+    fg = alg.filter_groups
+    c.choice(fg.metric, "algorithm.filter_groups.metric", FILTER_METRICS)
+    c.choice(fg.on_exhausted, "algorithm.filter_groups.on_exhausted", ON_EXHAUSTED)
+    c.require(fg.std_tolerance >= 0, "algorithm.filter_groups.std_tolerance", "must be >= 0")
+    c.require(
+        fg.max_num_gen_batches >= 0, "algorithm.filter_groups.max_num_gen_batches", "must be >= 0 (0 = unlimited)"
+    )
+    c.require(fg.max_carry_age >= 0, "algorithm.filter_groups.max_carry_age", "must be >= 0 (0 = discard surplus)")
+    c.require(alg.rollout_is.cap > 0, "algorithm.rollout_is.cap", f"must be > 0, got {alg.rollout_is.cap}")
+    ob = alg.overlong_buffer
+    if ob.enable:
+        c.positive(ob.len, "algorithm.overlong_buffer.len")
+        c.require(
+            ob.len <= d.max_response_length,
+            "algorithm.overlong_buffer.len",
+            f"buffer ({ob.len}) is longer than data.max_response_length ({d.max_response_length})",
+        )
+        c.require(ob.penalty_factor >= 0, "algorithm.overlong_buffer.penalty_factor", "must be >= 0")
+
+
 # ------------------------------------------------------------------------- reward
 @dataclass
 class CustomRewardFunctionConfig:
@@ -273,6 +455,20 @@ class RewardConfig:
     executor: str = "process"
     num_workers: int = 2
     timeout_s: float = 10.0
+
+
+def _check_reward(c: _Checker, cfg: DapoConfig) -> None:
+    rw = cfg.reward
+    c.choice(rw.backend, "reward.backend", REWARD_BACKENDS)
+    c.choice(rw.executor, "reward.executor", REWARD_EXECUTORS)
+    c.positive(rw.num_workers, "reward.num_workers")
+    c.positive(rw.timeout_s, "reward.timeout_s")
+    if rw.custom_function.path:
+        c.require(
+            not rw.strict_box_verify,
+            "reward.strict_box_verify",
+            "applies to the built-in backends only, not to reward.custom_function",
+        )
 
 
 # ------------------------------------------------------------------------ trainer
@@ -305,6 +501,26 @@ class TrainerConfig:
     gpu_peak_tflops: float = 989.0  # dense bf16 peak of one GPU (H100/H800): the MFU denominator
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     seed: int = 0
+
+
+def _check_trainer(c: _Checker, cfg: DapoConfig) -> None:
+    t = cfg.trainer
+    c.require(not t.val_only or bool(cfg.data.val_files), "trainer.val_only", "needs data.val_files")
+    if t.total_training_steps is not None:
+        c.positive(t.total_training_steps, "trainer.total_training_steps")
+    c.positive(t.total_epochs, "trainer.total_epochs")
+    c.require(t.test_freq == -1 or t.test_freq > 0, "trainer.test_freq", "must be -1 (off) or > 0")
+    c.require(
+        t.checkpoint.save_freq == -1 or t.checkpoint.save_freq > 0,
+        "trainer.checkpoint.save_freq",
+        "must be -1 (off) or > 0",
+    )
+    c.require(t.checkpoint.keep_last >= 1, "trainer.checkpoint.keep_last", "must be >= 1")
+    c.positive(t.gpu_peak_tflops, "trainer.gpu_peak_tflops")
+    c.positive(t.nnodes, "trainer.nnodes")
+    c.positive(t.n_gpus_per_node, "trainer.n_gpus_per_node")
+    for name in t.logger:
+        c.choice(name, "trainer.logger", LOGGERS)
 
 
 @dataclass
@@ -412,20 +628,19 @@ def _load(
         try:
             validate(cfg, check_files=check_files)
         except ConfigError as exc:
-            raise ConfigError(_name_verl_origins(str(exc), translation)) from exc
+            raise _name_verl_origins(exc, translation) from exc
     return cfg, translation
 
 
-def _name_verl_origins(message: str, translation: Translation | None) -> str:
-    """Append "(from verl's X)" to each problem line about a key a verl override set."""
-    if translation is None:
-        return message
-    lines = []
-    for line in message.splitlines():
-        key = line.strip().removeprefix("- ").split(":", 1)[0]
-        origin = translation.origin(key)
-        lines.append(f"{line} (set by verl's {origin})" if origin else line)
-    return "\n".join(lines)
+def _name_verl_origins(exc: ConfigError, translation: Translation | None) -> ConfigError:
+    """Append "(set by verl's X)" to each problem about a key a verl override set."""
+    if translation is None or not exc.problems:
+        return ConfigError(str(exc), exc.problems)
+    problems = []
+    for problem in exc.problems:
+        origin = translation.origin(problem.key)
+        problems.append(Problem(problem.key, f"{problem.message} (set by verl's {origin})") if origin else problem)
+    return ConfigError.of(problems)
 
 
 def explain(path: str | None, overrides: Sequence[str]) -> str:
@@ -459,177 +674,15 @@ def to_yaml(cfg: DapoConfig) -> str:
 
 
 # ---------------------------------------------------------------------- validate
-class _Checker:
-    """Collects every problem so a user fixes them all in one edit, not one per launch."""
-
-    def __init__(self) -> None:
-        self.problems: list[str] = []
-
-    def require(self, ok: bool, key: str, message: str) -> None:
-        if not ok:
-            self.problems.append(f"{key}: {message}")
-
-    def choice(self, value: str, key: str, choices: Sequence[str]) -> None:
-        self.require(value in choices, key, f"'{value}' is not one of {', '.join(choices)}")
-
-    def positive(self, value: float, key: str) -> None:
-        self.require(value > 0, key, f"must be > 0, got {value}")
-
-    def raise_if_any(self) -> None:
-        if self.problems:
-            lines = "\n  - ".join(self.problems)
-            raise ConfigError(f"invalid configuration ({len(self.problems)} problem(s)):\n  - {lines}")
+# in the order a user reads the file; each check sits beside its section's dataclass above
+_SECTION_CHECKS = (_check_data, _check_algorithm, _check_actor, _check_rollout, _check_reward, _check_trainer)
 
 
 def validate(cfg: DapoConfig, *, world_size: int | None = None, check_files: bool = False) -> None:
     """Check ranges, choices and divisibility; with ``world_size`` also the layout."""
     c = _Checker()
-    d, a, r, alg = cfg.data, cfg.actor, cfg.rollout, cfg.algorithm
-
-    # data
-    c.positive(d.max_prompt_length, "data.max_prompt_length")
-    c.positive(d.max_response_length, "data.max_response_length")
-    c.choice(d.truncation, "data.truncation", TRUNCATION_MODES)
-    c.positive(d.gen_batch_size, "data.gen_batch_size")
-    c.positive(d.train_batch_size, "data.train_batch_size")
-
-    # algorithm
-    c.choice(alg.adv_estimator, "algorithm.adv_estimator", ("grpo",))
-    c.require(0 <= alg.clip_ratio_low < 1, "algorithm.clip_ratio_low", f"must be in [0, 1), got {alg.clip_ratio_low}")
-    c.require(
-        alg.clip_ratio_high >= alg.clip_ratio_low,
-        "algorithm.clip_ratio_high",
-        f"must be >= algorithm.clip_ratio_low ({alg.clip_ratio_low}), got {alg.clip_ratio_high}",
-    )
-    c.require(alg.clip_ratio_c > 1, "algorithm.clip_ratio_c", f"dual-clip constant must be > 1, got {alg.clip_ratio_c}")
-    c.choice(alg.loss_agg_mode, "algorithm.loss_agg_mode", LOSS_AGG_MODES)
-    fg = alg.filter_groups
-    c.choice(fg.metric, "algorithm.filter_groups.metric", FILTER_METRICS)
-    c.choice(fg.on_exhausted, "algorithm.filter_groups.on_exhausted", ON_EXHAUSTED)
-    c.require(fg.std_tolerance >= 0, "algorithm.filter_groups.std_tolerance", "must be >= 0")
-    c.require(
-        fg.max_num_gen_batches >= 0, "algorithm.filter_groups.max_num_gen_batches", "must be >= 0 (0 = unlimited)"
-    )
-    c.require(fg.max_carry_age >= 0, "algorithm.filter_groups.max_carry_age", "must be >= 0 (0 = discard surplus)")
-    c.require(alg.rollout_is.cap > 0, "algorithm.rollout_is.cap", f"must be > 0, got {alg.rollout_is.cap}")
-    ob = alg.overlong_buffer
-    if ob.enable:
-        c.positive(ob.len, "algorithm.overlong_buffer.len")
-        c.require(
-            ob.len <= d.max_response_length,
-            "algorithm.overlong_buffer.len",
-            f"buffer ({ob.len}) is longer than data.max_response_length ({d.max_response_length})",
-        )
-        c.require(ob.penalty_factor >= 0, "algorithm.overlong_buffer.penalty_factor", "must be >= 0")
-
-    # actor
-    p, o = a.parallel, a.optim
-    c.positive(p.tensor_model_parallel_size, "actor.parallel.tensor_model_parallel_size")
-    c.positive(p.pipeline_model_parallel_size, "actor.parallel.pipeline_model_parallel_size")
-    c.require(
-        not p.sequence_parallel or p.tensor_model_parallel_size > 1,
-        "actor.parallel.sequence_parallel",
-        "needs tensor_model_parallel_size > 1",
-    )
-    c.choice(a.params_dtype, "actor.params_dtype", DTYPES)
-    c.require(
-        a.params_dtype != "float16",
-        "actor.params_dtype",
-        "float16 is not supported: the actor does not wire megatron's dynamic loss scaling "
-        "(config.grad_scale_func, overflow steps left to the optimizer); use bfloat16",
-    )
-    if a.transformer_impl is not None:
-        c.choice(a.transformer_impl, "actor.transformer_impl", TRANSFORMER_IMPLS)
-    if a.ddp.bucket_size is not None:
-        c.positive(a.ddp.bucket_size, "actor.ddp.bucket_size")
-        c.require(
-            a.ddp.overlap_grad_reduce,
-            "actor.ddp.bucket_size",
-            "needs actor.ddp.overlap_grad_reduce=true (without overlap megatron reduces one bucket of every gradient)",
-        )
-    c.choice(a.recompute, "actor.recompute", RECOMPUTE)
-    c.positive(a.ppo_mini_batch_size, "actor.ppo_mini_batch_size")
-    c.positive(a.ppo_epochs, "actor.ppo_epochs")
-    c.positive(a.max_tokens_per_micro_batch, "actor.max_tokens_per_micro_batch")
-    c.positive(a.micro_batch_size, "actor.micro_batch_size")
-    c.require(a.max_consecutive_nonfinite >= 1, "actor.max_consecutive_nonfinite", "must be >= 1")
-    c.require(
-        all(s >= 1 for s in a.inject_nan_loss_at_steps),
-        "actor.inject_nan_loss_at_steps",
-        f"training steps are 1-based, got {list(a.inject_nan_loss_at_steps)}",
-    )
-    if a.use_dynamic_bsz:
-        longest = d.max_prompt_length + d.max_response_length
-        c.require(
-            a.max_tokens_per_micro_batch >= longest,
-            "actor.max_tokens_per_micro_batch",
-            f"{a.max_tokens_per_micro_batch} cannot hold one sequence of max_prompt_length + "
-            f"max_response_length = {longest} tokens",
-        )
-    c.require(
-        a.ppo_mini_batch_size <= d.train_batch_size and d.train_batch_size % a.ppo_mini_batch_size == 0,
-        "actor.ppo_mini_batch_size",
-        f"data.train_batch_size ({d.train_batch_size}) must be a multiple of it ({a.ppo_mini_batch_size})",
-    )
-    c.positive(o.lr, "actor.optim.lr")
-    c.require(0 <= o.min_lr <= o.lr, "actor.optim.min_lr", f"must be in [0, lr={o.lr}], got {o.min_lr}")
-    c.require(o.lr_warmup_steps >= 0, "actor.optim.lr_warmup_steps", "must be >= 0")
-    c.choice(o.lr_decay_style, "actor.optim.lr_decay_style", LR_SCHEDULES)
-    c.require(o.weight_decay >= 0, "actor.optim.weight_decay", "must be >= 0")
-    c.require(0 <= o.adam_beta1 < 1, "actor.optim.adam_beta1", "must be in [0, 1)")
-    c.require(0 <= o.adam_beta2 < 1, "actor.optim.adam_beta2", "must be in [0, 1)")
-    c.require(o.clip_grad >= 0, "actor.optim.clip_grad", "must be >= 0 (0 disables clipping)")
-
-    # rollout
-    c.choice(r.engine, "rollout.engine", ("vllm",))
-    c.positive(r.n, "rollout.n")
-    c.positive(r.tensor_model_parallel_size, "rollout.tensor_model_parallel_size")
-    c.require(r.temperature >= 0, "rollout.temperature", "must be >= 0")
-    c.require(0 < r.top_p <= 1, "rollout.top_p", f"must be in (0, 1], got {r.top_p}")
-    c.require(r.top_k == -1 or r.top_k > 0, "rollout.top_k", "must be -1 (off) or > 0")
-    c.require(0 < r.gpu_memory_utilization <= 1, "rollout.gpu_memory_utilization", "must be in (0, 1]")
-    c.choice(r.dtype, "rollout.dtype", DTYPES)
-    if r.load_format is not None:
-        c.choice(r.load_format, "rollout.load_format", LOAD_FORMATS)
-    c.require(r.sleep_level in (1, 2), "rollout.sleep_level", f"vLLM's sleep level is 1 or 2, got {r.sleep_level}")
-    c.positive(r.val.n, "rollout.val.n")
-    c.require(not cfg.trainer.val_only or bool(cfg.data.val_files), "trainer.val_only", "needs data.val_files")
-    c.require(0 < r.val.top_p <= 1, "rollout.val.top_p", f"must be in (0, 1], got {r.val.top_p}")
-    c.positive(r.weight_sync.bucket_size_mb, "rollout.weight_sync.bucket_size_mb")
-    c.positive(r.weight_sync.probe_prompts, "rollout.weight_sync.probe_prompts")
-    if r.max_mismatch is not None:
-        c.require(r.max_mismatch > 0, "rollout.max_mismatch", "must be > 0 (or null for the dtype default)")
-
-    # reward
-    c.choice(cfg.reward.backend, "reward.backend", REWARD_BACKENDS)
-    c.choice(cfg.reward.executor, "reward.executor", REWARD_EXECUTORS)
-    c.positive(cfg.reward.num_workers, "reward.num_workers")
-    c.positive(cfg.reward.timeout_s, "reward.timeout_s")
-    if cfg.reward.custom_function.path:
-        c.require(
-            not cfg.reward.strict_box_verify,
-            "reward.strict_box_verify",
-            "applies to the built-in backends only, not to reward.custom_function",
-        )
-
-    # trainer
-    t = cfg.trainer
-    if t.total_training_steps is not None:
-        c.positive(t.total_training_steps, "trainer.total_training_steps")
-    c.positive(t.total_epochs, "trainer.total_epochs")
-    c.require(t.test_freq == -1 or t.test_freq > 0, "trainer.test_freq", "must be -1 (off) or > 0")
-    c.require(
-        t.checkpoint.save_freq == -1 or t.checkpoint.save_freq > 0,
-        "trainer.checkpoint.save_freq",
-        "must be -1 (off) or > 0",
-    )
-    c.require(t.checkpoint.keep_last >= 1, "trainer.checkpoint.keep_last", "must be >= 1")
-    c.positive(t.gpu_peak_tflops, "trainer.gpu_peak_tflops")
-    c.positive(t.nnodes, "trainer.nnodes")
-    c.positive(t.n_gpus_per_node, "trainer.n_gpus_per_node")
-    for name in t.logger:
-        c.choice(name, "trainer.logger", LOGGERS)
-
+    for check in _SECTION_CHECKS:
+        check(c, cfg)
     if world_size is not None:
         _validate_layout(c, cfg, world_size)
     if check_files:
@@ -690,15 +743,13 @@ def _validate_files(c: _Checker, cfg: DapoConfig) -> None:
     for i, f in enumerate(d.val_files):
         c.require(os.path.isfile(f), f"data.val_files[{i}]", f"file not found: {f}")
     mp = cfg.actor.model_path
-    if mp is not None:
+    if mp is None:
+        c.require(False, "actor.model_path", "not set (the HF checkpoint directory: config.json, weights, tokenizer)")
+    else:
         c.require(os.path.isfile(os.path.join(mp, "config.json")), "actor.model_path", f"no config.json in {mp}")
-    elif cfg.actor.load is None:
-        c.problems.append("actor.model_path: neither actor.model_path nor actor.load is set")
     tok = d.tokenizer_path or mp
     if tok is not None:
         c.require(os.path.isdir(tok), "data.tokenizer_path", f"tokenizer directory not found: {tok}")
-    if cfg.actor.load is not None:
-        c.require(os.path.isdir(cfg.actor.load), "actor.load", f"checkpoint directory not found: {cfg.actor.load}")
     custom = cfg.reward.custom_function.path
     if custom:
         c.require(os.path.isfile(custom), "reward.custom_function.path", f"file not found: {custom}")

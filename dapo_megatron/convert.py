@@ -63,11 +63,11 @@ from dapo_megatron.convert_validation import (
     load_hf_config,
     validate_hf_checkpoint,
 )
+from dapo_megatron.dtypes import DTYPES, torch_dtype
 
 __all__ = ["hf_to_mcore", "mcore_to_hf", "config_from_metadata", "main"]
 
 HF_SUBDIR = "hf"  # config.json + tokenizer files kept inside a converted checkpoint
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 _LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
 
@@ -353,8 +353,8 @@ def mcore_to_hf(
             "layer spec's keys (input_layernorm.weight, not linear_qkv.layer_norm_weight), so only checkpoints "
             "of actor.transformer_impl=local runs can be exported"
         )
-    if dtype is not None and dtype not in _DTYPES:
-        raise ConversionError(f"--dtype {dtype!r} is not one of {sorted(_DTYPES)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise ConversionError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
     max_bytes = parse_size(max_shard_size)
     if hf_config_from is not None:
         cfg = load_hf_config(hf_config_from)
@@ -381,7 +381,7 @@ def mcore_to_hf(
             raise ConversionError(f"checkpoint {directory} lacks tensors the model needs: {', '.join(missing[:5])}")
 
         def out_dtype(name: str) -> torch.dtype:
-            return _DTYPES[dtype] if dtype else stored[sharded[name].key].properties.dtype
+            return torch_dtype(dtype) if dtype else stored[sharded[name].key].properties.dtype
 
         order: list[tuple[str, int]] = []
         specs: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -460,7 +460,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", required=True)
     b.add_argument("--hf-config-from", default=None, help="HF dir to take config.json and tokenizer files from")
     b.add_argument("--max-shard-size", default="5GB")
-    b.add_argument("--dtype", default=None, choices=sorted(_DTYPES))
+    b.add_argument("--dtype", default=None, choices=sorted(DTYPES))
     b.add_argument("--no-progress", action="store_true")
     return ap
 

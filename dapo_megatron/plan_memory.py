@@ -53,14 +53,15 @@ import os
 import types
 from dataclasses import dataclass, field
 
+from dapo_megatron.actor import RECOMPUTE
 from dapo_megatron.config import DapoConfig, data_parallel_size
+from dapo_megatron.dtypes import DTYPE_BYTES
 from dapo_megatron.lifecycle import LifecyclePlan
 from dapo_megatron.lifecycle import Phase as LifecyclePhase
 from dapo_megatron.models import get_layout
 from dapo_megatron.models.qwen2 import DecoderLayout, pad_vocab_size
 
 GiB = 1 << 30
-DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 # vLLM pads its vocabulary to a multiple of 64; negligible next to the weights, ignored.
 CUDA_GRAPH_GIB = 0.5  # allowance for captured CUDA graphs when enforce_eager is off
 
@@ -173,7 +174,7 @@ def training_activation_bytes(
     in_flight: int,
 ) -> int:
     """Activation bytes of one pipeline stage holding ``in_flight`` micro-batches of ``tokens``."""
-    if recompute not in ("none", "selective", "full"):
+    if recompute not in RECOMPUTE:
         raise ValueError(f"actor.recompute: unknown mode {recompute!r}")
     layers = shape.num_layers // pp
     per_layer = layer_activation_bytes_per_token(shape, tp, sequence_parallel)

@@ -18,7 +18,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dapo_megatron.reward.val_metrics import is_held_out_accuracy
+# Every backend MetricsLogger can write to (trainer.logger).
+LOGGERS: tuple[str, ...] = ("console", "jsonl", "tensorboard", "wandb")
 
 # Shown by the console backend, in this order, when present.
 CONSOLE_KEYS = (
@@ -84,6 +85,9 @@ def truncate_jsonl_after(path: Path, step: int) -> int:
 
 
 def format_console_line(step: int, metrics: Mapping[str, float]) -> str:
+    # imported here: val_metrics needs numpy, and the config imports this module for LOGGERS
+    from dapo_megatron.reward.val_metrics import is_held_out_accuracy
+
     parts = [f"step {step}"]
     for key, label, fmt in CONSOLE_KEYS:
         if key == "val-core":
@@ -108,7 +112,7 @@ class MetricsLogger:
         config: Mapping[str, Any] | None = None,
         resume_step: int | None = None,
     ) -> None:
-        unknown = set(backends) - {"console", "jsonl", "tensorboard", "wandb"}
+        unknown = set(backends) - set(LOGGERS)
         if unknown:
             raise ValueError(f"unknown logger backend(s): {sorted(unknown)}")
         self.run_dir = Path(run_dir)

@@ -36,6 +36,9 @@ from typing import Any
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from dapo_megatron.actor import LR_SCHEDULES
+from dapo_megatron.rollout import ENGINES
+
 logger = logging.getLogger(__name__)
 
 DOCS = "docs/VERL_COMPAT.md"
@@ -233,13 +236,13 @@ TABLE: tuple[Row, ...] = (
     alias(
         f"{_A}.optim.lr_decay_style",
         "actor.optim.lr_decay_style",
-        convert=_choice({"constant": "constant", "cosine": "cosine"}, "learning-rate schedules here"),
+        convert=_choice({s: s for s in LR_SCHEDULES}, "learning-rate schedules here"),
     ),
     alias(
         f"{_A}.optim.warmup_style",
         "actor.optim.lr_decay_style",
         "verl's FSDP name for the schedule",
-        convert=_choice({"constant": "constant", "cosine": "cosine"}, "learning-rate schedules here"),
+        convert=_choice({s: s for s in LR_SCHEDULES}, "learning-rate schedules here"),
     ),
     alias(f"{_A}.optim.lr_decay_steps", "actor.optim.lr_decay_steps"),
     alias(f"{_A}.optim.weight_decay", "actor.optim.weight_decay"),
@@ -338,7 +341,7 @@ TABLE: tuple[Row, ...] = (
     alias(
         f"{_R}.name",
         "rollout.engine",
-        convert=_choice({"vllm": "vllm"}, "the rollout engine is vLLM"),
+        convert=_choice({e: e for e in ENGINES}, "the rollout engine is vLLM"),
     ),
     alias(f"{_R}.val_kwargs.n", "rollout.val.n"),
     alias(f"{_R}.val_kwargs.temperature", "rollout.val.temperature"),

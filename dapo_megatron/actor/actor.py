@@ -32,6 +32,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
+from dapo_megatron.actor import RECOMPUTE
 from dapo_megatron.actor.hf_loading import load_hf_weights_into_model
 from dapo_megatron.actor.logprobs import vocab_parallel_logprobs_and_entropy
 from dapo_megatron.actor.micro_batch import (
@@ -47,10 +48,10 @@ from dapo_megatron.actor.offload import ActorOffloader, OffloadStats
 from dapo_megatron.actor.optimizer import build_optimizer, lr_at_step, set_lr, wrap_ddp
 from dapo_megatron.algo.loss import aggregate_loss, local_normalizer, policy_loss
 from dapo_megatron.config import ActorConfig, AlgorithmConfig
+from dapo_megatron.dtypes import torch_dtype
 
 __all__ = ["MegatronActor", "NonFinitePolicyError", "NonFiniteUpdateError", "memory_metrics"]
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # order of the per-micro-batch statistics vector returned by the loss function
 _STATS = ("pg_loss", "entropy", "clipfrac_sum", "clipfrac_lower_sum", "kl_sum", "tokens")
 
@@ -70,7 +71,7 @@ def _recompute_overrides(mode: str) -> dict:
         return dict(recompute_granularity="full", recompute_method="uniform", recompute_num_layers=1)
     if mode == "selective":
         return dict(recompute_granularity="selective")
-    raise ValueError(f"actor.recompute: unknown {mode!r} (none, full, selective)")
+    raise ValueError(f"actor.recompute: unknown {mode!r} ({', '.join(RECOMPUTE)})")
 
 
 class MegatronActor:
@@ -125,7 +126,7 @@ class MegatronActor:
                 "actor.params_dtype=float16 is not supported: megatron's dynamic loss scaling is not wired; "
                 "use bfloat16"
             )
-        self.params_dtype = _DTYPES[actor_cfg.params_dtype]
+        self.params_dtype = torch_dtype(actor_cfg.params_dtype, "actor.params_dtype")
         if self.params_dtype != torch.float32 and not torch.cuda.is_available():
             raise ValueError(f"actor.params_dtype={actor_cfg.params_dtype!r} needs CUDA; use float32 on CPU")
         self.dp_group = ps.get_data_parallel_group()

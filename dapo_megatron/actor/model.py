@@ -29,7 +29,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
-from dapo_megatron.config import TRANSFORMER_IMPLS
+from dapo_megatron.actor import TRANSFORMER_IMPLS
 from dapo_megatron.models import DecoderLayout, get_layout, read_rope_theta
 
 __all__ = [

@@ -28,6 +28,7 @@ import math
 
 import torch
 
+from dapo_megatron.actor import LR_SCHEDULES
 from dapo_megatron.config import OptimConfig
 
 __all__ = [
@@ -55,7 +56,7 @@ def lr_at_step(step: int, optim: OptimConfig, total_steps: int | None = None) ->
     if optim.lr_decay_style == "constant":
         return optim.lr
     if optim.lr_decay_style != "cosine":
-        raise ValueError(f"actor.optim.lr_decay_style: unknown {optim.lr_decay_style!r} (constant, cosine)")
+        raise ValueError(f"actor.optim.lr_decay_style: unknown {optim.lr_decay_style!r} ({', '.join(LR_SCHEDULES)})")
     decay_steps = optim.lr_decay_steps if optim.lr_decay_steps is not None else total_steps
     if decay_steps is None or decay_steps <= 0:
         raise ValueError("actor.optim.lr_decay_steps (or the trainer's total steps) must be > 0 for cosine decay")

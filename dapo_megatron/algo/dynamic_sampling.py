@@ -29,10 +29,10 @@ from typing import Any
 
 import numpy as np
 
+from dapo_megatron.algo import FILTER_METRICS, ON_EXHAUSTED
+
 logger = logging.getLogger(__name__)
 
-VALID_METRICS: tuple[str, ...] = ("acc", "score", "seq_reward")
-ON_EXHAUSTED: tuple[str, ...] = ("raise", "train_partial")
 _STATE_VERSION = 1
 _COUNTERS: tuple[str, ...] = (
     "num_gen_batches",
@@ -102,8 +102,8 @@ class DynamicSamplingBuffer:
     ) -> None:
         if train_batch_size <= 0:
             raise ValueError(f"train_batch_size must be > 0, got {train_batch_size}")
-        if metric not in VALID_METRICS:
-            raise ValueError(f"metric must be one of {VALID_METRICS}, got {metric!r}")
+        if metric not in FILTER_METRICS:
+            raise ValueError(f"metric must be one of {FILTER_METRICS}, got {metric!r}")
         if on_exhausted not in ON_EXHAUSTED:
             raise ValueError(f"on_exhausted must be one of {ON_EXHAUSTED}, got {on_exhausted!r}")
         if max_carry_age < 0:

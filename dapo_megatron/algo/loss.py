@@ -16,12 +16,7 @@ from __future__ import annotations
 
 import torch
 
-LOSS_AGG_MODES: tuple[str, ...] = (
-    "token-mean",
-    "seq-mean-token-sum",
-    "seq-mean-token-mean",
-    "seq-mean-token-sum-norm",
-)
+from dapo_megatron.algo import LOSS_AGG_MODES
 
 # exp(20) ~ 4.9e8: large enough never to bind for sane policies, small enough
 # that a stale or corrupted log-prob cannot overflow the ratio to inf.

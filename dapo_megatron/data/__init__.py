@@ -19,3 +19,8 @@ the sampler does not pull in transformers):
 * ``synthetic``: an arithmetic task in the DAPO-Math schema
   (``dapo-make-task`` console script).
 """
+
+# data.truncation: what ``parquet_dataset.load_prompt_dataset`` does with a prompt longer than
+# data.max_prompt_length when filter_overlong_prompts is off; here (not re-exported) so the
+# schema reads it without pyarrow
+TRUNCATION_MODES: tuple[str, ...] = ("error", "left", "right")

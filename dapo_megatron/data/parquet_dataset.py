@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, overload
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dapo_megatron.data import TRUNCATION_MODES
 from dapo_megatron.data.records import DatasetStats, PromptRecord
 
 if TYPE_CHECKING:
@@ -28,7 +29,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-TRUNCATION_MODES = ("error", "left", "right")
 # Tokenizing in chunks bounds peak memory of the batch encoder on big files.
 _ENCODE_CHUNK = 4096
 

@@ -25,6 +25,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 BACKENDS = ("math_dapo", "math_lenient", "math_verify")
+# where :class:`~dapo_megatron.reward.pool.RewardPool` runs the scorer (here, not in pool.py,
+# so the config reads it without multiprocessing)
+EXECUTORS = ("process", "ray", "inline")
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Self
 
-from dapo_megatron.reward import BACKENDS, get_scorer
+from dapo_megatron.reward import BACKENDS, EXECUTORS, get_scorer
 
 logger = logging.getLogger(__name__)
 
@@ -52,7 +52,6 @@ Scorer = Callable[..., Mapping[str, Any]]
 # (data source, extra info) of one response, or None when the caller has none
 Context = tuple[str, dict[str, Any]] | None
 _Item = tuple[str, str, Context]
-EXECUTORS = ("process", "ray", "inline")
 FAILED_SCORE = -1.0
 TIMEOUT_PRED = "[TIMEOUT]"
 ERROR_PRED = "[ERROR]"

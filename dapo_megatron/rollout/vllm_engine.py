@@ -29,6 +29,8 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
+from dapo_megatron import dtypes
+from dapo_megatron.rollout import SLEEP_LEVELS
 from dapo_megatron.rollout.engine import EngineUnusableError, RolloutEngine, Rollouts, SamplingSpec
 from dapo_megatron.rollout.layout import RolloutLayout
 from dapo_megatron.rollout.sampling import request_seed, to_vllm_sampling_params
@@ -329,8 +331,8 @@ class VllmEngine(RolloutEngine):
         """
         if self._state == "syncing":
             raise EngineUnusableError("cannot sleep: a weight update is in progress")
-        if level not in (1, 2):
-            raise ValueError(f"sleep level must be 1 or 2, got {level}")
+        if level not in SLEEP_LEVELS:
+            raise ValueError(f"sleep level must be {' or '.join(map(str, SLEEP_LEVELS))}, got {level}")
         if self._asleep:
             raise EngineUnusableError(f"sleep: the engine is already asleep ({sorted(self._asleep)})")
         if torch.cuda.is_available() and not self.llm.llm_engine.vllm_config.model_config.enable_sleep_mode:
@@ -382,10 +384,4 @@ def _completion_record(prompt_idx: int, c) -> tuple[list[int], list[float], str]
 
 def torch_dtype(name: str) -> torch.dtype:
     """torch dtype of a ``rollout.dtype`` string (the dtype weight sync casts to)."""
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise ValueError(f"rollout.dtype must be one of {sorted(table)}, got {name!r}")
-    return table[name]
-
-
-_torch_dtype = torch_dtype  # the trainer's current import name
+    return dtypes.torch_dtype(name, "rollout.dtype")

@@ -183,3 +183,104 @@ def test_missing_files_are_named(tmp_path):
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     validate(cfg, check_files=True)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        # each of these loaded before, and was refused only once the process groups existed
+        (["rollout.temperature=0"], r"rollout\.temperature: must be > 0 .*got 0\.0"),
+        (["rollout.val.temperature=-1"], r"rollout\.val\.temperature: must be >= 0"),
+        (["rollout.val.top_k=0"], r"rollout\.val\.top_k: must be -1 \(off\) or > 0"),
+        (
+            ["actor.optim.lr_decay_style=cosine", "actor.optim.lr_decay_steps=0"],
+            r"actor\.optim\.lr_decay_steps: must be > 0 for cosine decay",
+        ),
+    ],
+)
+def test_values_the_actor_or_engine_would_refuse_fail_on_load(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, overrides)
+
+
+def test_lr_decay_steps_is_only_checked_where_it_is_read():
+    load_config(None, ["actor.optim.lr_decay_steps=0"])  # constant schedule: never read
+
+
+def test_config_error_carries_its_problems():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["algorithm.clip_ratio_c=0.5", "rollout.n=0"])
+    problems = info.value.problems
+    assert [(p.key, p.message) for p in problems] == [
+        ("algorithm.clip_ratio_c", "dual-clip constant must be > 1, got 0.5"),
+        ("rollout.n", "must be > 0, got 0"),
+    ]
+    assert [str(p) for p in problems] == [line.strip()[2:] for line in str(info.value).splitlines()[1:]]
+
+
+def test_config_error_problems_carry_the_verl_origin():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["actor_rollout_ref.rollout.n=0"])
+    (problem,) = info.value.problems
+    assert problem.key == "rollout.n"
+    assert problem.message.endswith("(set by verl's actor_rollout_ref.rollout.n)")
+    assert str(problem) in str(info.value)
+
+
+def test_actor_load_is_not_a_key():
+    # It was validated but never read: a run "starting from" a checkpoint silently started from model_path.
+    with pytest.raises(ConfigError, match=r"actor\.load"):
+        load_config(None, ["actor.load=/ckpt"])
+
+
+def test_missing_model_path_is_named(tmp_path):
+    (tmp_path / "train.parquet").write_bytes(b"")
+    cfg = load_config(None, [f"data.train_files=[{tmp_path}/train.parquet]"])
+    with pytest.raises(ConfigError, match=r"actor\.model_path: not set"):
+        validate(cfg, check_files=True)
+
+
+def test_choice_lists_are_the_users_own():
+    """The schema checks against the very tuples the modules that act on the value use."""
+    from dapo_megatron import config, dtypes, lifecycle, plan_memory, tracking
+    from dapo_megatron.actor import actor, model, offload, optimizer
+    from dapo_megatron.algo import dynamic_sampling, loss
+    from dapo_megatron.data import parquet_dataset
+    from dapo_megatron.reward import BACKENDS, pool
+
+    assert config.LOSS_AGG_MODES is loss.LOSS_AGG_MODES
+    assert config.FILTER_METRICS is dynamic_sampling.FILTER_METRICS
+    assert config.ON_EXHAUSTED is dynamic_sampling.ON_EXHAUSTED
+    assert config.REWARD_BACKENDS is BACKENDS
+    assert config.REWARD_EXECUTORS is pool.EXECUTORS
+    assert config.TRUNCATION_MODES is parquet_dataset.TRUNCATION_MODES
+    assert config.LR_SCHEDULES is optimizer.LR_SCHEDULES
+    assert config.TRANSFORMER_IMPLS is model.TRANSFORMER_IMPLS
+    assert config.RECOMPUTE is actor.RECOMPUTE is plan_memory.RECOMPUTE
+    assert config.LOGGERS is tracking.LOGGERS
+    assert config.DTYPES is dtypes.DTYPES
+    assert tuple(plan_memory.DTYPE_BYTES) == dtypes.DTYPES
+    assert config.OFFLOAD_KINDS is lifecycle.OFFLOAD_KINDS is offload.OFFLOAD_KINDS
+
+
+def test_one_dtype_table():
+    import torch
+
+    from dapo_megatron import dtypes
+
+    assert [dtypes.torch_dtype(name) for name in dtypes.DTYPES] == [torch.float32, torch.bfloat16, torch.float16]
+    assert {name: torch.empty(0, dtype=dtypes.torch_dtype(name)).element_size() for name in dtypes.DTYPES} == (
+        dtypes.DTYPE_BYTES
+    )
+    with pytest.raises(ValueError, match=r"actor\.params_dtype must be one of .* got 'fp8'"):
+        dtypes.torch_dtype("fp8", "actor.params_dtype")
+
+
+def test_config_imports_no_torch():
+    """The planner and ``python -m dapo_megatron.config`` run on a login node in well under a second."""
+    import subprocess
+    import sys
+
+    code = "import sys, dapo_megatron.config; print(sorted({'torch', 'numpy', 'pyarrow'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT)
+    assert out.stdout.strip() == "[]"
