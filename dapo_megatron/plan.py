@@ -95,7 +95,7 @@ def _layout_problems(cfg: DapoConfig, shape: ModelShape, cluster: Cluster) -> li
     try:
         validate(cfg, world_size=cluster.world_size)
     except ConfigError as exc:
-        problems += [line.strip()[2:] for line in str(exc).splitlines()[1:] if line.strip().startswith("- ")]
+        problems += [str(problem) for problem in exc.problems]
     p, r = cfg.actor.parallel, cfg.rollout
     tp, pp, tr = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, r.tensor_model_parallel_size
     checks = [

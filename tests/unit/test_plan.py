@@ -336,3 +336,17 @@ def test_model_training_flops_by_hand():
     untied = dataclasses.replace(shape, tie_word_embeddings=False)
     assert untied.total_params() == 1272 + 80
     assert model_training_flops(untied, [3, 5]) == model_training_flops(shape, [3, 5])
+
+
+def test_config_problems_are_taken_from_the_error_not_its_text(monkeypatch, shape32b):
+    """The planner lists ConfigError.problems as they are, a message spanning lines included."""
+    from dapo_megatron import plan
+    from dapo_megatron.config import ConfigError, Problem
+
+    def refuse(cfg, **_):
+        raise ConfigError.of([Problem("rollout.n", "first line\n  - second line"), Problem("data.truncation", "x")])
+
+    monkeypatch.setattr(plan, "validate", refuse)
+    cfg = load_config(RECIPE)
+    problems = plan._layout_problems(cfg, shape32b, plan.Cluster(16, 8, 80.0))
+    assert problems == ["rollout.n: first line\n  - second line", "data.truncation: x"]
