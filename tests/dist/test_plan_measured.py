@@ -5,9 +5,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from _launch import run_torchrun
 
 from dapo_megatron.plan_memory import ModelShape, actor_stage_params, actor_state_bytes
+from tests.dist._launch import run_torchrun
 
 SHAPE = ModelShape(
     num_layers=4,
