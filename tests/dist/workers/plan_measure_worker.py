@@ -40,7 +40,7 @@ def main() -> None:
             f"data.train_batch_size={dp}",
         ],
     )
-    hf = tiny_config(num_hidden_layers=4, tie_word_embeddings=False)  # test_plan_measured.SHAPE
+    hf = tiny_config(num_hidden_layers=4, tie_word_embeddings=False)  # test_plan_measured.SHAPE reads the same
     actor = MegatronActor(cfg.actor, cfg.algorithm, hf)
     ids = torch.randint(0, 300, (1, 12))
     batch = ActorBatch(
