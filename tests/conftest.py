@@ -1,4 +1,9 @@
-"""Fixtures shared by the unit, dist and e2e tests."""
+"""Fixtures shared by the unit, dist and e2e tests.
+
+The tiny models themselves come from ``tests/tiny_models.py`` (importable by torchrun workers
+too); the launch helpers are ``tests/dist/_launch.py`` and ``tests/e2e/_runs.py``.  pytest.ini
+puts the repository root on ``sys.path``, so tests import them as ``tests.<...>``.
+"""
 
 from __future__ import annotations
 
@@ -31,3 +36,21 @@ def mount_tmpfs(tmp_path) -> Callable[[int], Path]:
     yield mount
     for target in reversed(mounted):
         subprocess.run(["umount", "--lazy", str(target)], check=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_models(tmp_path_factory) -> list[str]:
+    """Directories of qwen2_untied, qwen2_tied, qwen3_tied, llama_untied
+    (``tests.tiny_models.make_tiny_hf_models``), built once; read-only."""
+    from tests.tiny_models import make_tiny_hf_models
+
+    return make_tiny_hf_models(tmp_path_factory.mktemp("tiny_hf_models"))
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dirs(tmp_path_factory) -> tuple[str, str]:
+    """The actor tests' Qwen2 (``tests.tiny_models.save_actor_qwen2``), untied and tied; read-only."""
+    from tests.tiny_models import save_actor_qwen2
+
+    root = tmp_path_factory.mktemp("tiny_qwen2")
+    return save_actor_qwen2(root / "untied", False), save_actor_qwen2(root / "tied", True)

@@ -1,4 +1,4 @@
-"""Run a python script under ``torchrun`` for distributed (gloo) tests."""
+"""Run a python script under ``torchrun`` (or alone) for distributed (gloo) tests."""
 
 from __future__ import annotations
 
@@ -29,6 +29,44 @@ def repo_pythonpath() -> str:
     return os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH", "")]))
 
 
+# Set by torchrun; a child that is not launched by it must not see a parent's.
+_DIST_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment of a test's child python: one thread, the repository root on PYTHONPATH
+    (so workers import ``dapo_megatron`` and ``tests.*``), no warnings, no torchrun variables."""
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_VARS}
+    env.update(
+        OMP_NUM_THREADS="1",
+        PYTHONPATH=repo_pythonpath(),
+        PYTHONWARNINGS="ignore",
+        TOKENIZERS_PARALLELISM="false",
+    )
+    env.update(extra)
+    return env
+
+
+def run_python(argv: list | tuple, *, timeout: float = 300.0, expect_rc: int | None = 0) -> subprocess.CompletedProcess:
+    """Run ``python *argv`` (a script path or ``-m module``) in one process, from the repository
+    root with :func:`child_env`.  Raises AssertionError with the output when the exit status is not
+    ``expect_rc`` (``None``: any)."""
+    proc = subprocess.run(
+        [sys.executable, *map(str, argv)],
+        cwd=REPO_ROOT,
+        env=child_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if expect_rc is not None and proc.returncode != expect_rc:
+        raise AssertionError(
+            f"rc={proc.returncode} (expected {expect_rc}): {' '.join(proc.args)}\n"
+            f"--- stdout ---\n{proc.stdout[-5000:]}\n--- stderr ---\n{proc.stderr[-20000:]}"
+        )
+    return proc
+
+
 def run_torchrun(
     script: str | os.PathLike,
     args: list[str] | tuple[str, ...] = (),
@@ -56,15 +94,7 @@ def run_torchrun(
         str(script),
         *map(str, args),
     ]
-    run_env = dict(os.environ)
-    run_env.update(
-        OMP_NUM_THREADS="1",
-        PYTHONPATH=repo_pythonpath(),
-        PYTHONWARNINGS="ignore",
-        TOKENIZERS_PARALLELISM="false",
-    )
-    if env:
-        run_env.update(env)
+    run_env = child_env(**(env or {}))
     # own session so a timeout can stop torchrun *and* its ranks (our process group only)
     popen = subprocess.Popen(
         cmd,

@@ -9,41 +9,11 @@ TP2xDP2, PP2xDP2, TP2xPP2 and TP2+SPxDP2.
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
-import torch
-import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _launch import run_torchrun  # noqa: E402
-
-from dapo_megatron.algo.loss import LOSS_AGG_MODES  # noqa: E402
-
-
-def _save_tiny_qwen2(path, tie: bool) -> str:
-    cfg = transformers.Qwen2Config(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=300,  # padded to 384 (TP1) / 512 (TP2): padded columns must stay out of the softmax
-        max_position_embeddings=128,
-        initializer_range=0.1,
-        rms_norm_eps=1e-5,
-        tie_word_embeddings=tie,
-    )
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(cfg).save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny_qwen2_dirs(tmp_path_factory) -> tuple[str, str]:
-    root = tmp_path_factory.mktemp("hf")
-    return _save_tiny_qwen2(root / "untied", False), _save_tiny_qwen2(root / "tied", True)
+from dapo_megatron.algo.loss import LOSS_AGG_MODES
+from tests.dist._launch import run_torchrun
 
 
 @pytest.mark.dist

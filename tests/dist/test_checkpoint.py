@@ -4,25 +4,17 @@ bit-exact optimizer resume in both optimizer formats, which optimizer state load
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _launch import run_torchrun  # noqa: E402
-from test_hf_parity import make_tiny_hf_models  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def hf_dirs(tmp_path_factory):
-    return make_tiny_hf_models(tmp_path_factory.mktemp("hf"))
+from tests.dist._launch import run_torchrun
+from tests.tiny_models import metadata_config
 
 
 @pytest.mark.dist
-def test_checkpoint_save_load_reshard(hf_dirs, tmp_path, mount_tmpfs):
+def test_checkpoint_save_load_reshard(tiny_hf_models, tmp_path, mount_tmpfs):
     """Also a full disk (a 4 MiB tmpfs, filled) and a truncated shard, in the same launch."""
-    qwen2_untied = hf_dirs[0]
+    qwen2_untied = tiny_hf_models[0]
     args = ["--hf-dir", qwen2_untied, "--root", tmp_path / "ckpt"]
     try:
         args += ["--tmpfs", mount_tmpfs(4096)]
@@ -38,8 +30,10 @@ def test_checkpoint_save_load_reshard(hf_dirs, tmp_path, mount_tmpfs):
 
 
 @pytest.mark.dist
-def test_checkpoint_with_distributed_optimizer_resumes_bit_exact(hf_dirs, tmp_path):
-    proc = run_torchrun("ckpt_optim_worker.py", ["--hf-dir", hf_dirs[0], "--root", tmp_path / "ckpt"], timeout=300)
+def test_checkpoint_with_distributed_optimizer_resumes_bit_exact(tiny_hf_models, tmp_path):
+    proc = run_torchrun(
+        "ckpt_optim_worker.py", ["--hf-dir", tiny_hf_models[0], "--root", tmp_path / "ckpt"], timeout=300
+    )
     assert "OPTIM-OK fully_reshardable" in proc.stdout, proc.stdout
     assert "OPTIM-OK dp_reshardable" in proc.stdout, proc.stdout
     # fully parallel save: both DP replicas write model weights (replica 0 alone wrote them before)
@@ -47,21 +41,11 @@ def test_checkpoint_with_distributed_optimizer_resumes_bit_exact(hf_dirs, tmp_pa
     assert sorted(writers) == ["0", "1"] and all(int(n) > 0 for n in writers.values()), writers
 
 
-def _qwen2_config():
-    import transformers
-
-    cfg = transformers.Qwen2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
-    )
-    cfg.architectures = ["Qwen2ForCausalLM"]
-    return cfg
-
-
 def test_find_latest_pointer_fallback_and_errors(tmp_path):
     """In-process: the pointer wins; without it the newest complete step; tmp-/incomplete dirs never count."""
     from dapo_megatron.actor import checkpoint as ck
 
-    cfg = _qwen2_config()
+    cfg = metadata_config()
     assert ck.find_latest(tmp_path) is None
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
         ck.resolve_checkpoint_dir(tmp_path)
@@ -85,10 +69,10 @@ def test_find_latest_pointer_fallback_and_errors(tmp_path):
 def test_check_compatible_names_every_mismatching_key():
     from dapo_megatron.actor import checkpoint as ck
 
-    cfg = _qwen2_config()
+    cfg = metadata_config()
     saved = {"model": ck.model_metadata(cfg)}
     ck.check_compatible(saved, cfg)
-    other = _qwen2_config()
+    other = metadata_config()
     other.vocab_size, other.num_key_value_heads = 1000, 4
     with pytest.raises(ck.CheckpointMismatchError) as e:
         ck.check_compatible(saved, other)
@@ -102,7 +86,7 @@ def test_check_optimizer_layout_binds_only_legacy_state_to_its_layout(tmp_path):
     """In-process: fully_reshardable loads anywhere; dp_reshardable only at the saved TP x PP; bad metadata names the field."""
     from dapo_megatron.actor import checkpoint as ck
 
-    cfg = _qwen2_config()
+    cfg = metadata_config()
     for sharding in ("fully_reshardable", "dp_reshardable"):
         d = tmp_path / sharding
         d.mkdir()

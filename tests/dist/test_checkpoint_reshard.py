@@ -8,19 +8,15 @@ layouts without interruption, while a resume with the Adam moments zeroed must n
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _launch import run_torchrun  # noqa: E402
-from test_hf_parity import make_tiny_hf_models  # noqa: E402
+from tests.dist._launch import run_torchrun
 
 
 @pytest.mark.dist
-def test_optimizer_state_resumes_at_other_layouts(tmp_path):
-    qwen2_untied = make_tiny_hf_models(tmp_path / "hf")[0]
+def test_optimizer_state_resumes_at_other_layouts(tiny_hf_models, tmp_path):
+    qwen2_untied = tiny_hf_models[0]
     common = ["--hf-dir", qwen2_untied, "--root", tmp_path / "ckpt"]
     saved = run_torchrun("ckpt_reshard_worker.py", ["save", *common, "--layout", "2x1"], timeout=300)
     assert "RESHARD-SAVED tp=2 pp=1" in saved.stdout, saved.stdout

@@ -7,13 +7,9 @@ what makes these same CPU-tensor agreements legal there.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _launch import run_torchrun  # noqa: E402
+from tests.dist._launch import run_torchrun
 
 CHECKS = [
     "default group uses the policy backend",

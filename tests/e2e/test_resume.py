@@ -11,7 +11,9 @@ import time
 from pathlib import Path
 
 import pytest
-from _runs import (
+
+from dapo_megatron.actor.checkpoint import verify_checkpoint
+from tests.e2e._runs import (
     deterministic,
     kill_tree,
     metric_rows,
@@ -23,8 +25,6 @@ from _runs import (
     train_args,
     wait_for,
 )
-
-from dapo_megatron.actor.checkpoint import verify_checkpoint
 
 pytestmark = pytest.mark.e2e
 

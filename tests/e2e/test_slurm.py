@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 import pytest
-from _runs import SMALL_BATCH
+
+from tests.e2e._runs import SMALL_BATCH
 
 ROOT = Path(__file__).resolve().parents[2]
 SLURM_LOCAL = ROOT / "scripts" / "slurm_local.sh"

@@ -16,7 +16,8 @@ from __future__ import annotations
 import re
 
 import pytest
-from _runs import metric_rows, run, train_args
+
+from tests.e2e._runs import metric_rows, run, train_args
 
 HEALTHY = 1e-5  # fp32 engine and actor on CPU: ~1e-7..1e-6 per token
 

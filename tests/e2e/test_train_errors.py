@@ -5,11 +5,11 @@ from __future__ import annotations
 import math
 
 import pytest
-from _runs import TINY, metric_rows, package_tracebacks, run, train_args
 
 from dapo_megatron.config import ConfigError, load_config
 from dapo_megatron.data.parquet_dataset import DataError
 from dapo_megatron.trainer import DapoTrainer
+from tests.e2e._runs import TINY, metric_rows, package_tracebacks, run, train_args
 
 pytestmark = pytest.mark.e2e
 

@@ -5,25 +5,17 @@ from __future__ import annotations
 import json
 
 import pytest
-import transformers
 
 from dapo_megatron.actor import checkpoint as ck
 from dapo_megatron.convert import mcore_to_hf
 from dapo_megatron.convert_validation import ConversionError
-
-
-def _cfg():
-    cfg = transformers.Qwen2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
-    )
-    cfg.architectures = ["Qwen2ForCausalLM"]
-    return cfg
+from tests.tiny_models import metadata_config
 
 
 def test_metadata_records_the_impl(tmp_path):
     ck.write_checkpoint_metadata(
         tmp_path,
-        _cfg(),
+        metadata_config(),
         step=1,
         tp=1,
         pp=1,
@@ -51,7 +43,7 @@ def test_export_refuses_a_te_checkpoint(tmp_path):
     (ckpt / "metadata.json").write_text("{}")
     ck.write_checkpoint_metadata(
         ckpt,
-        _cfg(),
+        metadata_config(),
         step=1,
         tp=1,
         pp=1,

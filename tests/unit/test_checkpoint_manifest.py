@@ -14,17 +14,7 @@ from dapo_megatron.actor import checkpoint as ck
 from dapo_megatron.actor import checkpoint_manifest as mf
 from dapo_megatron.config import DapoConfig, to_dict
 from dapo_megatron.resume import choose_checkpoint, diff_configs, log_config_diff
-
-
-def _hf_config():
-    import transformers
-
-    cfg = transformers.Qwen2Config(
-        hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64
-    )
-    cfg.architectures = ["Qwen2ForCausalLM"]
-    return cfg
-
+from tests.tiny_models import metadata_config
 
 SHARD = "__1_0.distcp"
 
@@ -37,7 +27,7 @@ def _checkpoint(root: Path, step: int, *, manifest: bool = True) -> Path:
     (d / SHARD).write_bytes(b"\x01" * 10_000 + bytes([step]))
     (d / ck.RANK_STATE_DIR / "rank_00000.pt").write_bytes(b"rank state")
     ck.write_checkpoint_metadata(
-        d, _hf_config(), step=step, tp=1, pp=1, has_optimizer=True, has_extra_state=False, manifest=manifest
+        d, metadata_config(), step=step, tp=1, pp=1, has_optimizer=True, has_extra_state=False, manifest=manifest
     )
     if manifest:
         mf.write_manifest(d, mf.build_manifest(d))

@@ -22,22 +22,13 @@ from dapo_megatron.convert_validation import (
     scan_hf_safetensors,
     validate_hf_checkpoint,
 )
+from tests.tiny_models import save_tiny, tiny_config
 
-SMALL = dict(
-    hidden_size=32,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    intermediate_size=64,
-    vocab_size=200,
-    max_position_embeddings=64,
-)
+SMALL = dict(hidden_size=32, intermediate_size=64, vocab_size=200, max_position_embeddings=64)
 
 
-def _save(path: Path, cls=transformers.Qwen2ForCausalLM, cfg_cls=transformers.Qwen2Config, **kw) -> Path:
-    torch.manual_seed(0)
-    cls(cfg_cls(**{**SMALL, **kw})).save_pretrained(path)
-    return path
+def _save(path: Path, family: str = "qwen2", **kw) -> Path:
+    return save_tiny(path, tiny_config(family, **{**SMALL, **kw}), seed=0)
 
 
 @pytest.fixture()
@@ -109,8 +100,7 @@ def test_truncated_header(tmp_path):
 
 def test_missing_shard_named(capsys, tmp_path):
     hf = tmp_path / "sharded"
-    torch.manual_seed(0)
-    transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL)).save_pretrained(hf, max_shard_size="20KB")
+    save_tiny(hf, tiny_config(**SMALL), seed=0, max_shard_size="20KB")
     shards = sorted(hf.glob("model-*.safetensors"))
     assert len(shards) > 1
     assert len(scan_hf_safetensors(hf)) > 10
@@ -140,7 +130,7 @@ def test_untied_without_lm_head(tmp_path):
 
 
 def test_qkv_bias_inconsistent_with_family(tmp_path):
-    llama = _save(tmp_path / "llama", transformers.LlamaForCausalLM, transformers.LlamaConfig)
+    llama = _save(tmp_path / "llama", "llama")
     _edit_config(llama, architectures=["Qwen2ForCausalLM"], model_type="qwen2")
     with pytest.raises(
         ConversionError, match="Qwen2ForCausalLM expects a qkv bias but model.layers.0.self_attn.q_proj.bias"
@@ -261,10 +251,9 @@ def test_hf_reader_reopen_reads_the_same_tensors(tmp_path, shard):
 
     from dapo_megatron.actor.hf_loading import open_hf_safetensors
 
-    torch.manual_seed(0)
-    path = tmp_path / "m"
-    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL))
-    model.save_pretrained(path, **({} if shard is None else {"max_shard_size": shard}))
+    path = save_tiny(
+        tmp_path / "m", tiny_config(**SMALL), seed=0, **({} if shard is None else {"max_shard_size": shard})
+    )
     assert (path / "model.safetensors.index.json").is_file() == (shard is not None)
     want = {}
     for fn in sorted(path.glob("*.safetensors")):

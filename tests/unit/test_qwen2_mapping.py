@@ -6,21 +6,12 @@ import pytest
 import torch
 import transformers
 
-from dapo_megatron.models import get_mapping, pad_vocab_size, read_rope_theta  # noqa: E402
+from dapo_megatron.models import get_mapping, pad_vocab_size, read_rope_theta
+from tests.tiny_models import tiny_config
 
 
 def _qwen2_config(tie: bool = False, **kw):
-    base = dict(
-        hidden_size=64,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=300,
-        tie_word_embeddings=tie,
-    )
-    base.update(kw)
-    return transformers.Qwen2Config(**base)
+    return tiny_config(**{"num_hidden_layers": 3, "tie_word_embeddings": tie, **kw})
 
 
 def _random_hf_state(model_cls, cfg, seed=0):
@@ -126,24 +117,8 @@ def test_tied_output_layer_reads_embedding():
 
 @pytest.mark.parametrize("tp", [1, 2])
 def test_qwen3_and_llama_roundtrip(tp):
-    q3 = transformers.Qwen3Config(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=24,
-        intermediate_size=96,
-        vocab_size=260,
-        tie_word_embeddings=True,
-    )
-    ll = transformers.LlamaConfig(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=96,
-        vocab_size=260,
-    )
+    q3 = tiny_config("qwen3", head_dim=24, intermediate_size=96, vocab_size=260, tie_word_embeddings=True)
+    ll = tiny_config("llama", intermediate_size=96, vocab_size=260)
     for cls, cfg in ((transformers.Qwen3ForCausalLM, q3), (transformers.LlamaForCausalLM, ll)):
         hf = _random_hf_state(cls, cfg)
         m = get_mapping(cfg, tp=tp)
@@ -178,7 +153,7 @@ def test_rejections():
     with pytest.raises(ValueError, match="hidden_act"):
         get_mapping(_qwen2_config(hidden_act="gelu"))
     with pytest.raises(ValueError, match="attention_bias"):
-        get_mapping(transformers.LlamaConfig(attention_bias=True, num_hidden_layers=1))
+        get_mapping(tiny_config("llama", attention_bias=True, num_hidden_layers=1))
     with pytest.raises(ValueError, match="model_type"):
         get_mapping(transformers.GPT2Config())
     with pytest.raises(ValueError, match="divisible"):

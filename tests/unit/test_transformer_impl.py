@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import transformers
 
 from dapo_megatron.actor import model as model_module
 from dapo_megatron.actor.model import fusion_settings, resolve_transformer_impl
+from tests.tiny_models import tiny_config
 
 
 def _te_ok() -> None:
@@ -64,15 +64,7 @@ def test_fusions():
 
 
 def _qwen2():
-    return transformers.Qwen2Config(
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        vocab_size=300,
-        rms_norm_eps=1e-5,
-    )
+    return tiny_config(rms_norm_eps=1e-5)
 
 
 def test_cuda_host_without_te_is_refused_not_given_the_local_spec(monkeypatch):

@@ -21,15 +21,12 @@ refused with a message naming the format.  Rank 0 prints one ``RESHARD-OK`` line
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from actor_update_worker import actor_cfg, dp_share, make_batch  # noqa: E402
+from actor_update_worker import actor_cfg, dp_share, make_batch
 
 # Relative to the largest weight: the runs being compared took their first update at
 # different layouts, so fp32 reduction order differs (measured: ~1e-7 relative).

@@ -27,9 +27,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from ckpt_common import fixed_tokens, forward_logits, hf_logits  # noqa: E402
+from ckpt_common import fixed_tokens, forward_logits, hf_logits
 
 TOL = 1e-4
 

@@ -14,13 +14,10 @@ builds is recorded: all its parameters must be on the meta device. Prints
 
 from __future__ import annotations
 
-import os
 import sys
 
 import torch
 import torch.distributed as dist
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 
 def _forbid(name: str):

@@ -15,7 +15,6 @@ import contextlib
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 from actor_update_worker import actor_cfg, dp_share, make_batch
 

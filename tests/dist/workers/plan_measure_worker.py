@@ -19,12 +19,11 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 
 def main() -> None:
-    from transformers import Qwen2Config
-
     from dapo_megatron.actor.actor import MegatronActor
     from dapo_megatron.actor.micro_batch import ActorBatch
     from dapo_megatron.actor.parallel import destroy_parallel, init_parallel
     from dapo_megatron.config import load_config
+    from tests.tiny_models import tiny_config
 
     tp, pp, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
     init_parallel(tp, pp, seed=0)
@@ -41,15 +40,7 @@ def main() -> None:
             f"data.train_batch_size={dp}",
         ],
     )
-    hf = Qwen2Config(
-        vocab_size=300,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    hf = tiny_config(num_hidden_layers=4, tie_word_embeddings=False)  # test_plan_measured.SHAPE reads the same
     actor = MegatronActor(cfg.actor, cfg.algorithm, hf)
     ids = torch.randint(0, 300, (1, 12))
     batch = ActorBatch(
