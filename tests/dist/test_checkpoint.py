@@ -83,7 +83,8 @@ def test_check_compatible_names_every_mismatching_key():
 
 
 def test_check_optimizer_layout_binds_only_legacy_state_to_its_layout(tmp_path):
-    """In-process: fully_reshardable loads anywhere; dp_reshardable only at the saved TP x PP; bad metadata names the field."""
+    """In-process: fully_reshardable loads anywhere; dp_reshardable only at the saved TP x PP;
+    bad metadata names the field."""
     from dapo_megatron.actor import checkpoint as ck
 
     cfg = metadata_config()

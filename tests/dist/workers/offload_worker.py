@@ -48,9 +48,9 @@ def _train(hf_dir, hf_config, batch, tp, dist_opt, *, offload: bool):
             after = actor.offloader.resident_bytes()
             assert after == {k: 0 for k in OFFLOAD_KINDS}, after
             assert stats.bytes == before, (stats.bytes, before)
-            for call in (lambda: actor.compute_log_probs(share), lambda: actor.update(share)):
+            for call in (actor.compute_log_probs, actor.update):
                 try:
-                    call()
+                    call(share)
                 except ActorStateOffloadedError:
                     pass
                 else:

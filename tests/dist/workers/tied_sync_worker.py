@@ -66,7 +66,8 @@ class DropTensor:
 
 
 class FailedLoads(logging.Handler):
-    """Collects vLLM's "<Layer>: Failed to load weights" warnings (a layer that received nothing kept its old tensors)."""
+    """Collects vLLM's "<Layer>: Failed to load weights" warnings: a layer that received
+    nothing kept its old tensors."""
 
     def __init__(self):
         super().__init__(logging.WARNING)
