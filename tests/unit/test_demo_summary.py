@@ -60,6 +60,8 @@ def test_warmup_target_names_a_bad_band_and_accuracy_needs_a_val_core_metric():
         WarmupTarget(0.4, 0.2)
     with pytest.raises(ValueError, match="need eval_every >= 1 and first_eval >= 0, got 0, 200"):
         WarmupTarget(eval_every=0)
+    with pytest.raises(ValueError, match="weight decay"):
+        WarmupTarget(weight_decay=-0.1)
     assert held_out_accuracy({"val-core/a/acc/mean@8": 0.2, "val-core/b/acc/mean@8": 0.4}) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="no val-core/<source>/acc/mean@k metric"):
         held_out_accuracy({"val-aux/a/pass@8": 1.0})
