@@ -84,7 +84,7 @@ from dapo_megatron.actor.checkpoint_manifest import (
     write_manifest,
 )
 from dapo_megatron.actor.hf_loading import unwrap_model
-from dapo_megatron.actor.megatron_patches import fully_reshardable_bucket_fix
+from dapo_megatron.compat.megatron_optimizer import fully_reshardable_bucket_fix
 from dapo_megatron.distributed import all_max, any_true
 from dapo_megatron.models import get_layout, model_type_of
 

@@ -122,13 +122,13 @@ def test_model_modules_do_not_import_cpu_shims():
         "import sys\n"
         "import dapo_megatron.actor.parallel, dapo_megatron.actor.model, dapo_megatron.actor.hf_loading\n"
         "import dapo_megatron.models\n"
-        "assert 'dapo_megatron.actor.cpu_shims' not in sys.modules\n"
+        "assert 'dapo_megatron.compat.megatron_cpu' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=REPO_ROOT, check=True, timeout=120)
 
 
 def test_cpu_shims_refuse_with_cuda(monkeypatch):
-    from dapo_megatron.actor import cpu_shims
+    from dapo_megatron.compat import megatron_cpu as cpu_shims
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(RuntimeError, match="CUDA"):

@@ -1,4 +1,4 @@
-"""Fixes for megatron-core bugs that apply on every device (the CPU-only shims live in cpu_shims.py).
+"""Fixes for megatron-core bugs that apply on every device (the CPU-only shims live in megatron_cpu.py).
 
 Each fix is applied only for the megatron-core versions it was verified on
 (:data:`VERIFIED_VERSIONS`), as a context manager around the one call that needs it, and has
