@@ -51,13 +51,14 @@ at the TP x PP it was saved with (:func:`check_optimizer_layout`).  The learning
 is a pure function of the actor's update count (trainer state, ``extra_state``).
 
 Two megatron defects with torch's Adam (no Apex/TE: the CPU stack, or a GPU install
-without either) are worked around on load, see :func:`_adam_step_passthrough` and
-:func:`_restore_step_counters`.
+without either) are worked around on load: a patch for the duration of the load
+(:func:`dapo_megatron.compat.megatron_optimizer.adam_step_passthrough`) and
+:func:`_restore_step_counters` after it.  Every patch of megatron's save and load lives in
+:mod:`dapo_megatron.compat` (docs/COMPAT.md).
 """
 
 from __future__ import annotations
 
-import contextlib
 import enum
 import functools
 import json
@@ -84,7 +85,8 @@ from dapo_megatron.actor.checkpoint_manifest import (
     write_manifest,
 )
 from dapo_megatron.actor.hf_loading import unwrap_model
-from dapo_megatron.actor.megatron_patches import fully_reshardable_bucket_fix
+from dapo_megatron.compat.megatron_checkpoint import apply_writer_cpu_shim, single_rank_writes_deferred
+from dapo_megatron.compat.megatron_optimizer import adam_step_passthrough, fully_reshardable_bucket_fix
 from dapo_megatron.distributed import all_max, any_true
 from dapo_megatron.models import get_layout, model_type_of
 
@@ -97,7 +99,6 @@ __all__ = [
     "Verification",
     "Verify",
     "OPTIMIZER_SHARDING_METADATA",
-    "apply_checkpoint_cpu_shim",
     "check_compatible",
     "check_optimizer_layout",
     "commit_checkpoint",
@@ -158,33 +159,6 @@ class CheckpointIntegrityError(RuntimeError):
 
 class CheckpointSaveError(RuntimeError):
     """A save failed on some rank; raised on every rank, ``latest`` unchanged."""
-
-
-# ----------------------------------------------------------------------------- CPU shim
-_SHIM_APPLIED = False
-
-
-def apply_checkpoint_cpu_shim() -> None:
-    """Make megatron's checkpoint writer work on a CPU-only torch (no-op when CUDA exists).
-
-    ``FileSystemWriterAsync.preload_tensors`` stages tensors to host memory with
-    ``non_blocking=True`` and then calls ``torch.cuda.synchronize()``, which raises on
-    a CPU build.  On CPU the tensors already live in host memory, so the wrapper simply
-    forces ``non_blocking=False`` (no synchronise).  Kept here rather than in
-    ``cpu_shims`` because only checkpointing needs it; applied lazily by every save.
-    """
-    global _SHIM_APPLIED
-    if _SHIM_APPLIED or torch.cuda.is_available():
-        return
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-
-    original = FileSystemWriterAsync.preload_tensors
-
-    def preload_tensors(write_buckets, non_blocking: bool = True):
-        return original(write_buckets, non_blocking=False)
-
-    FileSystemWriterAsync.preload_tensors = staticmethod(preload_tensors)
-    _SHIM_APPLIED = True
 
 
 # ----------------------------------------------------------------------------- metadata
@@ -640,52 +614,6 @@ def _format_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
-@contextlib.contextmanager
-def _single_rank_writes_deferred(errors: list[BaseException]):
-    """Let megatron's save go on when a write that only one rank does fails; collect the error.
-
-    Why: megatron-core's ``dist_checkpointing.save`` (0.16, 0.19) agrees on failures of the
-    tensor-data writes (gathered to the coordinator, then broadcast), but not on the files
-    only one rank writes: rank 0's ``common.pt`` (written before the collective planning),
-    the coordinator's ``.metadata`` (written before the failure broadcast), rank 0's
-    ``metadata.json`` (written before a barrier), and per-rank sharded objects.  A full disk
-    at any of those raises on that rank alone while the others wait in the next collective
-    for as long as the process group's timeout.  Wrapped for the duration of one save, those
-    writes record their exception instead of raising, megatron's collectives run to the end
-    on every rank, and :func:`_agree_on_failure` raises everywhere.  Restored on exit.
-    """
-    from megatron.core.dist_checkpointing import serialization
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-
-    def deferred(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except Exception as exc:  # re-raised on every rank by _agree_on_failure
-                errors.append(exc)
-                return None
-
-        return wrapper
-
-    targets = [
-        (TorchCommonSaveStrategy, "save_common"),
-        (TorchCommonSaveStrategy, "save_sharded_objects"),
-        (FileSystemWriterAsync, "finish"),
-        (serialization, "save_config"),
-    ]
-    # all four exist in 0.16.1; a release without one does not do that write that way
-    originals = [(owner, name, getattr(owner, name)) for owner, name in targets if hasattr(owner, name)]
-    for owner, name, fn in originals:
-        setattr(owner, name, deferred(fn))
-    try:
-        yield
-    finally:
-        for owner, name, fn in originals:
-            setattr(owner, name, fn)
-
-
 # ----------------------------------------------------------------------------- save / load
 def _model_sharded_state_dict(model: torch.nn.Module) -> dict:
     inner = unwrap_model(model)
@@ -778,7 +706,7 @@ def save_checkpoint(
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
     if optimizer_sharding not in _LOADABLE_SHARDINGS:
         raise ValueError(f"optimizer_sharding must be one of {_LOADABLE_SHARDINGS}, got {optimizer_sharding!r}")
-    apply_checkpoint_cpu_shim()
+    apply_writer_cpu_shim()
     root = Path(root)
     final = root / step_dir_name(step)
     tmp = root / f"tmp-{step_dir_name(step)}"
@@ -812,7 +740,7 @@ def save_checkpoint(
     # 1. every rank writes its tensors (and its rank state); failures agreed, nobody left waiting
     deferred: list[BaseException] = []
     try:
-        with _single_rank_writes_deferred(deferred):
+        with single_rank_writes_deferred(deferred):
             dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_fully_parallel_save_strategy())
         if rank_state is not None:
             rank_dir = tmp / RANK_STATE_DIR
@@ -940,44 +868,6 @@ def _materialize_optimizer_state(optimizer) -> None:
             g["lr"], g["weight_decay"] = lr, wd
 
 
-@contextlib.contextmanager
-def _adam_step_passthrough():
-    """Let megatron's model-space optimizer loaders run with torch's Adam (no Apex/TE).
-
-    Root cause of the ``KeyError: 'step'`` that ``fully_reshardable`` loads raise without
-    Apex/TE (megatron-core 0.16.1 and 0.19.2 alike): ``load_parameter_state_from_fully_reshardable``
-    deliberately leaves ``step`` out of the tensors it hands over (the step count travels in
-    the param groups and ``DistributedOptimizer.load_state_dict`` has already put it into the
-    state), but ``DistributedOptimizer._set_main_param_and_optimizer_states`` copies *every
-    key of the destination* state from that dict.  Apex/TE FusedAdam keep ``step`` in the
-    param group, so their per-parameter state has no ``step`` and megatron's own runs never
-    hit this; ``torch.optim.Adam`` keeps a per-parameter ``step`` tensor, hence the KeyError.
-
-    For the duration of the load the method is wrapped so that a missing ``step`` is taken
-    from the destination itself (a no-op copy), i.e. the value ``load_state_dict`` set from
-    the param groups is kept, which is what megatron intends.  Only the plain (not
-    precision-aware) branch copies destination keys, so only it is touched.  Restored on exit.
-    """
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    original = DistributedOptimizer._set_main_param_and_optimizer_states
-
-    def set_states(self, model_param, tensors):
-        if "step" not in tensors and not self.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8:
-            group_index, group_order = self.model_param_group_index_map[model_param]
-            main_param = self.optimizer.param_groups[group_index]["params"][group_order]
-            step = self.optimizer.state[main_param].get("step")
-            if torch.is_tensor(step):
-                tensors = {**tensors, "step": step}
-        return original(self, model_param, tensors)
-
-    DistributedOptimizer._set_main_param_and_optimizer_states = set_states
-    try:
-        yield
-    finally:
-        DistributedOptimizer._set_main_param_and_optimizer_states = original
-
-
 def _restore_step_counters(optimizer) -> None:
     """Give every parameter its own, correct Adam ``step`` after a distributed-optimizer load.
 
@@ -1060,7 +950,7 @@ def load_checkpoint(
     inner = unwrap_model(model)
     inner.load_state_dict(loaded["model"], strict=True)
     if optimizer is not None:
-        with torch.no_grad(), _adam_step_passthrough():
+        with torch.no_grad(), adam_step_passthrough():
             optimizer.load_state_dict(loaded["optimizer"])
         _restore_step_counters(optimizer)
     extra = directory / EXTRA_STATE_FILE

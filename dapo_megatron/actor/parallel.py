@@ -10,7 +10,7 @@
 
 The backend is :func:`dapo_megatron.distributed.default_backend`: ``cpu:gloo,cuda:nccl``
 when CUDA is available (CPU-side agreements stay legal next to NCCL), gloo otherwise.  On a
-machine without CUDA the CPU shims (:mod:`dapo_megatron.actor.cpu_shims`) are applied;
+machine without CUDA the CPU shims (:mod:`dapo_megatron.compat.megatron_cpu`) are applied;
 that module is imported lazily inside the CPU branch only, so GPU runs never
 import it.
 """
@@ -89,7 +89,7 @@ def init_parallel(
         raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}")
 
     if is_cpu_run():
-        from dapo_megatron.actor.cpu_shims import apply_cpu_shims
+        from dapo_megatron.compat.megatron_cpu import apply_cpu_shims
 
         apply_cpu_shims()
 

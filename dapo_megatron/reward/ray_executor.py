@@ -11,6 +11,7 @@ import time
 from collections import deque
 from typing import Any
 
+from dapo_megatron.compat.ray_local import LOCAL_ONLY_ENV, force_local_only
 from dapo_megatron.reward.pool import (
     STARTUP_TIMEOUT_S,
     Context,
@@ -34,11 +35,11 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     a loopback node address to the machine's public one unless its
     Windows/macOS "local only" mode is forced, which needs
     ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` before ``ray`` is imported (and the
-    module constant patched if it already was).
+    module constant patched if it already was: :mod:`dapo_megatron.compat.ray_local`).
     """
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = os.environ.get("RAY_ADDRESS")
-    local_only_var = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+    local_only_var = LOCAL_ONLY_ENV
     saved = os.environ.get(local_only_var)
     if not address:
         os.environ[local_only_var] = "0"
@@ -53,9 +54,7 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     if address:
         ray.init(address=address)
         return False
-    from ray._private import ray_constants
-
-    ray_constants.ENABLE_RAY_CLUSTER = False
+    force_local_only()
     try:
         # The raylet, GCS and agents inherit the variable now; later processes
         # of this program (e.g. a user's own `ray start`) should not.

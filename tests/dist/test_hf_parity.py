@@ -49,14 +49,15 @@ def test_model_modules_do_not_import_cpu_shims():
     code = (
         "import sys\n"
         "import dapo_megatron.actor.parallel, dapo_megatron.actor.model, dapo_megatron.actor.hf_loading\n"
+        "import dapo_megatron.actor.checkpoint, dapo_megatron.compat.megatron_optimizer\n"
         "import dapo_megatron.models\n"
-        "assert 'dapo_megatron.actor.cpu_shims' not in sys.modules\n"
+        "assert 'dapo_megatron.compat.megatron_cpu' not in sys.modules\n"
     )
     run_python(["-W", "ignore", "-c", code], timeout=120)
 
 
 def test_cpu_shims_refuse_with_cuda(monkeypatch):
-    from dapo_megatron.actor import cpu_shims
+    from dapo_megatron.compat import megatron_cpu as cpu_shims
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     with pytest.raises(RuntimeError, match="CUDA"):

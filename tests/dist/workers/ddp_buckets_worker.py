@@ -4,7 +4,7 @@
 
 TP1 x DP2, distributed optimizer, buckets of 2000 parameters: the actor trains one update,
 saves model + ``fully_reshardable`` optimizer state, and a fresh actor loads it.  With
-:mod:`dapo_megatron.actor.megatron_patches` the loaded weights equal the saved ones bit for bit;
+:mod:`dapo_megatron.compat.megatron_optimizer`'s fix the loaded weights equal the saved ones bit for bit;
 with the fix replaced by a no-op (megatron-core unpatched) they do not, which shows the fix is
 still needed on the installed megatron-core.  The last rank prints ``BUCKETS-OK ...``.
 """

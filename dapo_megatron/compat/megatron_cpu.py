@@ -1,13 +1,18 @@
 """CPU-only monkeypatches that let megatron-core run on a CPU-only torch with gloo.
 
-This module is quarantined: it is imported only from the CPU branch of
-:func:`dapo_megatron.actor.parallel.init_parallel` (never at package import
-time), and :func:`apply_cpu_shims` refuses to run when CUDA is available, so a
-GPU job can never be silently altered by it.
+Why they exist: megatron-core assumes a CUDA device in code paths the CPU test machine
+exercises (model construction, RNG streams, attention masks, the pipeline schedule, DDP,
+the optimizers); each shim below was measured to be needed there (megatron-core 0.16.1 and
+0.19.2, torch 2.13 CPU) and has a test that runs the unpatched code and shows the failure
+(tests/unit/test_compat_needed.py; docs/COMPAT.md has the root causes).
 
-Every shim below exists because megatron-core (0.16) assumes a CUDA device in a
-code path we exercise; each was measured to be needed on the CPU test machine
-(docs/ARCHITECTURE.md, "CPU shims are quarantined").
+Quarantined: imported only from the CPU branch of
+:func:`dapo_megatron.actor.parallel.init_parallel` (never at package import time), and
+:func:`apply_cpu_shims` refuses to run when CUDA is available, so a GPU job can never be
+silently altered by it.  It also refuses a megatron-core outside the measured range
+(:func:`dapo_megatron.compat.guard`): the torch proxy and the replaced RNG tracker methods
+rely on megatron's module layout and private names, and a CPU run is a test run, where a
+loud refusal costs less than a silently wrong result.
 
 Shims applied (idempotently) by :func:`apply_cpu_shims`:
 
@@ -54,7 +59,9 @@ imported alias in ``megatron.core.fusions.fused_softmax``)
     modules (:data:`_TORCH_PROXY_MODULES`) is rebound to a proxy that forwards every
     attribute to the real torch, except that tensor factories map a CUDA ``device``
     argument to CPU and ``proxy.cuda`` offers no-op streams/synchronisation.  A global
-    ``TorchFunctionMode`` would do the same but costs 15-20 ms per micro-batch (note).
+    ``TorchFunctionMode`` would do the same but cost 15-20 ms per micro-batch (measured on the
+    2-core CPU test machine, batch 8 x 128 tokens, where a tiny model's forward and backward
+    take ~26 ms).
 
 ``torch.Tensor.type()`` (no arguments) reports ``torch.cuda.*Tensor`` for CPU tensors
     ``MixedPrecisionOptimizer`` / ``DistributedOptimizer`` / ``clip_grads`` sort
@@ -73,7 +80,19 @@ import types
 
 import torch
 
-__all__ = ["apply_cpu_shims", "cpu_shims_applied"]
+from dapo_megatron.compat import guard, patch
+
+__all__ = ["CPU_SHIMS", "apply_cpu_shims", "cpu_shims_applied"]
+
+# the registry entries (dapo_megatron.compat.PATCHES) this module applies
+CPU_SHIMS = (
+    "cpu-current-device",
+    "cpu-rng-tracker",
+    "cpu-causal-mask",
+    "cpu-tensor-cuda",
+    "cpu-torch-proxy",
+    "cpu-tensor-type",
+)
 
 _LOCK = threading.Lock()
 _APPLIED = False
@@ -165,19 +184,9 @@ def _patch_causal_mask() -> None:
     fused_softmax.get_default_causal_mask = get_default_causal_mask
 
 
-# Modules whose global ``torch`` is swapped for the CPU proxy (see the module docstring).
-_TORCH_PROXY_MODULES: tuple[str, ...] = (
-    "megatron.core.pipeline_parallel.schedules",
-    "megatron.core.pipeline_parallel.p2p_communication",
-    "megatron.core.distributed.distributed_data_parallel",
-    "megatron.core.distributed.param_and_grad_buffer",
-    "megatron.core.distributed.finalize_model_grads",
-    "megatron.core.optimizer.optimizer",
-    "megatron.core.optimizer.distrib_optimizer",
-    "megatron.core.optimizer.clip_grads",
-    "megatron.core.optimizer.grad_scaler",
-    "megatron.core.utils",
-)
+# Modules whose global ``torch`` is swapped for the CPU proxy (see the module docstring); the
+# registry entry names them, so the list lives once.
+_TORCH_PROXY_MODULES: tuple[str, ...] = tuple(t.removesuffix(".torch") for t in patch("cpu-torch-proxy").targets)
 
 _FACTORIES = frozenset(
     {
@@ -305,6 +314,7 @@ def apply_cpu_shims() -> None:
 
     Raises:
         RuntimeError: if CUDA is available -- the shims would corrupt a GPU run.
+        UnverifiedVersionError: megatron-core is outside the range the shims were measured on.
     """
     global _APPLIED
     if torch.cuda.is_available():
@@ -315,6 +325,8 @@ def apply_cpu_shims() -> None:
     with _LOCK:
         if _APPLIED:
             return
+        for name in CPU_SHIMS:
+            guard(name)
         _patch_current_device()
         _patch_rng()
         _patch_causal_mask()
