@@ -79,18 +79,17 @@ def test_local_ray_listens_on_loopback_only(local_ray: None) -> None:
     assert not exposed, f"Ray listens beyond loopback: {exposed}"
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(240)
 def test_scores_and_survives_hangs_errors_and_crashes(local_ray: None) -> None:
-    # Ray's timeout clock starts at submission, a task queued after a forced cancel may
-    # wait for a fresh Ray worker (~1 s on a quiet machine), and Ray notices a crashed
-    # worker later still on a loaded one (over 3 s at a load average of 6, which then
-    # read as a timeout): keep slack for both.
-    with RewardPool(scorer=ray_chaos_scorer, executor="ray", num_workers=2, timeout_s=8.0) as pool:
+    # Ray's timeout clock starts at submission, and a task queued after a forced cancel or
+    # a crash waits for a fresh Ray worker: ~1 s on a quiet machine, but over 8 s at a load
+    # average of 10, where the good answers queued behind them then read as timeouts.
+    with RewardPool(scorer=ray_chaos_scorer, executor="ray", num_workers=2, timeout_s=20.0) as pool:
         responses = ["Answer: 1", "hang", "raise", "exit", "segv", "Answer: 2", "Answer: 5"]
         truths = ["1", "x", "x", "x", "x", "2", "4"]
         start = time.monotonic()
         batch = pool.score(responses, truths)
-        assert time.monotonic() - start < 60
+        assert time.monotonic() - start < 120
         assert batch.acc == [True, False, False, False, False, True, False]
         assert batch.scores == [1.0, -1.0, -1.0, -1.0, -1.0, 1.0, -1.0]
         assert batch.failed[0] is None and batch.failed[5] is None and batch.failed[6] is None
