@@ -59,7 +59,6 @@ from dapo_megatron.convert_io import (
 from dapo_megatron.convert_validation import (
     ConversionError,
     HFCheckpoint,
-    expected_hf_shapes,
     load_hf_config,
     validate_hf_checkpoint,
 )
@@ -371,7 +370,7 @@ def mcore_to_hf(
     except FileNotFoundError as e:
         raise ConversionError(str(e)) from None
     stored = reader.tensors
-    hf_shapes = expected_hf_shapes(layout)
+    hf_shapes = layout.hf_shapes()
 
     with staged_output_dir(out) as stage, _SingleProcessGroup():
         sharded = _meta_sharded_state_dict(cfg)

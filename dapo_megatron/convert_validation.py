@@ -16,13 +16,12 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-from dapo_megatron.models import DecoderLayout, get_layout, read_rope_theta
+from dapo_megatron.models import DecoderLayout, divisibility_problems, get_layout, read_rope_theta
 
 __all__ = [
     "ConversionError",
     "HFCheckpoint",
     "TensorInfo",
-    "expected_hf_shapes",
     "read_safetensors_header",
     "scan_hf_safetensors",
     "validate_hf_checkpoint",
@@ -128,48 +127,11 @@ def scan_hf_safetensors(hf_dir: str | os.PathLike) -> dict[str, TensorInfo]:
     return read_safetensors_header(single)
 
 
-def expected_hf_shapes(layout: DecoderLayout) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape that a checkpoint with this layout must contain."""
-    L = layout
-    q, kv = L.num_attention_heads * L.head_dim, L.num_query_groups * L.head_dim
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (L.vocab_size, L.hidden_size)}
-    for i in range(L.num_layers):
-        p = f"model.layers.{i}."
-        shapes[p + "input_layernorm.weight"] = (L.hidden_size,)
-        shapes[p + "post_attention_layernorm.weight"] = (L.hidden_size,)
-        for x, rows in (("q", q), ("k", kv), ("v", kv)):
-            shapes[p + f"self_attn.{x}_proj.weight"] = (rows, L.hidden_size)
-            if L.qkv_bias:
-                shapes[p + f"self_attn.{x}_proj.bias"] = (rows,)
-        if L.qk_norm:
-            shapes[p + "self_attn.q_norm.weight"] = (L.head_dim,)
-            shapes[p + "self_attn.k_norm.weight"] = (L.head_dim,)
-        shapes[p + "self_attn.o_proj.weight"] = (L.hidden_size, q)
-        shapes[p + "mlp.gate_proj.weight"] = (L.ffn_hidden_size, L.hidden_size)
-        shapes[p + "mlp.up_proj.weight"] = (L.ffn_hidden_size, L.hidden_size)
-        shapes[p + "mlp.down_proj.weight"] = (L.hidden_size, L.ffn_hidden_size)
-    shapes["model.norm.weight"] = (L.hidden_size,)
-    if not L.tie_word_embeddings:
-        shapes["lm_head.weight"] = (L.vocab_size, L.hidden_size)
-    return shapes
-
-
-def validate_layout(hf_config, *, tp: int, pp: int) -> list[str]:
-    """Problems (empty if none) with running ``hf_config`` at ``tp`` x ``pp``."""
-    problems = []
+def validate_layout(layout: DecoderLayout, *, tp: int, pp: int) -> list[str]:
+    """Problems (empty if none) with running ``layout`` at ``tp`` x ``pp``."""
     if tp < 1 or pp < 1:
         return [f"tp and pp must be >= 1 (got tp={tp} pp={pp})"]
-    heads = hf_config.num_attention_heads
-    kv = getattr(hf_config, "num_key_value_heads", None) or heads
-    for what, n, by, name in (
-        ("num_attention_heads", heads, tp, "tp"),
-        ("num_key_value_heads", kv, tp, "tp"),
-        ("intermediate_size", hf_config.intermediate_size, tp, "tp"),
-        ("num_hidden_layers", hf_config.num_hidden_layers, pp, "pp"),
-    ):
-        if n % by:
-            problems.append(f"{what}={n} is not divisible by {name}={by}")
-    return problems
+    return [str(p) for p in divisibility_problems(layout, tp=tp, pp=pp)]
 
 
 def _config_problems(hf_config) -> list[str]:
@@ -188,7 +150,7 @@ def _config_problems(hf_config) -> list[str]:
 
 def _tensor_problems(layout: DecoderLayout, tensors: dict[str, TensorInfo], hf_config) -> list[str]:
     problems = []
-    expected = expected_hf_shapes(layout)
+    expected = layout.hf_shapes()
     emb = tensors.get("model.embed_tokens.weight")
     if emb is not None and emb.shape and emb.shape[0] != layout.vocab_size:
         problems.append(
@@ -260,7 +222,7 @@ def validate_hf_checkpoint(hf_dir: str | os.PathLike, *, tp: int = 1, pp: int = 
         layout = get_layout(config, tp=1)
     except ValueError as e:
         raise ConversionError(f"{hf_dir}/config.json: {e}") from None
-    problems = validate_layout(config, tp=tp, pp=pp) + _config_problems(config)
+    problems = validate_layout(layout, tp=tp, pp=pp) + _config_problems(config)
     tensors = scan_hf_safetensors(hf_dir)
     problems += _tensor_problems(layout, tensors, config)
     if problems:

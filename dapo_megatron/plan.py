@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dapo_megatron.config import OFFLOAD_KINDS, ConfigError, DapoConfig, load_config, validate
+from dapo_megatron.models import divisibility_problems
 from dapo_megatron.plan_memory import (
     CostPlan,
     GiB,
@@ -98,15 +99,11 @@ def _layout_problems(cfg: DapoConfig, shape: ModelShape, cluster: Cluster) -> li
         problems += [str(problem) for problem in exc.problems]
     p, r = cfg.actor.parallel, cfg.rollout
     tp, pp, tr = p.tensor_model_parallel_size, p.pipeline_model_parallel_size, r.tensor_model_parallel_size
+    for bad in divisibility_problems(shape, tp=tp, pp=pp):
+        what = f"the model's {bad.value} layers" if bad.axis == "pp" else f"{bad.name}={bad.value}"
+        key = "pipeline" if bad.axis == "pp" else "tensor"
+        problems.append(f"actor.parallel.{key}_model_parallel_size: {bad.size} does not divide {what}")
     checks = [
-        (shape.num_layers % pp == 0, "actor.parallel.pipeline_model_parallel_size", f"{pp} does not divide the "
-         f"model's {shape.num_layers} layers"),
-        (shape.num_attention_heads % tp == 0, "actor.parallel.tensor_model_parallel_size",
-         f"{tp} does not divide num_attention_heads={shape.num_attention_heads}"),
-        (shape.num_query_groups % tp == 0, "actor.parallel.tensor_model_parallel_size",
-         f"{tp} does not divide num_key_value_heads={shape.num_query_groups} (Megatron splits whole KV groups)"),
-        (shape.ffn_hidden_size % tp == 0, "actor.parallel.tensor_model_parallel_size",
-         f"{tp} does not divide intermediate_size={shape.ffn_hidden_size}"),
         (shape.num_attention_heads % tr == 0, "rollout.tensor_model_parallel_size",
          f"{tr} does not divide num_attention_heads={shape.num_attention_heads} (vLLM requirement)"),
         (tp <= cluster.gpus_per_node, "actor.parallel.tensor_model_parallel_size",

@@ -58,8 +58,7 @@ from dapo_megatron.config import DapoConfig, data_parallel_size
 from dapo_megatron.dtypes import DTYPE_BYTES
 from dapo_megatron.lifecycle import LifecyclePlan
 from dapo_megatron.lifecycle import Phase as LifecyclePhase
-from dapo_megatron.models import get_layout
-from dapo_megatron.models.qwen2 import DecoderLayout, pad_vocab_size
+from dapo_megatron.models import DecoderLayout, get_layout, pad_vocab_size
 
 GiB = 1 << 30
 # vLLM pads its vocabulary to a multiple of 64; negligible next to the weights, ignored.
@@ -67,7 +66,8 @@ CUDA_GRAPH_GIB = 0.5  # allowance for captured CUDA graphs when enforce_eager is
 
 
 # The planner's model description is the mapping's own layout (tp=1: the HF vocabulary padded
-# for one rank; per-TP padding is :func:`pad_vocab`), so a model family is described once.
+# for one rank; per-TP padding is :func:`pad_vocab_size`): parameter counts come from the
+# family's table, so a model family is described once.
 ModelShape = DecoderLayout
 
 
@@ -106,26 +106,12 @@ def load_model_shape(path: str) -> ModelShape:
         raise ValueError(f"{file}: {exc}") from exc
 
 
-def pad_vocab(vocab_size: int, tp: int) -> int:
-    """Megatron's padded vocabulary: a multiple of 128 x tp (the mapping's own rule)."""
-    return pad_vocab_size(vocab_size, tp)
-
-
 # ------------------------------------------------------------------ actor state
 def actor_stage_params(shape: ModelShape, tp: int, pp: int, stage: int) -> int:
     """Parameters held by one TP rank of pipeline stage ``stage`` (layers split evenly)."""
+    # tied with PP > 1: the last stage keeps a copy of the output layer
     layers = shape.num_layers // pp
-    per_layer = shape.layer_sharded_params() // tp + shape.layer_replicated_params()
-    n = layers * per_layer
-    vocab_shard = pad_vocab(shape.vocab_size, tp) // tp * shape.hidden_size
-    if stage == 0:
-        n += vocab_shard  # word embeddings
-    if stage == pp - 1:
-        n += shape.hidden_size  # final norm
-        # untied: the output layer; tied with PP > 1: the last stage keeps a copy
-        if not shape.tie_word_embeddings or pp > 1:
-            n += vocab_shard
-    return n
+    return shape.rank_params(tp, layers=layers, pre_process=stage == 0, post_process=stage == pp - 1, tied_copy=pp > 1)
 
 
 @dataclass(frozen=True)
@@ -192,7 +178,7 @@ def forward_activation_bytes(shape: ModelShape, *, tokens: int, tp: int, sequenc
 
 def logits_bytes(shape: ModelShape, *, tokens: int, tp: int) -> int:
     """``[tokens x Vp/t]`` in fp32 (= bf16 logits + their bf16 gradient)."""
-    return tokens * (pad_vocab(shape.vocab_size, tp) // tp) * 4
+    return tokens * (pad_vocab_size(shape.vocab_size, tp) // tp) * 4
 
 
 # --------------------------------------------------------------------------- vLLM
@@ -203,7 +189,7 @@ def kv_bytes_per_token(shape: ModelShape, rollout_tp: int, dtype: str) -> int:
 
 
 def vllm_weight_bytes(shape: ModelShape, rollout_tp: int, dtype: str) -> int:
-    replicated = shape.num_layers * shape.layer_replicated_params() + shape.hidden_size
+    replicated = shape.replicated_params()
     sharded = shape.total_params() - replicated
     return (sharded // rollout_tp + replicated) * DTYPE_BYTES[dtype]
 
@@ -371,7 +357,7 @@ def estimate_memory(
         logits = logits_bytes(shape, tokens=tokens, tp=tp) if last else 0
         in_flight = min(pp - stage, n_micro)
         # weight sync: one bucket and the largest merged tensor in flight
-        largest = pad_vocab(shape.vocab_size, tp) * shape.hidden_size * DTYPE_BYTES[a.params_dtype]
+        largest = pad_vocab_size(shape.vocab_size, tp) * shape.hidden_size * DTYPE_BYTES[a.params_dtype]
         largest = max(largest, 2 * shape.ffn_hidden_size * shape.hidden_size * DTYPE_BYTES[a.params_dtype])
         work = {
             "rollout": {},

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from dapo_megatron.actor import TRANSFORMER_IMPLS
-from dapo_megatron.models import DecoderLayout, get_layout, read_rope_theta
+from dapo_megatron.models import DecoderLayout, divisibility_problems, get_layout, read_rope_theta
 
 __all__ = [
     "TRANSFORMER_IMPLS",
@@ -157,24 +157,17 @@ def transformer_config_from_hf(
     """
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    layout = get_layout(hf_config, tp=tp)
-    read_rope_theta(hf_config)  # validates rope options
+    layout = get_layout(hf_config, tp=tp)  # validates the options (rope scaling, MoE, ...)
     if sequence_parallel and tp == 1:
         raise ValueError("sequence_parallel requires tp > 1")
-    for what, n in (
-        ("num_attention_heads", layout.num_attention_heads),
-        ("num_key_value_heads", layout.num_query_groups),
-        ("intermediate_size", layout.ffn_hidden_size),
-    ):
-        if n % tp:
-            raise ValueError(f"{what}={n} is not divisible by tp={tp}")
     uneven = {
         "pipeline_model_parallel_layout",
         "num_layers_in_first_pipeline_stage",
         "num_layers_in_last_pipeline_stage",
     }
-    if layout.num_layers % pp and not uneven & set(overrides):
-        raise ValueError(f"num_hidden_layers={layout.num_layers} is not divisible by pp={pp}")
+    problems = divisibility_problems(layout, tp=tp, pp=1 if uneven & set(overrides) else pp)
+    if problems:
+        raise ValueError("; ".join(map(str, problems)))
     on_cpu = not torch.cuda.is_available() if cpu_init is None else cpu_init
     impl = resolve_transformer_impl(transformer_impl, cuda_available=not on_cpu)
     grad_accum = not on_cpu and importlib.util.find_spec("fused_weight_gradient_mlp_cuda") is not None

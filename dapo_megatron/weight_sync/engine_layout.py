@@ -32,6 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
+from dapo_megatron.models import packed_modules
 from dapo_megatron.weight_sync.slices import WHOLE, TensorSlice
 
 __all__ = ["EnginePart", "engine_parts", "engine_slices"]
@@ -49,13 +50,6 @@ class EnginePart:
     padded: bool = False  # the engine parameter has rows beyond the slice (vocab padding)
 
 
-def _packed_names(vllm_model: torch.nn.Module) -> dict[str, list[str]]:
-    mapping = dict(getattr(vllm_model, "packed_modules_mapping", {}) or {})
-    mapping.setdefault("qkv_proj", ["q_proj", "k_proj", "v_proj"])
-    mapping.setdefault("gate_up_proj", ["gate_proj", "up_proj"])
-    return mapping
-
-
 def engine_parts(vllm_model: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, list[EnginePart]]]:
     """Per module with parameters of its own: the HF slices its parameters hold, in engine layout order."""
     from vllm.model_executor.layers.linear import (
@@ -67,7 +61,8 @@ def engine_parts(vllm_model: torch.nn.Module) -> Iterator[tuple[torch.nn.Module,
     )
     from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
 
-    packed = _packed_names(vllm_model)
+    # the model's own packing, over the defaults the parameter tables declare
+    packed = packed_modules() | dict(getattr(vllm_model, "packed_modules_mapping", {}) or {})
 
     def hf_parts(module_name: str, leaf: str) -> list[str]:
         prefix, _, last = module_name.rpartition(".")

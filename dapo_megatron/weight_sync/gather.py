@@ -212,7 +212,7 @@ def iter_engine_hf_weights(
     """:func:`iter_actor_hf_weights` plus the tied aliases an engine loads separately (collective).
 
     For a tied model the embedding is followed by the same tensor under ``lm_head.weight``
-    (:meth:`~dapo_megatron.models.qwen2.DecoderMapping.tied_aliases`): no second gather and no
+    (:meth:`~dapo_megatron.models.DecoderMapping.tied_aliases`): no second gather and no
     second copy, one more load into the engine.  With PP > 1 the alias arrives as the
     embedding's slice for this rank, so the engine must keep the same slice of both names
     (vLLM shards the LM head exactly like the embedding); a different request is refused.
