@@ -7,14 +7,11 @@ which is the signal to delete the patch (docs/COMPAT.md, dapo_megatron.compat.PA
 from __future__ import annotations
 
 import re
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _launch import run_torchrun  # noqa: E402
-from test_actor_update import _save_tiny_qwen2  # noqa: E402
+from tests.dist._launch import run_torchrun
+from tests.tiny_models import save_actor_qwen2
 
 GROUP_TIMEOUT_S = 10
 
@@ -38,7 +35,7 @@ def test_single_rank_write_failure_strands_the_other_rank(tmp_path):
 @pytest.mark.dist
 def test_fully_reshardable_load_without_passthrough_raises_keyerror(tmp_path):
     """Patch ``adam-step-passthrough``: torch's Adam (no Apex/TE) keeps a per-parameter step."""
-    hf_dir = _save_tiny_qwen2(tmp_path / "hf", False)
+    hf_dir = save_actor_qwen2(tmp_path / "hf", False)
     proc = run_torchrun("compat_adam_step_worker.py", [hf_dir, tmp_path / "ckpt"], nproc=1, timeout=240)
     m = re.search(r"ADAM-STEP patched=(.*) unpatched=(.*)", proc.stdout)
     assert m, proc.stdout + proc.stderr
