@@ -17,49 +17,31 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from pathlib import Path
 
 import torch
 
+from dapo_megatron.actor.optimizer import lr_at_step
+from dapo_megatron.config import OptimConfig
 from dapo_megatron.data.parquet_dataset import load_prompt_dataset
 from dapo_megatron.data.sampler import ResumableSampler
 from dapo_megatron.data.synthetic import make_arithmetic_task
 from dapo_megatron.models.tiny import make_tiny_qwen2
 from dapo_megatron.reward.math_dapo import compute_score
-
-
-def lr_at(step: int, lr: float, warmup: int, decay_steps: int, min_lr: float) -> float:
-    if step < warmup:
-        return lr * (step + 1) / (warmup + 1)
-    progress = min((step - warmup) / decay_steps, 1.0) if decay_steps > 0 else 0.0
-    return min_lr + 0.5 * (lr - min_lr) * (1.0 + math.cos(math.pi * progress))
-
-
-_ANSWERS: dict[str, list[int]] = {}
+from dapo_megatron.sft import sft_batch
 
 
 def batch_tensors(records, tok, max_resp: int):
-    eos = tok.eos_token_id
-    seqs, starts = [], []
-    for r in records:
-        if r.uid not in _ANSWERS:
-            _ANSWERS[r.uid] = tok(r.extra_info["solution"], add_special_tokens=False)["input_ids"] + [eos]
-        ans = _ANSWERS[r.uid]
-        seqs.append(list(r.prompt_ids) + ans[:max_resp])
-        starts.append(len(r.prompt_ids))
-    width = max(map(len, seqs))
-    pad = tok.pad_token_id or 0
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    labels = torch.full((len(seqs), width), -100, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, (s, p) in enumerate(zip(seqs, starts, strict=True)):
-        ids[i, : len(s)] = torch.tensor(s)
-        labels[i, p : len(s)] = torch.tensor(s[p:])
-        attn[i, : len(s)] = 1
-    return ids, labels, attn
+    """The warm-up's own batch (``sft_batch``) as HF causal-LM inputs: labels on the solution only."""
+    batch = sft_batch(records, tok, max_resp, tok.pad_token_id or 0)
+    width = batch.input_ids.shape[1]
+    pos = torch.arange(width)
+    attn = (pos < batch.seq_lengths[:, None]).long()
+    on_solution = (pos >= batch.prompt_lengths[:, None]) & attn.bool()
+    labels = torch.where(on_solution, batch.input_ids, torch.full_like(batch.input_ids, -100))
+    return batch.input_ids, labels, attn
 
 
 @torch.no_grad()
@@ -112,11 +94,17 @@ def run_seed(args, seed: int, task) -> dict:
     groups = [{"params": decay, "weight_decay": args.wd}, {"params": keep, "weight_decay": 0.0}]
     opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     sampler = ResumableSampler(len(train), seed=seed)
-    warmup = min(20, args.steps // 10)
+    schedule = OptimConfig(
+        lr=args.lr,
+        min_lr=args.min_lr,
+        lr_warmup_steps=min(20, args.steps // 10),
+        lr_decay_style="cosine",
+        lr_decay_steps=args.decay_steps,
+    )
     evals, stop = [], None
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):
-        lr = lr_at(step - 1, args.lr, warmup, args.decay_steps, args.min_lr)
+        lr = lr_at_step(step - 1, schedule)
         for g in opt.param_groups:
             g["lr"] = lr
         idx = sampler.next_batch(args.batch)
