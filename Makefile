@@ -35,7 +35,7 @@ test-unit: venv
 lint: venv
 	$(BIN)/ruff check dapo_megatron tests bench launch
 	$(BIN)/ruff format --check dapo_megatron tests bench
-	bash -n slurm/launch.sh slurm/dapo_32b_h800.sbatch scripts/slurm_local.sh
+	bash -n slurm/launch.sh slurm/dapo_32b_h800.sbatch slurm/wait_child.sh scripts/slurm_local.sh
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .hypothesis

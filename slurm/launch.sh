@@ -29,6 +29,8 @@
 # Slurm may signal every process of the step. The trainer checkpoints and exits 0.
 # SIGTERM/SIGINT go to torchrun, which stops its workers.
 set -euo pipefail
+# shellcheck source=slurm/wait_child.sh
+source "$(dirname "${BASH_SOURCE[0]}")/wait_child.sh"
 
 die() {
 	echo "launch.sh: $*" >&2
@@ -173,7 +175,7 @@ TORCHRUN_PID=$!
 
 forward_usr1() {
 	# The workers are torchrun's children; signal them by PID (never by name).
-	local pids
+	local pids pid
 	pids="$(ps -o pid= --ppid "$TORCHRUN_PID" | xargs || true)" # xargs: trim ps's padding
 	echo "launch.sh: SIGUSR1 -> training processes $pids"
 	for pid in $pids; do kill -USR1 "$pid" 2>/dev/null || true; done
@@ -181,11 +183,7 @@ forward_usr1() {
 trap forward_usr1 USR1
 trap 'kill -TERM "$TORCHRUN_PID" 2>/dev/null || true' TERM INT
 
-# `wait` returns early when a trapped signal arrives: keep waiting until torchrun exits.
-rc=0
-while true; do
-	wait "$TORCHRUN_PID" && rc=0 || rc=$?
-	kill -0 "$TORCHRUN_PID" 2>/dev/null || break
-done
-echo "launch.sh: torchrun exited with $rc"
-exit "$rc"
+# A trapped USR1 interrupts `wait`: wait_child waits for torchrun's own exit status.
+wait_child "$TORCHRUN_PID"
+echo "launch.sh: torchrun exited with $WAIT_RC"
+exit "$WAIT_RC"

@@ -218,12 +218,12 @@ def test_usr1_before_the_time_limit_checkpoints_and_requeues(slurm, tmp_path):
     finally:
         subprocess.run(["scancel", job], env=env, timeout=30)  # the resumed run is the trainer's test
     text = out.read_text()
-    assert "forwarding SIGUSR1" in text
+    assert "forwarding SIGUSR1" in text, text
     assert re.search(r"launch.sh: SIGUSR1 -> training processes \d+ \d+", text), text
     for rank in (0, 1):
-        assert f"rank {rank} SIGUSR1: checkpoint written, exit 0" in text
-    assert "launch.sh: torchrun exited with 0" in text
-    assert f"requeueing job {job} to resume" in text
+        assert f"rank {rank} SIGUSR1: checkpoint written, exit 0" in text, text
+    assert "launch.sh: torchrun exited with 0" in text, text
+    assert f"requeueing job {job} to resume" in text, text
 
 
 @pytest.mark.e2e
