@@ -29,15 +29,30 @@ import json
 import logging
 import os
 import random
+import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from safetensors.torch import save_file
+from transformers import AutoConfig, AutoTokenizer
 
+from dapo_megatron.actor.actor import MegatronActor
+from dapo_megatron.actor.micro_batch import ActorBatch
+from dapo_megatron.actor.parallel import init_parallel
 from dapo_megatron.config import DapoConfig, load_config
+from dapo_megatron.data.parquet_dataset import load_prompt_dataset
+from dapo_megatron.data.sampler import ResumableSampler
 from dapo_megatron.distributed import all_sum
+from dapo_megatron.reward.pool import RewardPool
+from dapo_megatron.reward.val_metrics import held_out_accuracy as mean_accuracy
+from dapo_megatron.rollout.vllm_engine import VllmEngine, torch_dtype
+from dapo_megatron.validation import validate
+from dapo_megatron.weight_sync.gather import iter_actor_hf_weights
+from dapo_megatron.weight_sync.sync import EngineWeightSync
 
 logger = logging.getLogger(__name__)
 
@@ -86,8 +101,6 @@ class WarmupTargetNotReached(RuntimeError):
 
 def held_out_accuracy(metrics: dict[str, float]) -> float:
     """The mean over data sources of ``val-core/<source>/acc/mean@k`` (what the demo summary reports)."""
-    from dapo_megatron.reward.val_metrics import held_out_accuracy as mean_accuracy
-
     value = mean_accuracy(metrics)
     if value is None:
         raise ValueError(f"validation returned no val-core/<source>/acc/mean@k metric: {sorted(metrics)}")
@@ -96,8 +109,6 @@ def held_out_accuracy(metrics: dict[str, float]) -> float:
 
 def sft_batch(records, tokenizer, max_response_length: int, pad_id: int):
     """Prompt + reference solution + eos per row, the loss on the solution tokens only."""
-    from dapo_megatron.actor.micro_batch import ActorBatch
-
     eos = tokenizer.eos_token_id
     prompts = [list(r.prompt_ids) for r in records]
     answers = []
@@ -128,10 +139,6 @@ def export_hf(actor, hf_config, tokenizer, out_dir: Path, info: dict | None = No
 
     ``info`` goes to ``warmup.json`` beside the weights: how the warm-up ended.
     """
-    from safetensors.torch import save_file
-
-    from dapo_megatron.weight_sync.gather import iter_actor_hf_weights
-
     tensors = {name: t.detach().clone().contiguous() for name, t in iter_actor_hf_weights(actor.model, hf_config)}
     if dist.get_rank() == 0:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
@@ -142,8 +149,6 @@ def export_hf(actor, hf_config, tokenizer, out_dir: Path, info: dict | None = No
         if info is not None:
             (tmp / "warmup.json").write_text(json.dumps(info, indent=1) + "\n")
         if out_dir.exists():
-            import shutil
-
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)
     dist.barrier()
@@ -158,11 +163,6 @@ class _HeldOut:
     """
 
     def __init__(self, cfg: DapoConfig, actor, hf_config, tokenizer, init_model: str) -> None:
-        from dapo_megatron.data.parquet_dataset import load_prompt_dataset
-        from dapo_megatron.reward.pool import RewardPool
-        from dapo_megatron.rollout.vllm_engine import VllmEngine
-        from dapo_megatron.weight_sync.transport import ColocatedTransport
-
         if not cfg.data.val_files:
             raise ValueError("a warm-up target needs data.val_files (the held-out set it is measured on)")
         val = load_prompt_dataset(cfg.data.val_files, tokenizer, max_prompt_length=cfg.data.max_prompt_length)
@@ -172,24 +172,16 @@ class _HeldOut:
         self.engine = VllmEngine.from_config(
             cfg.rollout, init_model, max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length
         )
-        self.transport = ColocatedTransport(self.engine)
+        ws = cfg.rollout.weight_sync
+        self.weight_sync = EngineWeightSync(
+            actor.model, hf_config, self.engine, dtype=torch_dtype(cfg.rollout.dtype), bucket_size_mb=ws.bucket_size_mb
+        )
         self.pool = RewardPool.from_config(cfg.reward)
 
     def __call__(self) -> dict[str, float]:
-        from dapo_megatron.rollout.vllm_engine import torch_dtype
-        from dapo_megatron.validation import validate
-        from dapo_megatron.weight_sync.sync import sync_weights
-
-        ws = self.cfg.rollout.weight_sync
-        sync_weights(
-            self.actor.model,
-            self.hf_config,
-            self.transport,
-            dtype=torch_dtype(self.cfg.rollout.dtype),
-            bucket_size_mb=ws.bucket_size_mb,
-            verify=ws.verify,
-            engine=self.engine,
-        )
+        self.weight_sync.sync()
+        if self.cfg.rollout.weight_sync.verify:
+            self.weight_sync.verify()
         return validate(self.cfg, self.engine, self.pool, self.tokenizer, self.records)
 
     def close(self) -> None:
@@ -213,13 +205,6 @@ def run_sft(
     ``seed`` seeds torch and the order of the training problems (default: ``trainer.seed``
     and ``data.seed + 1``).
     """
-    from transformers import AutoConfig, AutoTokenizer
-
-    from dapo_megatron.actor.actor import MegatronActor
-    from dapo_megatron.actor.parallel import init_parallel
-    from dapo_megatron.data.parquet_dataset import load_prompt_dataset
-    from dapo_megatron.data.sampler import ResumableSampler
-
     par = cfg.actor.parallel
     init_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=cfg.actor.seed)
     data_seed = cfg.data.seed + 1 if seed is None else seed
@@ -245,8 +230,6 @@ def run_sft(
     actor = MegatronActor(
         actor_cfg, algo_cfg, hf_config, weights=init_model, total_training_steps=steps, pad_token_id=pad_id
     )
-    from megatron.core import parallel_state as ps
-
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     if batch_prompts % dp_size:
         raise ValueError(f"--batch-prompts {batch_prompts} is not divisible by data-parallel size {dp_size}")

@@ -12,6 +12,7 @@ and save_freq mean what they say however many rounds dynamic sampling needs.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import logging
 import math
@@ -28,12 +29,26 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from dapo_megatron import experience, verl_metrics
-from dapo_megatron.algo.dynamic_sampling import DynamicSamplingBuffer, Group
-from dapo_megatron.config import DapoConfig, data_parallel_size, to_dict, validate
+from dapo_megatron.actor.actor import NonFinitePolicyError, NonFiniteUpdateError
+from dapo_megatron.actor.checkpoint import CheckpointIntegrityError, CheckpointMismatchError
+from dapo_megatron.algo.dynamic_sampling import Group
+from dapo_megatron.algo.rollout_correction import rollout_corr_metrics_over_ranks, truncated_is_weights
+from dapo_megatron.builder import Builder
+from dapo_megatron.config import ConfigError, DapoConfig, explain, load_config
+from dapo_megatron.data.parquet_dataset import DataError
 from dapo_megatron.distributed import all_max, all_sum, any_true
-from dapo_megatron.lifecycle import ColocatedLifecycle, LifecyclePlan, Phase
+from dapo_megatron.lifecycle import Phase
+from dapo_megatron.parts import Parts, Tracker, WeightSync
+from dapo_megatron.plan_memory import model_shape_from_hf, model_training_flops
+from dapo_megatron.reward.sharded import score_sharded
+from dapo_megatron.rollout.engine import RolloutEngine
+from dapo_megatron.rollout.mismatch import LIKELY_CAUSES, RolloutMismatchError, logprob_mismatch, max_mismatch_for
+from dapo_megatron.rollout.sampling import train_sampling
+from dapo_megatron.validation import validate as run_validation
+from dapo_megatron.weight_sync.probe import probe_policy
 
 logger = logging.getLogger(__name__)
 
@@ -45,106 +60,55 @@ class StopRequested(Exception):
 
 
 class DapoTrainer:
-    def __init__(self, cfg: DapoConfig) -> None:
+    """The loop over :class:`~dapo_megatron.parts.Parts`: build them with
+    :class:`~dapo_megatron.builder.Builder` (or stand-ins), then :meth:`start` and :meth:`fit`."""
+
+    def __init__(self, cfg: DapoConfig, parts: Parts) -> None:
         self.cfg = cfg
-        self.timings: dict[str, float] = defaultdict(float)
-        self._stop_signal: int | None = None
-
-    # ------------------------------------------------------------------ set-up
-    def setup(self) -> None:
-        from transformers import AutoConfig, AutoTokenizer
-
-        from dapo_megatron.actor.parallel import init_parallel
-        from dapo_megatron.data.parquet_dataset import load_prompt_dataset
-        from dapo_megatron.data.sampler import ResumableSampler
-        from dapo_megatron.reward.custom import load_file_scorer
-        from dapo_megatron.reward.pool import RewardPool
-        from dapo_megatron.rollout.mismatch import max_mismatch_for
-        from dapo_megatron.weight_sync.transport import ColocatedTransport, StaleTensorDrill
-
-        cfg = self.cfg
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        validate(cfg, world_size=world, check_files=True)
-        if torch.cuda.is_available():
-            self._preflight()
-        # Data first: a bad file should fail in seconds, before any process group or model exists.
-        model_path = cfg.actor.model_path
-        self.tokenizer = AutoTokenizer.from_pretrained(cfg.data.tokenizer_path or model_path)
-        self.hf_config = AutoConfig.from_pretrained(model_path)
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        load = dict(
-            max_prompt_length=cfg.data.max_prompt_length,
-            prompt_key=cfg.data.prompt_key,
-            dedup=cfg.data.dedup_prompts,
-            filter_overlong_prompts=cfg.data.filter_overlong_prompts,
-            truncation=cfg.data.truncation,
-            apply_chat_template=cfg.data.apply_chat_template,
-        )
-        self.train_set = load_prompt_dataset(cfg.data.train_files, self.tokenizer, **load)
-        self.val_set = []
-        if cfg.data.val_files:
-            val = load_prompt_dataset(cfg.data.val_files, self.tokenizer, **load)
-            limit = cfg.data.val_max_samples
-            self.val_set = list(val) if limit < 0 else list(val)[:limit]
-        custom = cfg.reward.custom_function
-        # Imported now: a wrong path or name fails before any process group or model exists.
-        scorer = load_file_scorer(custom.path, custom.name) if custom.path else None
-        par = cfg.actor.parallel
-        init_parallel(par.tensor_model_parallel_size, par.pipeline_model_parallel_size, seed=cfg.actor.seed)
-        from megatron.core import parallel_state as ps
-
-        self.rank = dist.get_rank()
-        self._check_resume_target()
-        self.dp_rank = ps.get_data_parallel_rank()
-        self.dp_size = data_parallel_size(cfg, world)
+        self.parts = parts
+        self.tokenizer = parts.tokenizer
+        self.hf_config = parts.hf_config
+        self.pad_id = parts.pad_id
+        self.train_set = parts.train_set
+        self.val_set = parts.val_set
+        self.actor = parts.actor
+        self.lifecycle = parts.lifecycle
+        self.pool = parts.pool
+        self.sampler = parts.sampler
+        self.buffer = parts.buffer
+        self.checkpoints = parts.checkpoints
+        self.total_steps = parts.total_steps
+        self.rank, self.dp_rank, self.dp_size = parts.rank, parts.dp_rank, parts.dp_size
         self.is_logger = self.rank == 0
-        self.total_steps = self._total_steps()
-        self.actor = self._build_actor()
-        self.lifecycle = self._build_lifecycle()
-        self.pool = RewardPool.from_config(cfg.reward, scorer=scorer)
-        self.sampler = ResumableSampler(len(self.train_set), seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-        fg = cfg.algorithm.filter_groups
-        self.buffer = DynamicSamplingBuffer(
-            cfg.data.train_batch_size,
-            enable=fg.enable,
-            metric=fg.metric,
-            std_tolerance=fg.std_tolerance,
-            max_num_gen_batches=fg.max_num_gen_batches,
-            on_exhausted=fg.on_exhausted,
-            max_carry_age=fg.max_carry_age,
-            payload_type=experience.GroupSamples,
-        )
-        self.step = 0
-        resumed = self._maybe_resume()
-        # The actor hands back what it does not hold while the engine generates before the
-        # engine is built: vLLM's start-up check wants gpu_memory_utilization x HBM free.
-        self._enter(Phase.ROLLOUT)
-        self.engine = self._build_engine()
-        self.lifecycle.attach_engine(self.engine)
-        self.transport = ColocatedTransport(self.engine)
-        if cfg.rollout.weight_sync.inject_stale_tensors:
-            self.transport = StaleTensorDrill(self.transport, cfg.rollout.weight_sync.inject_stale_tensors)
         self.max_mismatch = max_mismatch_for(cfg.rollout.max_mismatch, cfg.rollout.dtype, cfg.actor.params_dtype)
         self._mismatch_breaches = 0
         # the function check's prompts: fixed, so probe gaps are comparable across steps
         probe_count = min(cfg.rollout.weight_sync.probe_prompts, len(self.train_set))
         self.probe_prompts = [self.train_set[i].prompt_ids for i in range(probe_count)]
+        self.step = 0
+        self.engine: RolloutEngine | None = None  # built in start()
+        self.weight_sync: WeightSync | None = None
+        self.tracker: Tracker | None = None
+        self.timings: dict[str, float] = defaultdict(float)
+        self._stop_signal: int | None = None
+
+    # ------------------------------------------------------------------ start
+    def start(self) -> None:
+        """Resume (when a checkpoint was chosen), build the engine in the memory the actor gave
+        back, give it the actor's weights when it needs them, open the tracker (collective)."""
+        resumed = self._maybe_resume()
+        # The actor hands back what it does not hold while the engine generates before the
+        # engine is built: vLLM's start-up check wants gpu_memory_utilization x HBM free.
+        self._enter(Phase.ROLLOUT)
+        self.engine = self.parts.build_engine()
+        self.lifecycle.attach_engine(self.engine)
+        self.weight_sync = self.parts.build_weight_sync(self.engine)
         if self._engine_needs_actor_weights(resumed):
             self._refresh_engine()
             logger.info("engine weights synced from the actor (%s)", "resumed" if resumed else "dummy start")
         self.timings.clear()
-        self.tracker = None
         if self.is_logger:
-            from dapo_megatron.tracking import MetricsLogger
-
-            self.tracker = MetricsLogger(
-                cfg.trainer.output_dir,
-                cfg.trainer.logger,
-                project=cfg.trainer.project_name,
-                experiment=cfg.trainer.experiment_name,
-                config=to_dict(cfg),
-                resume_step=self.step if resumed else None,
-            )
+            self.tracker = self.parts.build_tracker(self.step if resumed else None)
         for sig in (signal.SIGTERM, signal.SIGUSR1):
             signal.signal(sig, self._on_signal)
 
@@ -152,91 +116,6 @@ class DapoTrainer:
         """Before any validation or generation: a dummy-started engine holds random weights, and
         after a resume the engine holds the HF checkpoint's, not the resumed actor's."""
         return resumed or self.engine.load_format == "dummy"
-
-    def _build_actor(self):
-        from dapo_megatron.actor.actor import MegatronActor
-
-        cfg = self.cfg
-        return MegatronActor(
-            cfg.actor,
-            cfg.algorithm,
-            self.hf_config,
-            weights=cfg.actor.model_path,
-            temperature=cfg.rollout.temperature,
-            total_training_steps=self.total_steps,
-            pad_token_id=self.pad_id,
-        )
-
-    def _build_lifecycle(self) -> ColocatedLifecycle:
-        return ColocatedLifecycle(LifecyclePlan.from_config(self.cfg), self.actor)
-
-    def _build_engine(self):
-        from dapo_megatron.rollout.vllm_engine import VllmEngine
-
-        cfg = self.cfg
-        return VllmEngine.from_config(
-            cfg.rollout,
-            cfg.actor.model_path,
-            max_model_len=cfg.data.max_prompt_length + cfg.data.max_response_length,
-        )
-
-    def _preflight(self) -> None:
-        """Refuse a config whose memory estimate does not fit this GPU, before loading anything.
-
-        CPU runs skip it: the planner models GPU memory (weights, optimizer, KV cache).
-        """
-        from dapo_megatron.plan import Assumptions, Cluster, format_plan, make_plan, suggest
-        from dapo_megatron.plan_memory import load_model_shape
-
-        t = self.cfg.trainer
-        gib = torch.cuda.get_device_properties(0).total_memory / 2**30
-        cluster = Cluster(nodes=t.nnodes, gpus_per_node=t.n_gpus_per_node, gpu_memory_gib=gib)
-        shape = load_model_shape(os.path.join(self.cfg.actor.model_path, "config.json"))
-        plan = make_plan(self.cfg, shape, cluster, Assumptions())
-        if int(os.environ.get("RANK", "0")) == 0:
-            # the table this check judged, phase by phase, as the trainer's lifecycle will run them
-            logger.info("preflight:\n%s", format_plan(plan, Assumptions()))
-        for warning in plan.warnings:
-            logger.warning("preflight: %s", warning)
-        if not plan.feasible:
-            hints = suggest(self.cfg, shape, cluster, Assumptions())
-            raise RuntimeError(
-                "preflight plan refuses this run on "
-                f"{t.nnodes} x {t.n_gpus_per_node} x {gib:.0f} GiB:\n  - "
-                + "\n  - ".join(plan.problems)
-                + ("\ntry: " + " | ".join(hints) if hints else "")
-            )
-
-    @property
-    def ckpt_root(self) -> Path:
-        return Path(self.cfg.trainer.output_dir) / "checkpoints"
-
-    def _check_resume_target(self) -> None:
-        """Choose the checkpoint to resume from and verify its files against its manifest
-        (``resume=auto`` falls back past damaged ones), then refuse a checkpoint of another
-        model or one whose optimizer state cannot load at this layout (only legacy
-        ``dp_reshardable`` state is layout-bound), and list the settings changed since it was
-        saved: all before the model, the engine or any collective load exists."""
-        from dapo_megatron.actor.checkpoint import check_compatible, check_optimizer_layout, read_checkpoint_metadata
-        from dapo_megatron.resume import choose_checkpoint, log_config_diff
-
-        saving = self.cfg.trainer.checkpoint
-        self._resume_dir = choose_checkpoint(saving.resume, self.ckpt_root, checksums=saving.verify_checksums).directory
-        if self._resume_dir is not None:
-            meta = read_checkpoint_metadata(self._resume_dir)
-            where = f"checkpoint {self._resume_dir}"
-            check_compatible(meta, self.hf_config, where=where)
-            par = self.cfg.actor.parallel
-            check_optimizer_layout(meta, par.tensor_model_parallel_size, par.pipeline_model_parallel_size, where=where)
-            if self.rank == 0:
-                log_config_diff(meta.get("run_config"), to_dict(self.cfg), self._resume_dir)
-
-    def _total_steps(self) -> int:
-        t = self.cfg.trainer
-        if t.total_training_steps is not None:
-            return t.total_training_steps
-        # At least one generation round per step: an epoch is at most this many steps.
-        return t.total_epochs * math.ceil(len(self.train_set) / self.cfg.data.gen_batch_size)
 
     def _on_signal(self, signum, frame) -> None:
         logger.warning("received signal %d: checkpointing after the current step, then exiting", signum)
@@ -258,14 +137,10 @@ class DapoTrainer:
         }
 
     def _maybe_resume(self) -> bool:
-        from dapo_megatron.actor.checkpoint import Verify, load_checkpoint
-
-        path = self._resume_dir
+        path = self.parts.resume_from
         if path is None:
             return False
-        state = load_checkpoint(
-            path, self.actor.model, self.hf_config, optimizer=self.actor.optimizer, verify=Verify.DONE
-        )
+        state = self.checkpoints.load(path)
         if not state or state.get("version") != TRAINER_STATE_VERSION:
             raise ValueError(f"checkpoint {path} has no trainer state of version {TRAINER_STATE_VERSION}")
         self.step = int(state["step"])
@@ -281,27 +156,13 @@ class DapoTrainer:
     def save_checkpoint(self, *, commit: bool = True):
         """Write the checkpoint of this step; ``commit=False`` leaves ``latest`` for
         :meth:`commit_checkpoint` (returns the pending checkpoint)."""
-        from dapo_megatron.actor.checkpoint import save_checkpoint
-
         self.actor.require_resident(("params", "optimizer"), "save a checkpoint")
         with self._timer("save_checkpoint"):
-            return save_checkpoint(
-                self.ckpt_root,
-                self.step,
-                self.actor.model,
-                self.hf_config,
-                optimizer=self.actor.optimizer,
-                extra_state=self._trainer_state(),
-                keep_last=self.cfg.trainer.checkpoint.keep_last,
-                commit=commit,
-                run_config=to_dict(self.cfg),
-            )
+            return self.checkpoints.save(self.step, self._trainer_state(), commit=commit)
 
     def commit_checkpoint(self, pending) -> Path:
-        from dapo_megatron.actor.checkpoint import commit_checkpoint
-
         with self._timer("save_checkpoint"):
-            return commit_checkpoint(pending)
+            return self.checkpoints.commit(pending)
 
     # ------------------------------------------------------------------ stages
     @contextmanager
@@ -316,9 +177,6 @@ class DapoTrainer:
         return self.cfg.rollout.seed * 1_000_003 + self.step * 1_009 + round_index
 
     def _generate_round(self, round_index: int) -> experience.RoundResult:
-        from dapo_megatron.reward.sharded import score_sharded
-        from dapo_megatron.rollout.sampling import train_sampling
-
         cfg = self.cfg
         records = [self.train_set[i] for i in self.sampler.next_batch(cfg.data.gen_batch_size)]
         spec = train_sampling(cfg.rollout, cfg.data.max_response_length)
@@ -357,9 +215,6 @@ class DapoTrainer:
         return groups, rounds
 
     def _train_on(self, groups: list[Group]) -> dict[str, float]:
-        from dapo_megatron.algo.rollout_correction import rollout_corr_metrics_over_ranks, truncated_is_weights
-        from dapo_megatron.rollout.mismatch import logprob_mismatch
-
         cfg = self.cfg
         mine = experience.dp_shard(
             groups, mini_batch_groups=cfg.actor.ppo_mini_batch_size, dp_size=self.dp_size, dp_rank=self.dp_rank
@@ -410,12 +265,9 @@ class DapoTrainer:
         every further step would be skipped too, and saving them would point ``latest`` at a
         policy nobody can resume from.
         """
-        from dapo_megatron.actor.actor import NonFinitePolicyError
-        from dapo_megatron.actor.checkpoint import find_latest
-
         bad = int((~torch.isfinite(old_log_probs) & mask).sum())
         if any_true(bad > 0):
-            latest = find_latest(self.ckpt_root)
+            latest = self.checkpoints.latest()
             raise NonFinitePolicyError(
                 f"step {self.step}: the actor's log-probs of the sampled responses are non-finite "
                 f"({bad} of {int(mask.sum())} tokens on this rank): the weights overflowed in an earlier "
@@ -431,8 +283,6 @@ class DapoTrainer:
 
         Runs before the update, when the engine holds exactly the actor's current weights.
         """
-        from dapo_megatron.rollout.mismatch import LIKELY_CAUSES, RolloutMismatchError
-
         (gap,) = all_max([local_gap])  # each DP rank measured its own shard
         if gap <= self.max_mismatch:
             self._mismatch_breaches = 0
@@ -464,14 +314,8 @@ class DapoTrainer:
 
     def _verify_engine(self) -> dict[str, float]:
         """Checksums of every engine tensor, then the function probe; raises on a mismatch (collective)."""
-        from dapo_megatron.rollout.mismatch import LIKELY_CAUSES, RolloutMismatchError
-        from dapo_megatron.rollout.sampling import train_sampling
-        from dapo_megatron.rollout.vllm_engine import torch_dtype
-        from dapo_megatron.weight_sync.probe import probe_policy
-        from dapo_megatron.weight_sync.sync import verify_weights
-
         cfg = self.cfg
-        checked = verify_weights(self.actor.model, self.hf_config, self.engine, dtype=torch_dtype(cfg.rollout.dtype))
+        checked = self.weight_sync.verify()
         spec = train_sampling(cfg.rollout, min(16, cfg.data.max_response_length))
         probe = probe_policy(
             self.engine, self.actor, self.probe_prompts, spec, seed=cfg.rollout.seed + 7919, pad_id=self.pad_id
@@ -494,8 +338,6 @@ class DapoTrainer:
 
     def _actor_mfu(self, seq_lengths: list[int], seconds: float) -> float:
         """Model FLOPs of this DP rank's share x DP size, over the whole job's peak for that time."""
-        from dapo_megatron.plan_memory import model_shape_from_hf, model_training_flops
-
         shape = model_shape_from_hf(self.hf_config)
         flops = model_training_flops(shape, seq_lengths, epochs=self.cfg.actor.ppo_epochs) * self.dp_size
         world = dist.get_world_size()
@@ -533,19 +375,9 @@ class DapoTrainer:
         return verified
 
     def _sync_weights(self) -> dict[str, float]:
-        from dapo_megatron.rollout.vllm_engine import torch_dtype
-        from dapo_megatron.weight_sync.sync import sync_weights
-
         self.actor.require_resident(("params",), "sync weights to the engine")
-        ws = self.cfg.rollout.weight_sync
         with self._timer("update_weights"):
-            stats = sync_weights(
-                self.actor.model,
-                self.hf_config,
-                self.transport,
-                dtype=torch_dtype(self.cfg.rollout.dtype),
-                bucket_size_mb=ws.bucket_size_mb,
-            )
+            stats = self.weight_sync.sync()
         return {
             "weight_sync/seconds": stats.seconds,
             "weight_sync/gbps": stats.gbps,
@@ -555,8 +387,6 @@ class DapoTrainer:
         }
 
     def _validate(self) -> dict[str, float]:
-        from dapo_megatron.validation import validate as run_validation
-
         if not self.val_set:
             return {}
         with self._timer("testing"):
@@ -619,11 +449,7 @@ class DapoTrainer:
         metrics: dict[str, float] = {}
         bar = None
         if self.is_logger and "console" in cfg.logger:
-            from tqdm import tqdm
-
             bar = tqdm(total=self.total_steps, initial=self.step, desc="dapo", unit="step", dynamic_ncols=True)
-        from dapo_megatron.actor.actor import NonFiniteUpdateError
-
         while self.step < self.total_steps:
             self.step += 1
             self.timings.clear()
@@ -703,16 +529,20 @@ class DapoTrainer:
 STARTUP_ERROR_EXIT_CODE = 2
 
 
-def _startup_errors() -> tuple[type[Exception], ...]:
-    """Errors whose message says everything (the key, the file, the checkpoint and what is wrong)."""
-    from dapo_megatron.actor.checkpoint import CheckpointIntegrityError, CheckpointMismatchError
-    from dapo_megatron.config import ConfigError
-    from dapo_megatron.data.parquet_dataset import DataError
+STARTUP_ERRORS: tuple[type[Exception], ...] = (
+    ConfigError,
+    DataError,
+    CheckpointIntegrityError,
+    CheckpointMismatchError,
+)
+"""Errors whose message says everything (the key, the file, the checkpoint and what is wrong)."""
 
-    return (ConfigError, DataError, CheckpointIntegrityError, CheckpointMismatchError)
 
-
-def main(argv: Sequence[str] | None = None, trainer_cls: type[DapoTrainer] = DapoTrainer) -> int:
+def main(
+    argv: Sequence[str] | None = None,
+    trainer_cls: type[DapoTrainer] = DapoTrainer,
+    builder_cls: type[Builder] = Builder,
+) -> int:
     """Train; a user error found at start-up is printed once, by rank 0, without a traceback.
 
     Why: every rank meets the same bad key, file or checkpoint, so before this each of them
@@ -720,10 +550,6 @@ def main(argv: Sequence[str] | None = None, trainer_cls: type[DapoTrainer] = Dap
     exit quietly with the same code (torchrun reports it).  Anything unexpected, and
     anything raised once training runs, keeps its traceback on every rank.
     """
-    import argparse
-
-    from dapo_megatron.config import explain, load_config
-
     parser = argparse.ArgumentParser(description="DAPO training (run under torchrun)")
     parser.add_argument("--config", required=True)
     parser.add_argument(
@@ -737,9 +563,9 @@ def main(argv: Sequence[str] | None = None, trainer_cls: type[DapoTrainer] = Dap
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         cfg = load_config(args.config, args.overrides)
-        trainer = trainer_cls(cfg)
-        trainer.setup()
-    except _startup_errors() as exc:
+        trainer = trainer_cls(cfg, builder_cls(cfg).build())
+        trainer.start()
+    except STARTUP_ERRORS as exc:
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         return STARTUP_ERROR_EXIT_CODE

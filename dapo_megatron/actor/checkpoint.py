@@ -73,6 +73,10 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from dapo_megatron.actor.checkpoint_manifest import (
     CHECKSUM_ALGORITHM,
@@ -93,6 +97,7 @@ from dapo_megatron.models import get_layout, model_type_of
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "ActorCheckpoints",
     "CheckpointIntegrityError",
     "CheckpointMismatchError",
     "CheckpointSaveError",
@@ -631,10 +636,6 @@ def _fully_parallel_save_strategy():
     DP group, balancing the bytes.  Loading keeps the default strategy: megatron's fully parallel
     load stages every exchanged tensor on the GPU, next to an engine that is awake at resume.
     """
-    from megatron.core import parallel_state
-    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
-    from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
-
     return FullyParallelSaveStrategyWrapper(
         get_default_save_sharded_strategy("torch_dist"),
         parallel_state.get_data_parallel_group(with_context_parallel=True),
@@ -646,8 +647,6 @@ def _transformer_impl(model: torch.nn.Module) -> str:
 
 
 def _layout() -> tuple[int, int]:
-    from megatron.core import parallel_state
-
     return (
         parallel_state.get_tensor_model_parallel_world_size(),
         parallel_state.get_pipeline_model_parallel_world_size(),
@@ -699,9 +698,6 @@ def save_checkpoint(
         CheckpointSaveError: a write failed on some rank (on every rank; ``latest`` unchanged,
             the partial directory removed, nothing older deleted).
     """
-    from megatron.core import dist_checkpointing
-    from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
-
     if keep_last is not None and keep_last < 1:
         raise ValueError(f"keep_last must be >= 1 or None, got {keep_last}")
     if optimizer_sharding not in _LOADABLE_SHARDINGS:
@@ -922,8 +918,6 @@ def load_checkpoint(
         ValueError: an optimizer is requested but the checkpoint has none, or its state is
             layout-bound and the layout differs.
     """
-    from megatron.core import dist_checkpointing
-
     directory = resolve_checkpoint_dir(path)
     if verify is not Verify.DONE:
         verification = verify_checkpoint(directory, checksums=verify is Verify.CHECKSUMS)
@@ -978,3 +972,50 @@ def load_rank_state(path: str | os.PathLike) -> dict[str, Any] | None:
         raise ValueError(f"rank_state of {directory} was saved by {saved_world} ranks, this job has {world}")
     # RNG states and other Python objects: not weights-only
     return torch.load(directory / RANK_STATE_DIR / f"rank_{_rank():05d}.pt", map_location="cpu", weights_only=False)
+
+
+class ActorCheckpoints:
+    """One actor's checkpoints under ``root``, with the trainer's state beside them: the
+    :class:`~dapo_megatron.parts.Checkpoints` part of the trainer (all calls collective).
+
+    ``actor`` has ``model`` and ``optimizer`` (:class:`~dapo_megatron.actor.actor.MegatronActor`);
+    ``run_config`` is stored with every save (a resume lists what changed since).
+    """
+
+    def __init__(
+        self,
+        root: str | os.PathLike,
+        actor,
+        hf_config,
+        *,
+        keep_last: int | None,
+        run_config: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.actor, self.hf_config = actor, hf_config
+        self.keep_last, self.run_config = keep_last, run_config
+
+    def load(self, path: str | os.PathLike) -> dict[str, Any] | None:
+        """Load a checkpoint whose files were verified when it was chosen; returns its trainer state."""
+        return load_checkpoint(
+            path, self.actor.model, self.hf_config, optimizer=self.actor.optimizer, verify=Verify.DONE
+        )
+
+    def save(self, step: int, extra_state: Mapping[str, Any], *, commit: bool) -> Path | PendingCheckpoint:
+        return save_checkpoint(
+            self.root,
+            step,
+            self.actor.model,
+            self.hf_config,
+            optimizer=self.actor.optimizer,
+            extra_state=extra_state,
+            keep_last=self.keep_last,
+            commit=commit,
+            run_config=self.run_config,
+        )
+
+    def commit(self, pending: PendingCheckpoint) -> Path:
+        return commit_checkpoint(pending)
+
+    def latest(self) -> Path | None:
+        return find_latest(self.root)

@@ -77,7 +77,7 @@ class VllmEngine(RolloutEngine):
         skip_tokenizer_init: bool = False,
         enable_sleep_mode: bool | None = None,
     ):
-        from vllm import LLM
+        from vllm import LLM  # optional dependency: vLLM (the package imports without it)
 
         if torch.cuda.is_available():
             # sleep mode lets the actor use the engine's memory while it trains (refused on CPU)
@@ -173,7 +173,7 @@ class VllmEngine(RolloutEngine):
     # --------------------------------------------------------------- generate
     def generate(self, prompts: Sequence[Sequence[int]], n: int, sampling: SamplingSpec, seed: int) -> Rollouts:
         """Collective over all ranks (same arguments everywhere); returns all prompts' rollouts on every rank."""
-        from vllm.inputs import TokensPrompt
+        from vllm.inputs import TokensPrompt  # optional dependency: vLLM
 
         self._check_usable("generate")
         self._check_awake("generate", need_kv=True)

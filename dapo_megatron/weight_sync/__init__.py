@@ -5,5 +5,6 @@
 * ``buckets``: size-capped grouping and flat packing;
 * ``transport``: how a bucket reaches the engine (``ColocatedTransport``: same process);
 * ``verify``: checksums read back from inside the engine vs the actor's, naming every mismatch;
-* ``sync``: :func:`sync_weights` ties them together and marks the engine unusable on failure.
+* ``sync``: :func:`sync_weights` ties them together and marks the engine unusable on failure;
+  :class:`EngineWeightSync` pairs it with :func:`verify_weights` for one engine (the trainer's part).
 """

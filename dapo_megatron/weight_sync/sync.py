@@ -24,12 +24,13 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dapo_megatron.rollout.engine import RolloutEngine
 from dapo_megatron.weight_sync.buckets import bucket_bytes_from_mb, iter_buckets
 from dapo_megatron.weight_sync.gather import StageTraffic, iter_engine_hf_weights
-from dapo_megatron.weight_sync.transport import Transport
+from dapo_megatron.weight_sync.transport import ColocatedTransport, StaleTensorDrill, Transport
 from dapo_megatron.weight_sync.verify import WeightMismatchError, compare_checksums
 
-__all__ = ["SyncStats", "sync_weights", "verify_weights", "WeightSyncError"]
+__all__ = ["EngineWeightSync", "SyncStats", "sync_weights", "verify_weights", "WeightSyncError"]
 
 
 class WeightSyncError(RuntimeError):
@@ -42,7 +43,6 @@ class SyncStats:
     bytes: int
     buckets: int
     seconds: float
-    verified: int = 0  # tensors checked by verification mode (0: off)
     stage_sent_bytes: int = 0  # sent by this rank to other PP stages
     stage_received_bytes: int = 0  # received by this rank from other PP stages
 
@@ -58,20 +58,17 @@ def sync_weights(
     *,
     dtype: torch.dtype,
     bucket_size_mb: float,
-    verify: bool = False,
-    engine=None,
 ) -> SyncStats:
     """Push the actor's current weights into the engine (collective over all ranks).
 
     Args:
         model: this rank's Megatron model shard (possibly DDP/Float16 wrapped).
         hf_config: the HF config of the model (selects the mapping).
-        transport: e.g. ``ColocatedTransport(engine)``.
+        transport: e.g. ``ColocatedTransport(engine)`` (the only way the engine is reached).
         dtype: the rollout dtype (tensors are cast before bucketing).
         bucket_size_mb: bucket cap.
-        verify: afterwards compare checksums of every tensor inside the engine with
-            the actor's (needs ``engine`` with ``engine_checksums()``); raises
-            :class:`~dapo_megatron.weight_sync.verify.WeightMismatchError` naming them.
+
+    Verification is a separate call, :func:`verify_weights` (:class:`EngineWeightSync` pairs them).
 
     Raises:
         WeightSyncError: from any failure while loading (chained to the cause).
@@ -103,14 +100,10 @@ def sync_weights(
         stage_sent_bytes=traffic.sent_bytes,
         stage_received_bytes=traffic.received_bytes,
     )
-    if verify:
-        if engine is None:
-            raise ValueError("verify=True needs the engine (to read its weights back)")
-        stats.verified = verify_weights(model, hf_config, engine, dtype=dtype)
     return stats
 
 
-def verify_weights(model: torch.nn.Module, hf_config, engine, *, dtype: torch.dtype) -> int:
+def verify_weights(model: torch.nn.Module, hf_config, engine: RolloutEngine, *, dtype: torch.dtype) -> int:
     """Compare every engine tensor shard with the actor's (collective); returns tensors checked on this rank.
 
     A mismatch found on any rank is raised on every rank (naming the ranks and tensors) and
@@ -141,3 +134,37 @@ def verify_weights(model: torch.nn.Module, hf_config, engine, *, dtype: torch.dt
         engine.mark_broken(f"verification failed: {message}")
         raise WeightMismatchError(message)
     return checked
+
+
+class EngineWeightSync:
+    """One actor's weights into one colocated engine: :meth:`sync` and :meth:`verify`, the
+    :class:`~dapo_megatron.parts.WeightSync` the trainer (and the SFT warm-up) call.
+
+    The engine is named once: the transport is built from it (``stale_tensors``: the
+    :class:`~.transport.StaleTensorDrill` fault drill wraps it), and verification reads it back.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        hf_config,
+        engine: RolloutEngine,
+        *,
+        dtype: torch.dtype,
+        bucket_size_mb: float,
+        stale_tensors=(),
+    ) -> None:
+        self.model, self.hf_config, self.engine = model, hf_config, engine
+        self.dtype, self.bucket_size_mb = dtype, bucket_size_mb
+        transport: Transport = ColocatedTransport(engine)
+        if stale_tensors:
+            transport = StaleTensorDrill(transport, stale_tensors)
+        self.transport = transport
+
+    def sync(self) -> SyncStats:
+        return sync_weights(
+            self.model, self.hf_config, self.transport, dtype=self.dtype, bucket_size_mb=self.bucket_size_mb
+        )
+
+    def verify(self) -> int:
+        return verify_weights(self.model, self.hf_config, self.engine, dtype=self.dtype)

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 
 import torch
 
+from dapo_megatron.rollout.engine import RolloutEngine
 from dapo_megatron.weight_sync.slices import TensorSlice
 
 __all__ = ["Transport", "ColocatedTransport", "StaleTensorDrill"]
@@ -43,9 +44,10 @@ class Transport(abc.ABC):
 
 
 class ColocatedTransport(Transport):
-    """Hands buckets to a :class:`~dapo_megatron.rollout.vllm_engine.VllmEngine` in this process."""
+    """Hands buckets to a :class:`~dapo_megatron.rollout.engine.RolloutEngine` in this process
+    (:class:`~dapo_megatron.rollout.vllm_engine.VllmEngine`) through its weight-update lifecycle."""
 
-    def __init__(self, engine):
+    def __init__(self, engine: RolloutEngine):
         self.engine = engine
 
     def needed_slices(self) -> Mapping[str, TensorSlice] | None:

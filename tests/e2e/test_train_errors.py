@@ -6,9 +6,9 @@ import math
 
 import pytest
 
+from dapo_megatron.builder import Builder
 from dapo_megatron.config import ConfigError, load_config
 from dapo_megatron.data.parquet_dataset import DataError
-from dapo_megatron.trainer import DapoTrainer
 from tests.e2e._runs import TINY, metric_rows, package_tracebacks, run, train_args
 
 pytestmark = pytest.mark.e2e
@@ -29,26 +29,26 @@ def two_processes(monkeypatch):
 def test_missing_data_file_is_named(tiny_task, tmp_path, two_processes):
     cfg = _cfg(tiny_task, tmp_path, f"data.train_files=[{tmp_path}/nope.parquet]")
     with pytest.raises(ConfigError, match=r"data\.train_files\[0\]: file not found: .*nope\.parquet"):
-        DapoTrainer(cfg).setup()
+        Builder(cfg).build()
 
 
 def test_malformed_data_file_is_named(tiny_task, tmp_path, two_processes):
     bad = tmp_path / "bad.parquet"
     bad.write_bytes(b"this is not parquet")
     with pytest.raises(DataError, match=r"bad\.parquet: cannot be read as parquet"):
-        DapoTrainer(_cfg(tiny_task, tmp_path, f"data.train_files=[{bad}]")).setup()
+        Builder(_cfg(tiny_task, tmp_path, f"data.train_files=[{bad}]")).build()
 
 
 def test_empty_data_set_after_filtering_says_why(tiny_task, tmp_path, two_processes):
     cfg = _cfg(tiny_task, tmp_path, "data.max_prompt_length=4")
     with pytest.raises(DataError, match=r"2000 dropped as longer than max_prompt_length=4"):
-        DapoTrainer(cfg).setup()
+        Builder(cfg).build()
 
 
 def test_config_that_does_not_fit_the_world_size(tiny_task, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     with pytest.raises(ConfigError, match=r"tensor \(2\) x pipeline \(1\) = 2 does not divide the world size 3"):
-        DapoTrainer(_cfg(tiny_task, tmp_path)).setup()
+        Builder(_cfg(tiny_task, tmp_path)).build()
 
 
 def test_config_error_under_torchrun_is_printed_once_without_traceback(tiny_task, tmp_path):

@@ -9,6 +9,7 @@ import pytest
 from dapo_megatron.config import DapoConfig
 from dapo_megatron.rollout.vllm_engine import resolve_load_format
 from dapo_megatron.trainer import DapoTrainer
+from tests.fakes import fake_parts
 
 
 @pytest.mark.parametrize(
@@ -29,6 +30,7 @@ def test_resolve_load_format(requested, cuda, want):
     [("dummy", False, True), ("dummy", True, True), ("auto", False, False), ("auto", True, True)],
 )
 def test_trainer_syncs_a_dummy_or_resumed_engine_before_first_use(load_format, resumed, syncs):
-    trainer = DapoTrainer(DapoConfig())
+    cfg = DapoConfig()
+    trainer = DapoTrainer(cfg, fake_parts(cfg))
     trainer.engine = SimpleNamespace(load_format=load_format)
     assert trainer._engine_needs_actor_weights(resumed) is syncs

@@ -20,6 +20,7 @@ from dapo_megatron.rollout.mismatch import (
     max_mismatch_for,
 )
 from dapo_megatron.trainer import DapoTrainer
+from tests.fakes import fake_parts
 
 
 class _Engine:
@@ -34,7 +35,8 @@ class _Engine:
 
 
 def _trainer(verify_calls: list, plan: LifecyclePlan | None = None, log: list | None = None) -> DapoTrainer:
-    trainer = DapoTrainer(DapoConfig())
+    cfg = DapoConfig()
+    trainer = DapoTrainer(cfg, fake_parts(cfg))
     trainer.lifecycle = ColocatedLifecycle(plan or LifecyclePlan(free_cache_engine=False), actor=None)
     trainer.lifecycle.attach_engine(_Engine(log if log is not None else []))
     trainer.lifecycle.enter(Phase.TRAIN)  # the guard runs between the old log-probs and the update

@@ -12,6 +12,7 @@ from types import SimpleNamespace
 from dapo_megatron.config import DapoConfig
 from dapo_megatron.tracking import MetricsLogger, merge_rows_by_step, read_jsonl
 from dapo_megatron.trainer import DapoTrainer
+from tests.fakes import fake_parts
 
 SAVE_SECONDS = 1.5
 
@@ -23,7 +24,7 @@ def _stubbed_trainer(tmp_path, *, total_steps: int, save_freq: int) -> DapoTrain
     cfg.trainer.test_freq = -1
     cfg.trainer.val_before_train = False
     cfg.trainer.logger = ["jsonl"]
-    trainer = DapoTrainer(cfg)
+    trainer = DapoTrainer(cfg, fake_parts(cfg))
     trainer.step, trainer.total_steps, trainer.dp_size = 0, total_steps, 1
     trainer.is_logger = True
     trainer.tracker = MetricsLogger(tmp_path, ["jsonl"])

@@ -48,6 +48,7 @@ def main() -> None:
     from dapo_megatron.config import DapoConfig
     from dapo_megatron.distributed import all_max, all_sum, any_true, default_backend
     from dapo_megatron.trainer import DapoTrainer
+    from tests.fakes import fake_parts
 
     out_dir = sys.argv[1]
     init_parallel(1, 1, seed=0)
@@ -70,7 +71,7 @@ def main() -> None:
 
     cfg = DapoConfig()
     cfg.trainer.output_dir = out_dir
-    trainer = DapoTrainer(cfg)
+    trainer = DapoTrainer(cfg, fake_parts(cfg))
     trainer.step = 1
     trainer._stop_signal = 10 if rank == 1 else None
     check(trainer._stop_agreed(), "trainer: a signal on rank 1 stops every rank")

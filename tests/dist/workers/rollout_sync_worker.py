@@ -222,8 +222,8 @@ def check_wrong_slice_detected(engine, model, hf_config, transport, actor: str) 
         assert all(f"on rank {r} " not in msg for r in range(rank)), msg  # only the receiver that asked wrong
     else:
         raise AssertionError("a receiver holding the wrong slice passed verification")
-    stats = sync_weights(model, hf_config, transport, dtype=f32, bucket_size_mb=1.0, verify=True, engine=engine)
-    assert stats.verified > 0
+    sync_weights(model, hf_config, transport, dtype=f32, bucket_size_mb=1.0)
+    assert verify_weights(model, hf_config, engine, dtype=f32) > 0
     if dist.get_rank() == 0:
         print(f"CHECK actor={actor} wrong_slice_detected", flush=True)
 
@@ -248,11 +248,12 @@ def check_layout(engine, hf_config, args, actor: str) -> None:
 
     # 1-2: sync into dummy weights with verification
     f32 = torch.float32
-    stats = sync_weights(model, hf_config, transport, dtype=f32, bucket_size_mb=0.05, verify=True, engine=engine)
-    assert stats.verified > 0 and stats.buckets > 1, stats
+    stats = sync_weights(model, hf_config, transport, dtype=f32, bucket_size_mb=0.05)
+    verified = verify_weights(model, hf_config, engine, dtype=f32)
+    assert verified > 0 and stats.buckets > 1, stats
     if rank == 0:
         print(
-            f"CHECK actor={actor} sync tensors={stats.tensors} buckets={stats.buckets} verified={stats.verified}",
+            f"CHECK actor={actor} sync tensors={stats.tensors} buckets={stats.buckets} verified={verified}",
             flush=True,
         )
     check_stage_traffic(engine, model, hf_config, args, actor, stats)
@@ -306,7 +307,8 @@ def check_layout(engine, hf_config, args, actor: str) -> None:
         assert "verification failed" in str(e), str(e)
     else:
         raise AssertionError("engine generated after a failed verification")
-    sync_weights(model, hf_config, transport, dtype=f32, bucket_size_mb=1.0, verify=True, engine=engine)
+    sync_weights(model, hf_config, transport, dtype=f32, bucket_size_mb=1.0)
+    verify_weights(model, hf_config, engine, dtype=f32)
     if rank == 0:
         print(f"CHECK actor={actor} verify_detects_mismatch", flush=True)
 
@@ -383,23 +385,22 @@ def check_layout_bf16(engine, hf_config, args, actor: str) -> None:
     """bf16 engine: the sync casts, verification reads the (oneDNN-packed) bf16 weights back exactly."""
     from dapo_megatron.actor.hf_loading import load_hf_weights_into_model
     from dapo_megatron.actor.model import build_gpt_model
-    from dapo_megatron.weight_sync.sync import sync_weights
+    from dapo_megatron.weight_sync.sync import sync_weights, verify_weights
     from dapo_megatron.weight_sync.transport import ColocatedTransport
 
     model = build_gpt_model(hf_config)
     model.eval()
     load_hf_weights_into_model(model, args.hf_dir, hf_config)
     bf16 = torch.bfloat16
-    stats = sync_weights(
-        model, hf_config, ColocatedTransport(engine), dtype=bf16, bucket_size_mb=0.05, verify=True, engine=engine
-    )
-    assert stats.verified > 0, stats
+    stats = sync_weights(model, hf_config, ColocatedTransport(engine), dtype=bf16, bucket_size_mb=0.05)
+    verified = verify_weights(model, hf_config, engine, dtype=bf16)
+    assert verified > 0, verified
     gen = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, hf_config.vocab_size, (40,), generator=gen).tolist() for _ in range(3)]
     # bf16 weights vs the fp32 actor: only a loose bound (rounding), the point is that it is not garbage
     greedy_parity(engine, model, prompts, hf_config.vocab_size, f"actor={actor} bf16_engine_vs_fp32_actor", tol=0.5)
     if dist.get_rank() == 0:
-        print(f"CHECK actor={actor} bf16_verified tensors={stats.verified} bytes={stats.bytes}", flush=True)
+        print(f"CHECK actor={actor} bf16_verified tensors={verified} bytes={stats.bytes}", flush=True)
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,5 @@
-"""launch/train.py with the real trainer, actor and engine, and a recording wrapper around them.
+"""launch/train.py with the real trainer, actor and engine, and a recording wrapper around them
+(the builder wraps the parts, the trainer subclass records its own stages).
 
 The wrapper observes and forwards: every watched call on the engine and the actor, the
 lifecycle's ``empty_cache``, the checkpoint save, validation and each step's start are
@@ -14,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from dapo_megatron.builder import Builder
 from dapo_megatron.trainer import DapoTrainer, main
 
 ENGINE_CALLS = (
@@ -51,22 +53,29 @@ class Recording:
         return call
 
 
-class RecordingTrainer(DapoTrainer):
-    def __init__(self, cfg) -> None:
-        super().__init__(cfg)
-        self.events: list[str] = []
+EVENTS: list[str] = []  # one trainer per process
 
-    def _build_actor(self):
-        return Recording(super()._build_actor(), "actor", ACTOR_CALLS, self.events)
 
-    def _build_lifecycle(self):
-        lifecycle = super()._build_lifecycle()
-        lifecycle.observers.append(lambda a: self.events.append(a.op) if a.op == "empty_cache" else None)
+class RecordingBuilder(Builder):
+    """The real parts, the engine and the actor wrapped in recorders."""
+
+    def actor(self, hf_config, **kwargs):
+        return Recording(super().actor(hf_config, **kwargs), "actor", ACTOR_CALLS, EVENTS)
+
+    def lifecycle(self, actor):
+        lifecycle = super().lifecycle(actor)
+        lifecycle.observers.append(lambda a: EVENTS.append(a.op) if a.op == "empty_cache" else None)
         return lifecycle
 
-    def _build_engine(self):
-        self.events.append("engine.built")
-        return Recording(super()._build_engine(), "engine", ENGINE_CALLS, self.events)
+    def engine(self):
+        EVENTS.append("engine.built")
+        return Recording(super().engine(), "engine", ENGINE_CALLS, EVENTS)
+
+
+class RecordingTrainer(DapoTrainer):
+    def __init__(self, cfg, parts) -> None:
+        super().__init__(cfg, parts)
+        self.events = EVENTS
 
     def _maybe_resume(self) -> bool:
         resumed = super()._maybe_resume()
@@ -98,4 +107,4 @@ class RecordingTrainer(DapoTrainer):
 
 
 if __name__ == "__main__":
-    sys.exit(main(trainer_cls=RecordingTrainer))
+    sys.exit(main(trainer_cls=RecordingTrainer, builder_cls=RecordingBuilder))
