@@ -16,9 +16,11 @@ Why this shape:
 * "forkserver" start method: the trainer process holds CUDA/gloo state and
   many threads, which ``fork`` would copy half-initialised. The fork server is
   a fresh interpreter, and replacing a worker forks from it cheaply.
-* Ray (optional) for a cluster-wide pool: tasks with ``max_retries=0``, a
-  window of ``num_workers`` tasks in flight, ``ray.wait`` against the nearest
-  deadline and ``ray.cancel(force=True)`` for hung ones.
+* Ray (optional) for a cluster-wide pool: streaming tasks with
+  ``max_retries=0`` whose first item signals the start (the clock starts
+  there, as with processes), a window of ``num_workers`` tasks in flight,
+  ``ray.wait`` against the nearest deadline and ``ray.cancel(force=True)``
+  for hung ones.
 
 Failures never raise from :meth:`RewardPool.score`; they are returned per
 response in ``ScoredBatch.failed`` and counted in :meth:`RewardPool.metrics`.
@@ -97,11 +99,12 @@ class RewardPool:
     for debugging). ``scorer`` replaces ``backend`` with any picklable top-level
     callable ``(solution_str, ground_truth) -> {"score", "acc", "pred"}``.
 
-    Timeout semantics: with processes, a response's clock starts when a
-    warmed-up worker receives it. With Ray it starts at task submission (at
-    most ``num_workers`` tasks in flight), so queueing behind other jobs and a
-    fresh Ray worker's start-up after a forced cancel (~1 s on a CPU node)
-    count against it; keep ``timeout_s`` well above that.
+    Timeout semantics: a response's clock starts when a warmed-up worker
+    takes it up, so neither queueing nor worker start-up counts against it.
+    With processes that is when a ready worker receives it; with Ray, when the
+    task signals its start (at most ``num_workers`` tasks in flight), and a
+    task still waiting for a worker after ``STARTUP_TIMEOUT_S`` fails as a
+    startup error.
 
     Custom scorers must be importable where they run: worker processes see the
     caller's ``sys.path``, Ray workers only the driver's working directory,

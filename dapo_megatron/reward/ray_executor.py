@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from dapo_megatron.compat.ray_local import LOCAL_ONLY_ENV, force_local_only
@@ -76,6 +77,11 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     return True
 
 
+# first item of every scoring task: the scorer is about to run
+_STARTED = None
+_NOT_STARTED = f"error: startup: Ray task not started after {STARTUP_TIMEOUT_S:.0f} s"
+
+
 class RayExecutor(_Executor):
     def __init__(self, scorer: Scorer, num_workers: int, timeout_s: float) -> None:
         self._owns_ray = ensure_ray(num_cpus=num_workers)
@@ -86,9 +92,11 @@ class RayExecutor(_Executor):
         self._timeout_s = timeout_s
         self._restarts = 0
         self._scorer_ref = ray.put(scorer)
-        self._task = ray.remote(num_cpus=1, max_retries=0)(_ray_score_one)
-        # Start (and warm) the Ray workers now: a task's timeout clock starts at
-        # submission, so a cold worker would eat into the first responses' budget.
+        # Streaming, so that the task's first item (the start signal) reaches
+        # the driver while the scorer is still running.
+        self._task = ray.remote(num_cpus=1, max_retries=0, num_returns="streaming")(_ray_score_one)
+        # Start (and warm) the Ray workers now: the first batch then does not
+        # wait for them, and a scorer that cannot load fails here.
         warm = ray.remote(num_cpus=1, max_retries=0)(_ray_warmup)
         ray.get([warm.remote(self._scorer_ref) for _ in range(num_workers)], timeout=STARTUP_TIMEOUT_S)
 
@@ -100,35 +108,40 @@ class RayExecutor(_Executor):
         ray = self._ray
         results: list[_Outcome | None] = [None] * len(items)
         pending = deque(range(len(items)))
-        inflight: dict[Any, tuple[int, float]] = {}
+        inflight: dict[Any, _Inflight] = {}
         try:
             while pending or inflight:
                 while pending and len(inflight) < self._num_workers:
                     index = pending.popleft()
-                    ref = self._task.remote(self._scorer_ref, *items[index])
-                    inflight[ref] = (index, time.monotonic() + self._timeout_s)
-                nearest = min(deadline for _, deadline in inflight.values())
+                    task = self._task.remote(self._scorer_ref, *items[index])
+                    inflight[task] = _Inflight(index, time.monotonic() + STARTUP_TIMEOUT_S)
+                nearest = min(t.deadline for t in inflight.values())
                 ready, _ = ray.wait(list(inflight), num_returns=1, timeout=max(0.0, nearest - time.monotonic()))
                 if ready:
                     ready, _ = ray.wait(list(inflight), num_returns=len(inflight), timeout=0)
-                for ref in ready:
-                    index, _ = inflight.pop(ref)
+                for task in ready:
                     try:
-                        results[index] = _to_outcome(ray.get(ref))
+                        item = ray.get(next(task))
+                    except StopIteration:
+                        item = ("error", "RuntimeError: Ray task ended without a result")
                     except ray.exceptions.RayError as exc:  # worker crash, OOM kill, ...
-                        results[index] = _failed("error: " + _describe(exc))
+                        item = ("error", _describe(exc))
                         if isinstance(exc, ray.exceptions.WorkerCrashedError):
                             self._restarts += 1
+                    if item is _STARTED:
+                        inflight[task].start(self._timeout_s)
+                    else:
+                        results[inflight.pop(task).index] = _to_outcome(item)
                 now = time.monotonic()
-                for ref, (index, deadline) in list(inflight.items()):
-                    if now >= deadline:
-                        ray.cancel(ref, force=True)
-                        del inflight[ref]
-                        results[index] = _failed("timeout")
+                for task, t in list(inflight.items()):
+                    if now >= t.deadline:
+                        ray.cancel(task, force=True)
+                        del inflight[task]
+                        results[t.index] = _failed("timeout" if t.started else _NOT_STARTED)
                         self._restarts += 1
         except BaseException:
-            for ref in inflight:
-                ray.cancel(ref, force=True)
+            for task in inflight:
+                ray.cancel(task, force=True)
             raise
         return _complete(results)
 
@@ -137,13 +150,34 @@ class RayExecutor(_Executor):
             self._ray.shutdown()
 
 
+class _Inflight:
+    """A submitted task; its deadline bounds the wait for a worker until the start signal, then the scoring."""
+
+    __slots__ = ("deadline", "index", "started")
+
+    def __init__(self, index: int, deadline: float) -> None:
+        self.index = index
+        self.deadline = deadline
+        self.started = False
+
+    def start(self, timeout_s: float) -> None:
+        self.deadline = time.monotonic() + timeout_s
+        self.started = True
+
+
 def _ray_warmup(scorer: Scorer) -> None:
     warmup = getattr(scorer, "warmup", None)
     if callable(warmup):
         warmup()
 
 
-def _ray_score_one(scorer: Scorer, response: str, ground_truth: str, context: Context = None) -> tuple:
+def _ray_score_one(scorer: Scorer, response: str, ground_truth: str, context: Context = None) -> Iterator[Any]:
+    """Signal the start, then yield the result: the timeout clock starts at the signal.
+
+    Time spent queued for a worker or starting one (e.g. after a forced
+    cancel) thus does not count against the response, as in the process pool.
+    """
     # Ray may route a task to a fresh worker (e.g. after a forced cancel).
     _ray_warmup(scorer)
-    return _score_one(scorer, response, ground_truth, context)
+    yield _STARTED
+    yield _score_one(scorer, response, ground_truth, context)

@@ -41,6 +41,27 @@ def ray_chaos_scorer(response: str, truth: str) -> dict:
     return compute_score(response, truth)
 
 
+SLOW_S = 4.0
+
+
+def ray_slow_scorer(response: str, truth: str) -> dict:
+    if response == "hang":
+        while True:
+            pass
+    if response.startswith("slow "):
+        time.sleep(SLOW_S)
+        response = response.removeprefix("slow ")
+    return compute_score(response, truth)
+
+
+@ray.remote(num_cpus=1)
+class CpuHog:
+    """Holds one of the cluster's CPUs, as another job on a loaded node would."""
+
+    def ready(self) -> bool:
+        return True
+
+
 @pytest.fixture(scope="module")
 def local_ray():
     saved = os.environ.pop("RAY_ADDRESS", None)
@@ -81,10 +102,7 @@ def test_local_ray_listens_on_loopback_only(local_ray: None) -> None:
 
 @pytest.mark.timeout(240)
 def test_scores_and_survives_hangs_errors_and_crashes(local_ray: None) -> None:
-    # Ray's timeout clock starts at submission, and a task queued after a forced cancel or
-    # a crash waits for a fresh Ray worker: ~1 s on a quiet machine, but over 8 s at a load
-    # average of 10, where the good answers queued behind them then read as timeouts.
-    with RewardPool(scorer=ray_chaos_scorer, executor="ray", num_workers=2, timeout_s=20.0) as pool:
+    with RewardPool(scorer=ray_chaos_scorer, executor="ray", num_workers=2, timeout_s=5.0) as pool:
         responses = ["Answer: 1", "hang", "raise", "exit", "segv", "Answer: 2", "Answer: 5"]
         truths = ["1", "x", "x", "x", "x", "2", "4"]
         start = time.monotonic()
@@ -112,3 +130,27 @@ def test_scores_and_survives_hangs_errors_and_crashes(local_ray: None) -> None:
 def test_builtin_backend_on_ray(local_ray: None) -> None:
     with RewardPool("math_dapo", executor="ray", num_workers=2, strict_box_verify=True) as pool:
         assert pool.score(["\\boxed{4}", "Answer: 4"], ["4", "4"]).acc == [True, False]
+
+
+@pytest.mark.timeout(180)
+def test_timeout_clock_starts_when_the_task_starts(local_ray: None) -> None:
+    # One free CPU for two tasks in flight: each slow answer runs for 2/3 of the
+    # timeout, so the second one, queued behind the first, finishes 4/3 of the
+    # timeout after its submission but only 2/3 after its start.
+    hog = CpuHog.remote()
+    ray.get(hog.ready.remote(), timeout=60)
+    try:
+        with RewardPool(scorer=ray_slow_scorer, executor="ray", num_workers=2, timeout_s=1.5 * SLOW_S) as pool:
+            batch = pool.score(["slow Answer: 1", "slow Answer: 2", "Answer: 3"], ["1", "2", "4"])
+            assert batch.failed == [None, None, None]
+            assert batch.acc == [True, True, False]
+            assert pool.metrics()["reward/num_timeouts"] == 0
+
+            # A task that does run past the timeout is still cancelled and counted.
+            batch = pool.score(["slow Answer: 1", "hang", "Answer: 3"], ["1", "x", "3"])
+            assert batch.failed == [None, "timeout", None]
+            assert batch.acc == [True, False, True]
+            metrics = pool.metrics()
+            assert metrics["reward/num_timeouts"] == 1 and metrics["reward/num_worker_restarts"] == 1
+    finally:
+        ray.kill(hog)
