@@ -23,8 +23,10 @@ so loading a config (and the planner) stays fast.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import os
+import sys
 import typing
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -756,9 +758,6 @@ def _validate_files(c: _Checker, cfg: DapoConfig) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    import argparse
-    import sys
-
     parser = argparse.ArgumentParser(
         prog="python -m dapo_megatron.config",
         description="Resolve a configuration (YAML plus overrides, ours or verl's) and print it.",

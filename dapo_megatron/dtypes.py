@@ -22,6 +22,6 @@ def torch_dtype(name: str, key: str = "dtype") -> torch.dtype:
     """``torch.<name>`` for a name in :data:`DTYPES`; ValueError naming ``key`` otherwise."""
     if name not in DTYPE_BYTES:
         raise ValueError(f"{key} must be one of {sorted(DTYPES)}, got {name!r}")
-    import torch
+    import torch  # keeps `import dapo_megatron.config` (and the planner) free of torch
 
     return getattr(torch, name)

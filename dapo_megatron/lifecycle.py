@@ -207,6 +207,7 @@ class ColocatedLifecycle:
         elif action.op == "actor.onload":
             self.actor.onload(action.arg)
         elif action.op == "empty_cache":
+            # keeps the planner's `import dapo_megatron.lifecycle` free of torch
             from dapo_megatron.actor.offload import empty_device_cache
 
             empty_device_cache()

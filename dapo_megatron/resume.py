@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch.distributed as dist
+
 from dapo_megatron.actor.checkpoint import (
     CheckpointIntegrityError,
     Verification,
@@ -99,8 +101,6 @@ class ConfigDiff:
 
 
 def _rank() -> int:
-    import torch.distributed as dist
-
     return dist.get_rank() if dist.is_initialized() else 0
 
 

@@ -31,6 +31,8 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from dapo_megatron.actor import RECOMPUTE
 from dapo_megatron.actor.hf_loading import load_hf_weights_into_model
@@ -101,8 +103,6 @@ class MegatronActor:
         total_training_steps: int | None = None,
         pad_token_id: int = 0,
     ) -> None:
-        from megatron.core import parallel_state as ps
-
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         self.cfg = actor_cfg
@@ -203,8 +203,6 @@ class MegatronActor:
         return t if self.device is None else t.to(self.device)
 
     def _schedule(self, micro_batches: list[MicroBatch], forward_step, *, forward_only: bool) -> list:
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         fb = get_forward_backward_func()
         return fb(
             forward_step_func=forward_step,

@@ -18,6 +18,9 @@ import os
 from collections.abc import Iterator, Mapping
 
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from safetensors import safe_open
 
 from dapo_megatron.models import get_mapping
 
@@ -44,8 +47,6 @@ def open_hf_safetensors(hf_dir: str | os.PathLike, *, reopen: bool = False) -> I
     ``reopen`` a tensor's pages stay only while the tensor lives; the cost is one header
     parse per read.
     """
-    from safetensors import safe_open
-
     hf_dir = os.fspath(hf_dir)
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.exists(index):
@@ -121,8 +122,6 @@ def load_hf_weights_into_model(
         KeyError: an HF tensor needed by a parameter is missing (names both).
         ValueError: a shape mismatch (names the tensor and both shapes).
     """
-    from megatron.core import parallel_state
-
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     mapping = get_mapping(hf_config, tp=tp_size)
@@ -182,9 +181,6 @@ def iter_hf_weights(
     engine then sends half the bytes, and since the cast is elementwise and the merge only
     rearranges, the result equals gather-then-cast.
     """
-    import torch.distributed as dist
-    from megatron.core import parallel_state
-
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     tp_group = parallel_state.get_tensor_model_parallel_group()
     mapping = get_mapping(hf_config, tp=tp_size)

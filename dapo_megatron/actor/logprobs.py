@@ -33,6 +33,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 from torch.autograd.function import once_differentiable
 
 __all__ = ["vocab_parallel_logprobs_and_entropy", "naive_logprobs_and_entropy", "DEFAULT_CHUNK_ELEMS"]
@@ -44,8 +45,6 @@ DEFAULT_CHUNK_ELEMS = 1 << 24
 def _resolve_tp(tp_group) -> tuple[object | None, int, int]:
     """(group, rank, world size); group None means no collectives are needed."""
     if tp_group is None:
-        from megatron.core import parallel_state as ps
-
         if not ps.model_parallel_is_initialized():
             return None, 0, 1
         tp_group = ps.get_tensor_model_parallel_group()

@@ -22,12 +22,18 @@ of the last TP ranks' vocab shards) before any softmax -- padded logits are 0, n
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import logging
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state
+from megatron.core.models.gpt import gpt_layer_specs
+from megatron.core.models.gpt.gpt_model import GPTModel
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+from megatron.core.transformer.transformer_config import TransformerConfig
 
 from dapo_megatron.actor import TRANSFORMER_IMPLS
 from dapo_megatron.models import DecoderLayout, divisibility_problems, get_layout, read_rope_theta
@@ -64,6 +70,7 @@ def transformer_engine_import_problem() -> str | None:
     is found but fails to load, and that must be reported, not mistaken for a working TE.
     """
     try:
+        # optional dependency: Transformer Engine (actor.transformer_impl='local' runs without it)
         import transformer_engine.pytorch  # noqa: F401
     except Exception as e:  # a broken build raises OSError/RuntimeError as well as ImportError
         return f"import transformer_engine.pytorch failed: {type(e).__name__}: {e}"
@@ -155,8 +162,6 @@ def transformer_config_from_hf(
         ValueError: unsupported architecture or option (rope scaling, sliding window,
             MoE, non-SiLU activation, biases Megatron cannot express).
     """
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     layout = get_layout(hf_config, tp=tp)  # validates the options (rope scaling, MoE, ...)
     if sequence_parallel and tp == 1:
         raise ValueError("sequence_parallel requires tp > 1")
@@ -236,11 +241,6 @@ def layer_spec_for(config, *, te: bool | None = None, vp_stage: int | None = Non
     returned as ``TransformerBlockSubmodules`` so the final norm is ours too (this
     makes sequence parallelism work with the local spec).
     """
-    import copy
-
-    from megatron.core.models.gpt import gpt_layer_specs
-    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
-
     te = config.transformer_impl == "transformer_engine" if te is None else te
     if te:
         return gpt_layer_specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=config.qk_layernorm)
@@ -289,9 +289,6 @@ def build_gpt_model(
     The returned module has attributes ``hf_vocab_size``, ``padded_vocab_size`` and
     ``layout`` (:class:`dapo_megatron.models.DecoderLayout`).
     """
-    from megatron.core import parallel_state
-    from megatron.core.models.gpt.gpt_model import GPTModel
-
     tp = parallel_state.get_tensor_model_parallel_world_size() if tp is None else tp
     pp = parallel_state.get_pipeline_model_parallel_world_size() if pp is None else pp
     if config is None:

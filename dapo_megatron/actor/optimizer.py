@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 
 import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
 from dapo_megatron.actor import LR_SCHEDULES
 from dapo_megatron.config import OptimConfig
@@ -72,8 +74,6 @@ def set_lr(optimizer, lr: float) -> None:
 
 def finalize_grads_without_token_scaling(model, num_tokens=None, pg_collection=None, force_all_reduce=False):
     """megatron's ``finalize_model_grads`` with ``num_tokens`` dropped (see module docstring)."""
-    from megatron.core.distributed import finalize_model_grads
-
     del num_tokens
     return finalize_model_grads(model, None, pg_collection=pg_collection, force_all_reduce=force_all_reduce)
 
@@ -100,8 +100,6 @@ def wrap_ddp(
     the checkpoint read the parameters right after the update, before any forward pass could
     wait for an overlapped gather.
     """
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-
     config = model.config
     if not config.calculate_per_token_loss:
         raise ValueError("the model's TransformerConfig needs calculate_per_token_loss=True (gradients are summed)")
@@ -127,8 +125,6 @@ def wrap_ddp(
 
 def build_optimizer(ddp_model, optim: OptimConfig, *, params_dtype: torch.dtype = torch.float32):
     """megatron's Adam (weight decay off for biases and 1-D params) with gradient clipping."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-
     cfg = OptimizerConfig(
         optimizer="adam",
         lr=optim.lr,

@@ -22,6 +22,7 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state, tensor_parallel
 
 from dapo_megatron.distributed import default_backend
 
@@ -79,8 +80,6 @@ def init_parallel(
     Raises:
         ValueError: if the world size is not a multiple of ``tp * pp``.
     """
-    from megatron.core import parallel_state, tensor_parallel
-
     if tp < 1 or pp < 1:
         raise ValueError(f"tp and pp must be >= 1, got tp={tp} pp={pp}")
     _init_process_group(timeout_minutes, cpu_only=cpu_only)
@@ -89,6 +88,7 @@ def init_parallel(
         raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}")
 
     if is_cpu_run():
+        # CPU runs only: a GPU run must never load the quarantined shims
         from dapo_megatron.compat.megatron_cpu import apply_cpu_shims
 
         apply_cpu_shims()
@@ -112,8 +112,6 @@ def init_parallel(
 def destroy_parallel(destroy_process_group: bool = True) -> None:
     """Tear down megatron's parallel state and, if we created it, the process group."""
     global _WE_CREATED_PROCESS_GROUP
-    from megatron.core import parallel_state
-
     parallel_state.destroy_model_parallel()
     if destroy_process_group and _WE_CREATED_PROCESS_GROUP and dist.is_initialized():
         dist.destroy_process_group()

@@ -51,6 +51,7 @@ def apply_writer_cpu_shim() -> None:
     if _WRITER_SHIM_APPLIED or torch.cuda.is_available():
         return
     guard("cpu-writer-preload")
+    # after guard(): a megatron-core that moved it gets the version message, not an ImportError at import
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
     original = FileSystemWriterAsync.preload_tensors
@@ -82,6 +83,7 @@ def single_rank_writes_deferred(errors: list[BaseException]) -> Iterator[None]:
     checkpoint code agrees on them with one collective).  Restored on exit.
     """
     guard("single-rank-writes-deferred")
+    # after guard(): a megatron-core that moved it gets the version message, not an ImportError at import
     from megatron.core.dist_checkpointing import serialization
     from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
     from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync

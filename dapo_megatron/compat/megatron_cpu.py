@@ -112,6 +112,7 @@ def _patch_current_device() -> None:
 
 
 def _patch_rng() -> None:
+    # after guard(): a megatron-core that moved it gets the version message, not an ImportError at import
     from megatron.core.tensor_parallel import random as mpu_random
 
     def _get_cpu_rng_state(device=None, clone: bool = False, graph_safe: bool = False):
@@ -173,6 +174,7 @@ def _patch_tensor_cuda() -> None:
 
 
 def _patch_causal_mask() -> None:
+    # after guard(): a megatron-core that moved it gets the version message, not an ImportError at import
     from megatron.core.fusions import fused_softmax
     from megatron.core.transformer import utils as transformer_utils
 

@@ -76,6 +76,7 @@ def fully_reshardable_bucket_fix(optimizer: Any) -> Iterator[None]:
         yield
         return
     guard("fully-reshardable-buckets")
+    # after guard(): a megatron-core that moved it gets the version message, not an ImportError at import
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     original = DistributedOptimizer.sharded_param_state_fully_reshardable
@@ -106,6 +107,7 @@ def adam_step_passthrough() -> Iterator[None]:
     is touched.
     """
     guard("adam-step-passthrough")
+    # after guard(): a megatron-core that moved it gets the version message, not an ImportError at import
     from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
     original = DistributedOptimizer._set_main_param_and_optimizer_states

@@ -26,6 +26,6 @@ LOCAL_ONLY_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 def force_local_only() -> None:
     """Switch an imported Ray to its local-only mode (the loopback node address is kept)."""
     guard("ray-local-only")
-    from ray._private import ray_constants
+    from ray._private import ray_constants  # optional dependency: Ray, for the reward pool's executor='ray'
 
     ray_constants.ENABLE_RAY_CLUSTER = False

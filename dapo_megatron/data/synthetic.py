@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+from transformers import AutoTokenizer
 
 from dapo_megatron.data.records import DAPO_PROMPT_TEMPLATE
 from dapo_megatron.data.tokenizer import IM_END, build_tokenizer, render_chat
@@ -229,8 +230,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Console entry point ``dapo-make-task``; prints paths and token lengths."""
-    from transformers import AutoTokenizer
-
     args = _parse_args(argv)
     paths = make_arithmetic_task(
         args.out,

@@ -493,7 +493,7 @@ class DecoderMapping:
 
 
 def _cat(tensors: list[torch.Tensor], dim: int) -> torch.Tensor:
-    import torch
+    import torch  # keeps the planner's `import dapo_megatron.models` free of torch
 
     return torch.cat(tensors, dim=dim)
 

@@ -9,6 +9,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import torch
+from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
+
 
 def make_tiny_qwen2(
     out_dir: str | os.PathLike,
@@ -24,9 +27,6 @@ def make_tiny_qwen2(
     seed: int = 0,
 ) -> Path:
     """A random Qwen2ForCausalLM sized to the tokenizer, saved with its tokenizer."""
-    import torch
-    from transformers import AutoTokenizer, Qwen2Config, Qwen2ForCausalLM
-
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     config = Qwen2Config(
         vocab_size=len(tok),

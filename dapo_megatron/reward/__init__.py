@@ -24,7 +24,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dapo_megatron.reward import math_dapo, math_lenient, math_verify_backend
+
 BACKENDS = ("math_dapo", "math_lenient", "math_verify")
+_MODULES = {"math_dapo": math_dapo, "math_lenient": math_lenient, "math_verify": math_verify_backend}
 # where :class:`~dapo_megatron.reward.pool.RewardPool` runs the scorer (here, not in pool.py,
 # so the config reads it without multiprocessing)
 EXECUTORS = ("process", "ray", "inline")
@@ -35,8 +38,8 @@ class BackendScorer:
     """A picklable scorer bound to one backend and its options.
 
     A small class rather than a closure because worker processes and Ray
-    tasks receive the scorer by pickling; ``warmup`` lets a worker pay the
-    backend's import cost before it is handed its first (timed) response.
+    tasks receive the scorer by pickling; ``warmup`` lets a worker pay
+    math-verify's import cost before it is handed its first (timed) response.
     """
 
     backend: str
@@ -47,28 +50,14 @@ class BackendScorer:
             raise ValueError(f"backend must be one of {BACKENDS}, got {self.backend!r}")
 
     def __call__(self, solution_str: str, ground_truth: str) -> dict:
-        return self._module().compute_score(solution_str, ground_truth, strict_box_verify=self.strict_box_verify)
+        return _MODULES[self.backend].compute_score(
+            solution_str, ground_truth, strict_box_verify=self.strict_box_verify
+        )
 
     def warmup(self) -> None:
-        """Import the backend (and its heavy dependencies) now rather than inside a timed call."""
-        self._module()
+        """Import the backend's heavy optional dependency (math-verify's sympy) now rather than inside a timed call."""
         if self.backend == "math_verify":
-            from dapo_megatron.reward.math_verify_backend import require_math_verify
-
-            require_math_verify()
-
-    def _module(self):
-        if self.backend == "math_dapo":
-            from dapo_megatron.reward import math_dapo
-
-            return math_dapo
-        if self.backend == "math_lenient":
-            from dapo_megatron.reward import math_lenient
-
-            return math_lenient
-        from dapo_megatron.reward import math_verify_backend
-
-        return math_verify_backend
+            math_verify_backend.require_math_verify()
 
 
 def get_scorer(backend: str, strict_box_verify: bool = False) -> BackendScorer:
@@ -79,9 +68,7 @@ def get_scorer(backend: str, strict_box_verify: bool = False) -> BackendScorer:
     """
     scorer = BackendScorer(backend, bool(strict_box_verify))
     if backend == "math_verify":
-        from dapo_megatron.reward.math_verify_backend import check_installed
-
-        check_installed()
+        math_verify_backend.check_installed()
     return scorer
 
 

@@ -50,7 +50,7 @@ def require_math_verify() -> ModuleType:
     antlr load in ~0.3 s+) and keeps math-verify an optional dependency.
     """
     try:
-        import math_verify
+        import math_verify  # optional dependency: the [math_verify] extra, and sympy is slow to load
     except ImportError as exc:
         raise ImportError(_INSTALL_HINT) from exc
     return math_verify

@@ -45,7 +45,7 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
     if not address:
         os.environ[local_only_var] = "0"
     try:
-        import ray
+        import ray  # optional dependency: the [ray] extra, for executor='ray' only
     except ImportError as exc:
         raise ImportError(
             "executor='ray' needs the ray package: pip install 'ray>=2.40' (or the project's [ray] extra)"
@@ -85,7 +85,7 @@ _NOT_STARTED = f"error: startup: Ray task not started after {STARTUP_TIMEOUT_S:.
 class RayExecutor(_Executor):
     def __init__(self, scorer: Scorer, num_workers: int, timeout_s: float) -> None:
         self._owns_ray = ensure_ray(num_cpus=num_workers)
-        import ray
+        import ray  # optional dependency: present once ensure_ray() has returned
 
         self._ray = ray
         self._num_workers = num_workers

@@ -52,7 +52,7 @@ def request_seed(seed: int, prompt_index: int, n: int) -> int:
 
 def to_vllm_sampling_params(spec: SamplingSpec, *, n: int, seed: int | None):
     """vLLM ``SamplingParams`` returning the sampled token's log-prob (``logprobs=0``)."""
-    from vllm import SamplingParams
+    from vllm import SamplingParams  # optional dependency: vLLM (the package imports without it)
 
     return SamplingParams(
         n=n,

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import torch
 
+from dapo_megatron.weight_sync.engine_layout import engine_slices
+from dapo_megatron.weight_sync.verify import engine_checksums
+
 __all__ = ["DapoWorkerExtension"]
 
 
@@ -25,6 +28,7 @@ class DapoWorkerExtension:
         return self.model_runner.get_model()
 
     def dm_begin_reload(self) -> None:
+        # optional dependency: vLLM (this module is also imported without it)
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload.layerwise import initialize_layerwise_reload
 
@@ -37,6 +41,7 @@ class DapoWorkerExtension:
             initialize_layerwise_reload(model)
 
     def dm_load_bucket(self, named_tensors: list[tuple[str, torch.Tensor]]) -> int:
+        # optional dependency: vLLM (this module is also imported without it)
         from vllm.config import set_current_vllm_config
 
         if not hasattr(self, "_dm_loaded"):
@@ -49,6 +54,7 @@ class DapoWorkerExtension:
         return len(named_tensors)
 
     def dm_finish_reload(self) -> None:
+        # optional dependency: vLLM (this module is also imported without it)
         from vllm.config import set_current_vllm_config
         from vllm.model_executor.model_loader.reload.layerwise import finalize_layerwise_reload
 
@@ -66,11 +72,7 @@ class DapoWorkerExtension:
             )
 
     def dm_weight_slices(self) -> dict:
-        from dapo_megatron.weight_sync.engine_layout import engine_slices
-
         return engine_slices(self._dm_model())
 
     def dm_checksums(self) -> dict:
-        from dapo_megatron.weight_sync.verify import engine_checksums
-
         return engine_checksums(self._dm_model())

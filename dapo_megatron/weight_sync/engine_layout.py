@@ -52,6 +52,7 @@ class EnginePart:
 
 def engine_parts(vllm_model: torch.nn.Module) -> Iterator[tuple[torch.nn.Module, list[EnginePart]]]:
     """Per module with parameters of its own: the HF slices its parameters hold, in engine layout order."""
+    # optional dependency: vLLM (runs in the engine's worker; the module imports without it)
     from vllm.model_executor.layers.linear import (
         ColumnParallelLinear,
         LinearBase,

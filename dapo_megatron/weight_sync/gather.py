@@ -40,6 +40,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from dapo_megatron.actor.hf_loading import iter_hf_weights, layer_offset_of, unwrap_model
 from dapo_megatron.models import get_mapping
@@ -126,8 +127,6 @@ def iter_actor_hf_weights(
     absent from ``need`` arrive whole.  ``None``: every tensor whole (export, tests).  Tensors
     of this rank's own stage are always whole.  ``traffic`` (optional) accumulates the bytes.
     """
-    from megatron.core import parallel_state as ps
-
     pp_size = ps.get_pipeline_model_parallel_world_size()
     if pp_size == 1:
         yield from iter_stage_hf_weights(model, hf_config, dtype=dtype)

@@ -148,6 +148,7 @@ def engine_checksums(vllm_model: torch.nn.Module) -> dict[str, ShardChecksum]:
     (:func:`~dapo_megatron.weight_sync.engine_layout.engine_parts`); the split must cover each
     parameter exactly (vocab padding rows aside), so a rule that drifted from vLLM's layout fails here.
     """
+    # optional dependency: vLLM (runs in the engine's worker; the module imports without it)
     from vllm.model_executor.layers.linear import LinearBase
     from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead
 
