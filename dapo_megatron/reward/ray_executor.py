@@ -79,7 +79,6 @@ def ensure_ray(num_cpus: int | None = None) -> bool:
 
 # first item of every scoring task: the scorer is about to run
 _STARTED = None
-_NOT_STARTED = f"error: startup: Ray task not started after {STARTUP_TIMEOUT_S:.0f} s"
 
 
 class RayExecutor(_Executor):
@@ -137,7 +136,8 @@ class RayExecutor(_Executor):
                     if now >= t.deadline:
                         ray.cancel(task, force=True)
                         del inflight[task]
-                        results[t.index] = _failed("timeout" if t.started else _NOT_STARTED)
+                        waited = f"error: startup: no Ray worker after {STARTUP_TIMEOUT_S:.0f} s"
+                        results[t.index] = _failed("timeout" if t.started else waited)
                         self._restarts += 1
         except BaseException:
             for task in inflight:

@@ -15,6 +15,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 import psutil  # noqa: E402
 import ray  # noqa: E402
 
+from dapo_megatron.reward import ray_executor  # noqa: E402
 from dapo_megatron.reward.math_dapo import compute_score  # noqa: E402
 from dapo_megatron.reward.pool import RewardPool  # noqa: E402
 from dapo_megatron.reward.ray_executor import ensure_ray  # noqa: E402
@@ -154,3 +155,21 @@ def test_timeout_clock_starts_when_the_task_starts(local_ray: None) -> None:
             assert metrics["reward/num_timeouts"] == 1 and metrics["reward/num_worker_restarts"] == 1
     finally:
         ray.kill(hog)
+
+
+@pytest.mark.timeout(120)
+def test_task_that_never_starts_fails_as_startup_error(local_ray: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(ray_executor, "STARTUP_TIMEOUT_S", 3.0)
+    with RewardPool(scorer=ray_slow_scorer, executor="ray", num_workers=1, timeout_s=60.0) as pool:
+        hogs = [CpuHog.remote() for _ in range(2)]
+        try:
+            ray.get([h.ready.remote() for h in hogs], timeout=60)
+            batch = pool.score(["Answer: 1"], ["1"])
+        finally:
+            for h in hogs:
+                ray.kill(h)
+        assert batch.failed == ["error: startup: no Ray worker after 3 s"]
+        assert pool.metrics()["reward/num_worker_restarts"] == 1
+        # the cluster's CPUs are free again: the next batch scores normally
+        monkeypatch.undo()
+        assert pool.score(["Answer: 1"], ["1"]).failed == [None]
