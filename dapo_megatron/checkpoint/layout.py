@@ -4,7 +4,7 @@ Layout of a checkpoint root ``DIR``::
 
     DIR/step_00000010/            one checkpoint (a torch_dist directory)
         metadata.json, .metadata, __*.distcp, common.pt     megatron/torch DCP files
-        dapo_checkpoint.json      model identity + HF config (see :func:`~dapo_megatron.checkpoint.metadata.model_metadata`)
+        dapo_checkpoint.json      model identity + HF config (:mod:`~dapo_megatron.checkpoint.metadata`)
         extra_state.pt            optional trainer state (rank 0, torch.save)
         rank_state/rank_00001.pt  optional per-rank state (each rank, e.g. its RNG streams)
     DIR/latest                    text file: the name of the newest complete step dir
