@@ -58,6 +58,7 @@ IDENTITY_KEYS = (
 class CheckpointMismatchError(ValueError):
     """The checkpoint was written for a different model than the one being loaded."""
 
+
 def model_metadata(hf_config) -> dict[str, Any]:
     """Identity of the model (compared on load) plus the full HF config (used by export).
 
