@@ -8,7 +8,7 @@ import pytest
 
 from dapo_megatron.config import load_config
 from dapo_megatron.plan import EXIT_BAD_INPUT, EXIT_FEASIBLE, EXIT_INFEASIBLE, main
-from dapo_megatron.plan_memory import (
+from dapo_megatron.planning.memory import (
     GiB,
     actor_stage_params,
     actor_state_bytes,
@@ -312,7 +312,7 @@ def test_model_shape_incompatible_with_layout_is_infeasible(capsys):
 
 
 def test_model_training_flops_by_hand():
-    from dapo_megatron.plan_memory import ModelShape, model_training_flops
+    from dapo_megatron.planning.memory import ModelShape, model_training_flops
 
     shape = ModelShape(
         num_layers=2,
