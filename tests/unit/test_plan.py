@@ -340,8 +340,8 @@ def test_model_training_flops_by_hand():
 
 def test_config_problems_are_taken_from_the_error_not_its_text(monkeypatch, shape32b):
     """The planner lists ConfigError.problems as they are, a message spanning lines included."""
-    from dapo_megatron import plan
     from dapo_megatron.config import ConfigError, Problem
+    from dapo_megatron.planning import feasibility as plan
 
     def refuse(cfg, **_):
         raise ConfigError.of([Problem("rollout.n", "first line\n  - second line"), Problem("data.truncation", "x")])
