@@ -23,8 +23,6 @@ from dapo_megatron.distributed import all_max, any_true
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CheckpointSaveError", "agree_on_failure", "barrier", "rank0_phase", "this_rank"]
-
 
 class CheckpointSaveError(RuntimeError):
     """A save failed on some rank; raised on every rank, ``latest`` unchanged."""

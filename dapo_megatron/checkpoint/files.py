@@ -13,8 +13,6 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_write_text", "ensure_output_free", "fsync_dir", "staged_output_dir"]
-
 
 def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` through a temp file, fsync and rename: readers see the old or the new file."""

@@ -21,17 +21,6 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-__all__ = [
-    "INDEX_FILE",
-    "SAFETENSORS_DTYPES",
-    "SINGLE_FILE",
-    "SafetensorsError",
-    "TensorInfo",
-    "open_hf_safetensors",
-    "read_safetensors_header",
-    "scan_hf_safetensors",
-]
-
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
 # dtype names of the safetensors header

@@ -23,21 +23,6 @@ from pathlib import Path
 
 from dapo_megatron.checkpoint.files import atomic_write_text, fsync_dir
 
-__all__ = [
-    "EXTRA_STATE_FILE",
-    "LATEST_FILE",
-    "META_FILE",
-    "RANK_STATE_DIR",
-    "complete_checkpoints",
-    "complete_steps",
-    "find_latest",
-    "point_latest",
-    "pointer_text",
-    "quarantine_checkpoint",
-    "resolve_checkpoint_dir",
-    "step_dir_name",
-]
-
 META_FILE = "dapo_checkpoint.json"
 EXTRA_STATE_FILE = "extra_state.pt"
 RANK_STATE_DIR = "rank_state"

@@ -18,19 +18,6 @@ from dapo_megatron.checkpoint.files import atomic_write_text
 from dapo_megatron.checkpoint.layout import META_FILE, resolve_checkpoint_dir
 from dapo_megatron.models import get_layout, model_type_of
 
-__all__ = [
-    "IDENTITY_KEYS",
-    "LOADABLE_SHARDINGS",
-    "OPTIMIZER_SHARDING_METADATA",
-    "CheckpointMismatchError",
-    "check_compatible",
-    "check_optimizer_layout",
-    "check_transformer_impl",
-    "model_metadata",
-    "read_checkpoint_metadata",
-    "write_checkpoint_metadata",
-]
-
 FORMAT_VERSION = 1
 # what save_checkpoint passes to megatron's DistributedOptimizer.sharded_state_dict
 OPTIMIZER_SHARDING_METADATA = {"distrib_optim_sharding_type": "fully_reshardable"}

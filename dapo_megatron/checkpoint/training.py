@@ -91,16 +91,6 @@ from dapo_megatron.compat.megatron_optimizer import adam_step_passthrough, fully
 
 logger = logging.getLogger(__name__)
 
-__all__ = [
-    "ActorCheckpoints",
-    "PendingCheckpoint",
-    "commit_checkpoint",
-    "load_checkpoint",
-    "load_rank_state",
-    "save_checkpoint",
-    "set_aside_damaged",
-]
-
 
 def set_aside_damaged(root: str | os.PathLike, damaged: list[Path], resume_from: Path) -> list[Path]:
     """Collective: rank 0 renames each damaged checkpoint (:func:`quarantine_checkpoint`) and

@@ -28,8 +28,6 @@ from dapo_megatron.checkpoint.manifest import (
 )
 from dapo_megatron.checkpoint.metadata import read_checkpoint_metadata
 
-__all__ = ["UNVERIFIED", "CheckpointIntegrityError", "Verification", "Verify", "verify_checkpoint"]
-
 
 class CheckpointIntegrityError(RuntimeError):
     """A checkpoint's files do not match its manifest (names the checkpoint, the files, and

@@ -40,8 +40,6 @@ from dapo_megatron.conversion.meta_model import (
 from dapo_megatron.conversion.validation import ConversionError, HFCheckpoint, validate_hf_checkpoint
 from dapo_megatron.models import get_mapping
 
-__all__ = ["HF_SUBDIR", "hf_to_mcore"]
-
 HF_SUBDIR = "hf"  # config.json + tokenizer files kept inside a converted checkpoint
 _WEIGHT_DTYPES = {name: dtype for name, dtype in SAFETENSORS_DTYPES.items() if dtype.is_floating_point}
 

@@ -41,8 +41,6 @@ from dapo_megatron.conversion.validation import ConversionError, load_hf_config
 from dapo_megatron.dtypes import DTYPES, torch_dtype
 from dapo_megatron.models import get_layout, get_mapping, read_rope_theta
 
-__all__ = ["config_from_metadata", "mcore_to_hf"]
-
 
 def config_from_metadata(meta: dict):
     """The transformers config stored in a checkpoint's ``dapo_checkpoint.json``."""

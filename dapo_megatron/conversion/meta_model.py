@@ -18,15 +18,6 @@ from tqdm import tqdm
 from dapo_megatron.actor.model import build_gpt_model
 from dapo_megatron.actor.parallel import destroy_parallel, init_parallel
 
-__all__ = [
-    "LAYER_RE",
-    "VOCAB_PARAMS",
-    "SingleProcessGroup",
-    "is_tensor_entry",
-    "meta_sharded_state_dict",
-    "progress_bar",
-]
-
 LAYER_RE = re.compile(r"^decoder\.layers\.(\d+)\.")
 # vocab-parallel parameters: their rows are padded for the target TP
 VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
