@@ -29,7 +29,7 @@ class CheckpointSaveError(RuntimeError):
 
 
 def this_rank() -> int:
-    return dist.getrank() if dist.is_initialized() else 0
+    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def barrier() -> None:
