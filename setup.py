@@ -61,7 +61,7 @@ setup(
     entry_points={
         "console_scripts": [
             "dapo-make-task=dapo_megatron.data.synthetic:main",
-            "dapo-plot=dapo_megatron.plot:main",
+            "dapo-plot=dapo_megatron.observability.plot:main",
             "dapo-plan=dapo_megatron.plan:main",
             "dapo-convert=dapo_megatron.convert:main",
         ]

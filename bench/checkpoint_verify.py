@@ -59,10 +59,12 @@ def main(argv=None) -> int:
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    from dapo_megatron.actor import checkpoint as ck
-    from dapo_megatron.actor.checkpoint_manifest import build_manifest
     from dapo_megatron.actor.model import build_gpt_model
     from dapo_megatron.actor.parallel import init_parallel
+    from dapo_megatron.checkpoint.layout import find_latest
+    from dapo_megatron.checkpoint.manifest import build_manifest
+    from dapo_megatron.checkpoint.training import load_checkpoint, save_checkpoint
+    from dapo_megatron.checkpoint.verify import Verify, verify_checkpoint
 
     init_parallel(1, 1, seed=0)
     hf_config = qwen2_config(args.hidden, args.layers, args.ffn, args.vocab)
@@ -94,23 +96,23 @@ def main(argv=None) -> int:
     steps = iter(range(1, 1000))
 
     def save() -> None:
-        ck.save_checkpoint(root, next(steps), ddp, hf_config, optimizer=opt, keep_last=1)
+        save_checkpoint(root, next(steps), ddp, hf_config, optimizer=opt, keep_last=1)
 
     results = {"params": n_params, "world": dist.get_world_size(), "save_s": min_time(save, args.repeats)}
-    directory = ck.find_latest(root)
+    directory = find_latest(root)
     files = [p for p in directory.rglob("*") if p.is_file()]
     results["checkpoint_bytes"] = sum(p.stat().st_size for p in files)
     results["files"] = len(files)
     results["manifest_s"] = min_time(lambda: build_manifest(directory), args.repeats)
-    results["verify_sizes_s"] = min_time(lambda: ck.verify_checkpoint(directory, checksums=False), args.repeats)
-    results["verify_crc32_cached_s"] = min_time(lambda: ck.verify_checkpoint(directory, checksums=True), args.repeats)
+    results["verify_sizes_s"] = min_time(lambda: verify_checkpoint(directory, checksums=False), args.repeats)
+    results["verify_crc32_cached_s"] = min_time(lambda: verify_checkpoint(directory, checksums=True), args.repeats)
     results["verify_crc32_cold_s"] = min_time(
-        lambda: ck.verify_checkpoint(directory, checksums=True),
+        lambda: verify_checkpoint(directory, checksums=True),
         args.repeats,
         before=lambda: _drop_from_page_cache(directory),
     )
     results["load_s"] = min_time(
-        lambda: ck.load_checkpoint(directory, ddp, hf_config, optimizer=opt, verify=ck.Verify.DONE), args.repeats
+        lambda: load_checkpoint(directory, ddp, hf_config, optimizer=opt, verify=Verify.DONE), args.repeats
     )
     buf = os.urandom(256 << 20)
     results["crc32_in_memory_gbps"] = (256 << 20) / min_time(lambda: zlib.crc32(buf), args.repeats) / 1e9

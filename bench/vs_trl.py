@@ -68,8 +68,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: import this checkout's package
     sys.path.insert(0, str(ROOT))
 
+from bench.curves import Curve, CurvePoint, curve_from_metrics, tokens_ratio_to_reach  # noqa: E402
 from dapo_megatron.config import DapoConfig, load_config  # noqa: E402
-from dapo_megatron.curves import Curve, CurvePoint, curve_from_metrics, tokens_ratio_to_reach  # noqa: E402
 
 SYSTEMS = ("trl", "ours")
 
@@ -164,7 +164,7 @@ def check_comparable(cfg: DapoConfig) -> None:
 # --------------------------------------------------------------------------- ours
 def run_ours(args: argparse.Namespace, overrides: list[str], out: Path) -> tuple[Curve, float]:
     """torchrun launch/train.py; returns its curve and the whole job's wall seconds."""
-    from dapo_megatron.tracking import read_jsonl
+    from dapo_megatron.observability.tracking import read_jsonl
 
     env = dict(
         os.environ,

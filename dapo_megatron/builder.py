@@ -26,27 +26,23 @@ from transformers import AutoConfig, AutoTokenizer
 
 from dapo_megatron import experience
 from dapo_megatron.actor.actor import MegatronActor
-from dapo_megatron.actor.checkpoint import (
-    ActorCheckpoints,
-    check_compatible,
-    check_optimizer_layout,
-    read_checkpoint_metadata,
-)
 from dapo_megatron.actor.parallel import init_parallel
 from dapo_megatron.algo.dynamic_sampling import DynamicSamplingBuffer
+from dapo_megatron.checkpoint.metadata import check_compatible, check_optimizer_layout, read_checkpoint_metadata
+from dapo_megatron.checkpoint.training import ActorCheckpoints
 from dapo_megatron.config import DapoConfig, data_parallel_size, to_dict, validate
 from dapo_megatron.data.parquet_dataset import load_prompt_dataset
 from dapo_megatron.data.sampler import ResumableSampler
 from dapo_megatron.lifecycle import ColocatedLifecycle, LifecyclePlan
+from dapo_megatron.observability.tracking import MetricsLogger
 from dapo_megatron.parts import Parts
-from dapo_megatron.plan import Assumptions, Cluster, format_plan, make_plan, suggest
-from dapo_megatron.plan_memory import load_model_shape
+from dapo_megatron.planning.feasibility import Assumptions, Cluster, format_plan, make_plan, suggest
+from dapo_megatron.planning.memory import load_model_shape
 from dapo_megatron.resume import choose_checkpoint, log_config_diff
 from dapo_megatron.reward.custom import load_file_scorer
 from dapo_megatron.reward.pool import RewardPool
 from dapo_megatron.rollout.engine import RolloutEngine
 from dapo_megatron.rollout.vllm_engine import VllmEngine, torch_dtype
-from dapo_megatron.tracking import MetricsLogger
 from dapo_megatron.weight_sync.sync import EngineWeightSync
 
 __all__ = ["Builder"]

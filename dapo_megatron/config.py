@@ -39,10 +39,10 @@ from dapo_megatron.actor import LR_SCHEDULES, RECOMPUTE, TRANSFORMER_IMPLS
 from dapo_megatron.algo import ADV_ESTIMATORS, FILTER_METRICS, LOSS_AGG_MODES, ON_EXHAUSTED
 from dapo_megatron.data import TRUNCATION_MODES
 from dapo_megatron.dtypes import DTYPES
+from dapo_megatron.observability import LOGGERS
 from dapo_megatron.reward import BACKENDS as REWARD_BACKENDS
 from dapo_megatron.reward import EXECUTORS as REWARD_EXECUTORS
 from dapo_megatron.rollout import ENGINES, LOAD_FORMATS, SLEEP_LEVELS
-from dapo_megatron.tracking import LOGGERS
 from dapo_megatron.verl_compat import DEFAULTS_THAT_DIFFER, Translation, VerlKeyError, get_path, translate
 
 

@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+from dapo_megatron.observability.tracking import merge_rows_by_step, read_jsonl
 from dapo_megatron.reward.val_metrics import is_held_out_accuracy
-from dapo_megatron.tracking import merge_rows_by_step, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
@@ -77,7 +77,7 @@ def run(
     data order; ``sft_band`` None warms up for exactly ``sft_steps`` steps."""
     from dapo_megatron.data.synthetic import make_arithmetic_task
     from dapo_megatron.models.tiny import make_tiny_qwen2
-    from dapo_megatron.plot import plot_run
+    from dapo_megatron.observability.plot import plot_run
 
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)

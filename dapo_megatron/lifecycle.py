@@ -2,7 +2,7 @@
 
 Actor and engine share every GPU, so a step is a sequence of phases, each with its own set of
 residents.  This module is the one description of that sequence: the trainer moves between
-phases with :meth:`ColocatedLifecycle.enter`, and the planner (:mod:`dapo_megatron.plan_memory`)
+phases with :meth:`ColocatedLifecycle.enter`, and the planner (:mod:`dapo_megatron.planning.memory`)
 sums the bytes of the same residents per phase, so what is checked before a run is what runs.
 
 One step, as the trainer runs it::

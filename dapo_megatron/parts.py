@@ -129,7 +129,7 @@ class Buffer(Protocol):
 
 class Checkpoints(Protocol):
     """The actor's checkpoints with the trainer state beside them
-    (:class:`~dapo_megatron.actor.checkpoint.ActorCheckpoints`); collective calls."""
+    (:class:`~dapo_megatron.checkpoint.training.ActorCheckpoints`); collective calls."""
 
     def load(self, path: Path) -> dict[str, Any] | None:
         """Load the actor (and optimizer) from ``path``; returns the trainer state saved with it."""
@@ -148,7 +148,7 @@ class Tokenizer(Protocol):
 
 
 class Tracker(Protocol):
-    """Metrics rows (:class:`~dapo_megatron.tracking.MetricsLogger`); rank 0 only."""
+    """Metrics rows (:class:`~dapo_megatron.observability.tracking.MetricsLogger`); rank 0 only."""
 
     def log(self, metrics: Mapping[str, float], step: int) -> None: ...
 

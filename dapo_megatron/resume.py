@@ -12,7 +12,7 @@ Why a configuration diff: the sampler position and the dynamic-sampling buffer i
 checkpoint are indices into a training set, counts of prompts and groups of ``rollout.n``
 responses.  Change the data, the batch sizes or ``rollout.n`` and they still load but mean
 something else, so such changes are listed as warnings (key, old -> new).  Another model is
-refused by :func:`~dapo_megatron.actor.checkpoint.check_compatible`.  Everything else (the
+refused by :func:`~dapo_megatron.checkpoint.metadata.check_compatible`.  Everything else (the
 learning rate, the number of steps, logging) may change freely; it is listed at INFO level.
 """
 
@@ -26,13 +26,9 @@ from typing import Any
 
 import torch.distributed as dist
 
-from dapo_megatron.actor.checkpoint import (
-    CheckpointIntegrityError,
-    Verification,
-    complete_checkpoints,
-    set_aside_damaged,
-    verify_checkpoint,
-)
+from dapo_megatron.checkpoint.layout import complete_checkpoints
+from dapo_megatron.checkpoint.training import set_aside_damaged
+from dapo_megatron.checkpoint.verify import CheckpointIntegrityError, Verification, verify_checkpoint
 
 __all__ = [
     "WARN_ON_CHANGE",

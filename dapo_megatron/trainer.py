@@ -31,18 +31,20 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from dapo_megatron import experience, verl_metrics
+from dapo_megatron import experience
 from dapo_megatron.actor.actor import NonFinitePolicyError, NonFiniteUpdateError
-from dapo_megatron.actor.checkpoint import CheckpointIntegrityError, CheckpointMismatchError
 from dapo_megatron.algo.dynamic_sampling import Group
 from dapo_megatron.algo.rollout_correction import rollout_corr_metrics_over_ranks, truncated_is_weights
 from dapo_megatron.builder import Builder
+from dapo_megatron.checkpoint.metadata import CheckpointMismatchError
+from dapo_megatron.checkpoint.verify import CheckpointIntegrityError
 from dapo_megatron.config import ConfigError, DapoConfig, explain, load_config
 from dapo_megatron.data.parquet_dataset import DataError
 from dapo_megatron.distributed import all_max, all_sum, any_true
 from dapo_megatron.lifecycle import Phase
+from dapo_megatron.observability import verl_metrics
 from dapo_megatron.parts import Parts, Tracker, WeightSync
-from dapo_megatron.plan_memory import model_shape_from_hf, model_training_flops
+from dapo_megatron.planning.memory import model_shape_from_hf, model_training_flops
 from dapo_megatron.reward.sharded import score_sharded
 from dapo_megatron.rollout.engine import RolloutEngine
 from dapo_megatron.rollout.mismatch import LIKELY_CAUSES, RolloutMismatchError, logprob_mismatch, max_mismatch_for

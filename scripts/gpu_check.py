@@ -253,7 +253,7 @@ def _batch(sizes: Sizes):
 
 def check_update(device: torch.device, sizes: Sizes, bounds: dict | None, peak_tflops: float, state_box: dict) -> dict:
     from dapo_megatron.config import DapoConfig
-    from dapo_megatron.plan_memory import estimate_memory, model_shape_from_hf, model_training_flops
+    from dapo_megatron.planning.memory import estimate_memory, model_shape_from_hf, model_training_flops
 
     cfg_hf, hf = _hf_model(sizes)
     state = {k: v.detach().clone() for k, v in hf.state_dict().items()}
@@ -380,7 +380,7 @@ def check_offload(device: torch.device, state_box: dict, bounds: dict | None) ->
 
 
 def check_checkpoint(device: torch.device, state_box: dict) -> dict:
-    from dapo_megatron.actor.checkpoint import load_checkpoint, save_checkpoint
+    from dapo_megatron.checkpoint.training import load_checkpoint, save_checkpoint
 
     actor, hf_config = state_box["actor"], state_box["hf_config"]
     want = {n: p.detach().clone() for n, p in actor.gpt.named_parameters()}
@@ -441,7 +441,7 @@ def check_weight_sync(device: torch.device, state_box: dict, bounds: dict | None
 
 _CONVERT_CHILD = """
 import sys, torch
-from dapo_megatron.convert import hf_to_mcore
+from dapo_megatron.conversion.hf_to_mcore import hf_to_mcore
 hf_to_mcore(sys.argv[1], sys.argv[2], progress=False)
 print("CUDA_INITIALIZED", torch.cuda.is_initialized())
 """

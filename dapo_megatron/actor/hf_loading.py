@@ -1,9 +1,9 @@
 """Hugging Face weights <-> this rank's shard of a Megatron GPTModel.
 
-:func:`load_hf_weights_into_model` reads safetensors lazily (``safetensors.safe_open``;
-one HF tensor at a time, only the tensors this rank's parameters need) and fills
-every parameter of the model (this PP stage, this TP rank) through
-:class:`dapo_megatron.models.DecoderMapping`.
+:func:`load_hf_weights_into_model` reads safetensors lazily
+(:func:`~dapo_megatron.checkpoint.hf_reader.open_hf_safetensors`: one HF tensor at a
+time, only the tensors this rank's parameters need) and fills every parameter of the
+model (this PP stage, this TP rank) through :class:`dapo_megatron.models.DecoderMapping`.
 
 :func:`iter_hf_weights` is the reverse direction, streaming: for one parameter at a
 time it all-gathers the TP shards, merges them and yields the HF tensors of this
@@ -13,76 +13,22 @@ PP stage (the basis for export and for per-step weight sync).
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 from collections.abc import Iterator, Mapping
 
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from safetensors import safe_open
 
+from dapo_megatron.checkpoint.hf_reader import open_hf_safetensors
 from dapo_megatron.models import get_mapping
 
 __all__ = [
     "load_hf_weights_into_model",
     "iter_hf_weights",
-    "open_hf_safetensors",
     "unwrap_model",
     "layer_offset_of",
 ]
-
-
-@contextlib.contextmanager
-def open_hf_safetensors(hf_dir: str | os.PathLike, *, reopen: bool = False) -> Iterator:
-    """Context manager yielding ``get(name) -> torch.Tensor`` over an HF safetensors checkpoint.
-
-    Handles a single ``model.safetensors`` and sharded checkpoints with
-    ``model.safetensors.index.json``.  Tensors are read on demand (CPU).
-
-    ``reopen=True`` opens the tensor's file for each read and closes it right after.  Why:
-    safetensors maps the file and serves tensors from the mapping, and an open handle keeps
-    every page it has served resident (counted in the process RSS) until it is closed, so a
-    pass over a whole checkpoint through one handle ends up holding the whole file.  With
-    ``reopen`` a tensor's pages stay only while the tensor lives; the cost is one header
-    parse per read.
-    """
-    hf_dir = os.fspath(hf_dir)
-    index = os.path.join(hf_dir, "model.safetensors.index.json")
-    if os.path.exists(index):
-        with open(index) as f:
-            weight_map: dict[str, str] = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
-    else:
-        single = os.path.join(hf_dir, "model.safetensors")
-        if not os.path.exists(single):
-            raise FileNotFoundError(
-                f"no model.safetensors or model.safetensors.index.json in {hf_dir!r} "
-                "(only safetensors checkpoints are supported)"
-            )
-        files = ["model.safetensors"]
-        weight_map = None
-    with contextlib.ExitStack() as stack:
-        if reopen:
-            handles = {}
-            if weight_map is None:
-                with safe_open(os.path.join(hf_dir, files[0]), framework="pt") as f:
-                    weight_map = {k: files[0] for k in f.keys()}
-        else:
-            handles = {fn: stack.enter_context(safe_open(os.path.join(hf_dir, fn), framework="pt")) for fn in files}
-            if weight_map is None:
-                weight_map = {k: files[0] for k in handles[files[0]].keys()}
-
-        def get(name: str) -> torch.Tensor:
-            fn = weight_map.get(name)
-            if fn is None:
-                raise KeyError(f"HF checkpoint {hf_dir!r} has no tensor {name!r}")
-            if not reopen:
-                return handles[fn].get_tensor(name)
-            with safe_open(os.path.join(hf_dir, fn), framework="pt") as f:
-                return f.get_tensor(name)
-
-        yield get
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:

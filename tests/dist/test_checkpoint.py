@@ -43,39 +43,40 @@ def test_checkpoint_with_distributed_optimizer_resumes_bit_exact(tiny_hf_models,
 
 def test_find_latest_pointer_fallback_and_errors(tmp_path):
     """In-process: the pointer wins; without it the newest complete step; tmp-/incomplete dirs never count."""
-    from dapo_megatron.actor import checkpoint as ck
+    from dapo_megatron.checkpoint.layout import find_latest, resolve_checkpoint_dir, step_dir_name
+    from dapo_megatron.checkpoint.metadata import read_checkpoint_metadata, write_checkpoint_metadata
 
     cfg = metadata_config()
-    assert ck.find_latest(tmp_path) is None
+    assert find_latest(tmp_path) is None
     with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        ck.resolve_checkpoint_dir(tmp_path)
+        resolve_checkpoint_dir(tmp_path)
     for step in (3, 12):
-        d = tmp_path / ck.step_dir_name(step)
+        d = tmp_path / step_dir_name(step)
         d.mkdir()
-        ck.write_checkpoint_metadata(d, cfg, step=step, tp=1, pp=1, has_optimizer=False, has_extra_state=False)
+        write_checkpoint_metadata(d, cfg, step=step, tp=1, pp=1, has_optimizer=False, has_extra_state=False)
     (tmp_path / "tmp-step_00000099").mkdir()  # crashed save
     (tmp_path / "step_00000050").mkdir()  # no metadata: incomplete
-    assert ck.find_latest(tmp_path) == tmp_path / "step_00000012"  # no pointer: newest complete
+    assert find_latest(tmp_path) == tmp_path / "step_00000012"  # no pointer: newest complete
     (tmp_path / "latest").write_text("step_00000003\n")
-    assert ck.find_latest(tmp_path) == tmp_path / "step_00000003"
-    assert ck.read_checkpoint_metadata(tmp_path)["step"] == 3
+    assert find_latest(tmp_path) == tmp_path / "step_00000003"
+    assert read_checkpoint_metadata(tmp_path)["step"] == 3
     (tmp_path / "latest").write_text("step_00000050\n")
     with pytest.raises(FileNotFoundError, match="step_00000050"):
-        ck.find_latest(tmp_path)
+        find_latest(tmp_path)
     with pytest.raises(ValueError, match="step must be >= 0"):
-        ck.step_dir_name(-1)
+        step_dir_name(-1)
 
 
 def test_check_compatible_names_every_mismatching_key():
-    from dapo_megatron.actor import checkpoint as ck
+    from dapo_megatron.checkpoint.metadata import CheckpointMismatchError, check_compatible, model_metadata
 
     cfg = metadata_config()
-    saved = {"model": ck.model_metadata(cfg)}
-    ck.check_compatible(saved, cfg)
+    saved = {"model": model_metadata(cfg)}
+    check_compatible(saved, cfg)
     other = metadata_config()
     other.vocab_size, other.num_key_value_heads = 1000, 4
-    with pytest.raises(ck.CheckpointMismatchError) as e:
-        ck.check_compatible(saved, other)
+    with pytest.raises(CheckpointMismatchError) as e:
+        check_compatible(saved, other)
     msg = str(e.value)
     assert "vocab_size: checkpoint has 151936, model has 1000" in msg
     assert "num_key_value_heads: checkpoint has 2, model has 4" in msg
@@ -85,26 +86,30 @@ def test_check_compatible_names_every_mismatching_key():
 def test_check_optimizer_layout_binds_only_legacy_state_to_its_layout(tmp_path):
     """In-process: fully_reshardable loads anywhere; dp_reshardable only at the saved TP x PP;
     bad metadata names the field."""
-    from dapo_megatron.actor import checkpoint as ck
+    from dapo_megatron.checkpoint.metadata import (
+        check_optimizer_layout,
+        read_checkpoint_metadata,
+        write_checkpoint_metadata,
+    )
 
     cfg = metadata_config()
     for sharding in ("fully_reshardable", "dp_reshardable"):
         d = tmp_path / sharding
         d.mkdir()
-        ck.write_checkpoint_metadata(
+        write_checkpoint_metadata(
             d, cfg, step=1, tp=2, pp=1, has_optimizer=True, has_extra_state=False, optimizer_sharding=sharding
         )
-    new = ck.read_checkpoint_metadata(tmp_path / "fully_reshardable")
-    legacy = ck.read_checkpoint_metadata(tmp_path / "dp_reshardable")
+    new = read_checkpoint_metadata(tmp_path / "fully_reshardable")
+    legacy = read_checkpoint_metadata(tmp_path / "dp_reshardable")
     assert new["optimizer_sharding"] == {"distrib_optim_sharding_type": "fully_reshardable"}
     for tp, pp in ((2, 1), (1, 2), (1, 1), (4, 2)):
-        assert ck.check_optimizer_layout(new, tp, pp) == "fully_reshardable"
-    assert ck.check_optimizer_layout(legacy, 2, 1) == "dp_reshardable"
+        assert check_optimizer_layout(new, tp, pp) == "fully_reshardable"
+    assert check_optimizer_layout(legacy, 2, 1) == "dp_reshardable"
     with pytest.raises(ValueError, match=r"'dp_reshardable' format, saved at tp=2 pp=1.*now tp=1 pp=2"):
-        ck.check_optimizer_layout(legacy, 1, 2, where="ckpt X")
+        check_optimizer_layout(legacy, 1, 2, where="ckpt X")
     with pytest.raises(ValueError, match="has no optimizer state"):
-        ck.check_optimizer_layout({**new, "has_optimizer": False}, 2, 1)
+        check_optimizer_layout({**new, "has_optimizer": False}, 2, 1)
     with pytest.raises(ValueError, match="optimizer_sharding.distrib_optim_sharding_type='fully_sharded_model_space'"):
-        ck.check_optimizer_layout(
+        check_optimizer_layout(
             {**new, "optimizer_sharding": {"distrib_optim_sharding_type": "fully_sharded_model_space"}}, 2, 1
         )

@@ -54,7 +54,7 @@ def converted(tmp_path_factory) -> dict[str, tuple[Path, Path]]:
     out = convert_many("hf-to-mcore", "--tp", "2", "--pp", "2", *[f"{hf[n]}:{conv[n]}" for n in names])
     assert out.count("CONVERTED") == len(names), out
     # the child ran this process's megatron-core: common state where this release keeps it
-    from dapo_megatron.convert_dcp import common_state_in_dcp
+    from dapo_megatron.checkpoint.torch_dist import common_state_in_dcp
 
     assert all((conv[n] / "common.pt").is_file() != common_state_in_dcp() for n in names)
     return {n: (hf[n], conv[n]) for n in names}
@@ -120,8 +120,8 @@ def test_cli_sharded_input_tokenizer_and_config_from(tmp_path):
     for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         assert (back / name).read_bytes() == (hf / name).read_bytes(), name
     assert (ckpt / "hf" / "tokenizer.json").is_file()
-    from dapo_megatron.actor.checkpoint import verify_checkpoint
-    from dapo_megatron.actor.checkpoint_manifest import read_manifest
+    from dapo_megatron.checkpoint.manifest import read_manifest
+    from dapo_megatron.checkpoint.verify import verify_checkpoint
 
     verification = verify_checkpoint(ckpt, checksums=True)  # a manifest, written last, that matches
     assert verification.verified and verification.intact, verification.reason()

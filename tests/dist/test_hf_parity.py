@@ -49,7 +49,7 @@ def test_model_modules_do_not_import_cpu_shims():
     code = (
         "import sys\n"
         "import dapo_megatron.actor.parallel, dapo_megatron.actor.model, dapo_megatron.actor.hf_loading\n"
-        "import dapo_megatron.actor.checkpoint, dapo_megatron.compat.megatron_optimizer\n"
+        "import dapo_megatron.checkpoint.training, dapo_megatron.compat.megatron_optimizer\n"
         "import dapo_megatron.models\n"
         "assert 'dapo_megatron.compat.megatron_cpu' not in sys.modules\n"
     )

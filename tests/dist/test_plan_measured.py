@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from dapo_megatron.plan_memory import actor_stage_params, actor_state_bytes, model_shape_from_hf
+from dapo_megatron.planning.memory import actor_stage_params, actor_state_bytes, model_shape_from_hf
 from tests.dist._launch import run_torchrun
 from tests.tiny_models import tiny_config
 

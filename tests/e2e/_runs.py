@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from dapo_megatron.tracking import merge_rows_by_step, read_jsonl
+from dapo_megatron.observability.tracking import merge_rows_by_step, read_jsonl
 from tests.dist._launch import child_env
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -9,7 +9,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from dapo_megatron.data.synthetic import DATA_SOURCE
-from dapo_megatron.verl_metrics import ROLLOUT_CORR_NAMES, STEP_NAMES, val_names
+from dapo_megatron.observability.verl_metrics import ROLLOUT_CORR_NAMES, STEP_NAMES, val_names
 from tests.e2e._runs import metric_rows, run, train_args
 
 pytestmark = pytest.mark.e2e

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from dapo_megatron.tracking import merge_rows_by_step, read_jsonl
+from dapo_megatron.observability.tracking import merge_rows_by_step, read_jsonl
 
 ROOT = Path(__file__).resolve().parents[2]
 MIN_GAIN = 0.03

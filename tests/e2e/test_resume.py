@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from dapo_megatron.actor.checkpoint import verify_checkpoint
+from dapo_megatron.checkpoint.verify import verify_checkpoint
 from tests.e2e._runs import (
     deterministic,
     kill_tree,

@@ -158,7 +158,7 @@ def test_sbatch_trains_the_tiny_model_and_checkpoints(slurm, tiny_task, tmp_path
     assert job.returncode == 0, job.stderr
     state, code = wait_for_job(slurm, job.stdout.strip().split(";")[0], timeout=600)
     assert (state, code) == ("COMPLETED", "0:0"), job_out.read_text()[-5000:]
-    from dapo_megatron.tracking import merge_rows_by_step, read_jsonl
+    from dapo_megatron.observability.tracking import merge_rows_by_step, read_jsonl
 
     assert [r["step"] for r in merge_rows_by_step(read_jsonl(out_dir / "metrics.jsonl"))] == [1, 2]
     assert (out_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"

@@ -10,8 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from dapo_megatron.actor import checkpoint as ck
-from dapo_megatron.actor import checkpoint_manifest as mf
+from dapo_megatron.checkpoint import manifest as mf
+from dapo_megatron.checkpoint.agreement import CheckpointSaveError, agree_on_failure
+from dapo_megatron.checkpoint.layout import LATEST_FILE, META_FILE, RANK_STATE_DIR, complete_checkpoints, step_dir_name
+from dapo_megatron.checkpoint.metadata import write_checkpoint_metadata
+from dapo_megatron.checkpoint.verify import UNVERIFIED, CheckpointIntegrityError, verify_checkpoint
 from dapo_megatron.config import DapoConfig, to_dict
 from dapo_megatron.resume import choose_checkpoint, diff_configs, log_config_diff
 from tests.tiny_models import metadata_config
@@ -21,17 +24,17 @@ SHARD = "__1_0.distcp"
 
 def _checkpoint(root: Path, step: int, *, manifest: bool = True) -> Path:
     """A step directory of real files laid out as save_checkpoint lays them out (no tensors)."""
-    d = root / ck.step_dir_name(step)
-    (d / ck.RANK_STATE_DIR).mkdir(parents=True)
+    d = root / step_dir_name(step)
+    (d / RANK_STATE_DIR).mkdir(parents=True)
     (d / "__0_0.distcp").write_bytes(bytes(range(256)) * 40)
     (d / SHARD).write_bytes(b"\x01" * 10_000 + bytes([step]))
-    (d / ck.RANK_STATE_DIR / "rank_00000.pt").write_bytes(b"rank state")
-    ck.write_checkpoint_metadata(
+    (d / RANK_STATE_DIR / "rank_00000.pt").write_bytes(b"rank state")
+    write_checkpoint_metadata(
         d, metadata_config(), step=step, tp=1, pp=1, has_optimizer=True, has_extra_state=False, manifest=manifest
     )
     if manifest:
         mf.write_manifest(d, mf.build_manifest(d))
-    (root / ck.LATEST_FILE).write_text(d.name + "\n")
+    (root / LATEST_FILE).write_text(d.name + "\n")
     return d
 
 
@@ -45,12 +48,12 @@ def test_manifest_lists_every_file_with_size_and_crc32(tmp_path):
     d = _checkpoint(tmp_path, 1)
     manifest = mf.read_manifest(d)
     names = [f.path for f in manifest.files]
-    assert names == ["__0_0.distcp", SHARD, ck.META_FILE, "rank_state/rank_00000.pt"]
+    assert names == ["__0_0.distcp", SHARD, META_FILE, "rank_state/rank_00000.pt"]
     shard = next(f for f in manifest.files if f.path == SHARD)
     assert shard.size == 10_001 and shard.crc32 == zlib.crc32((d / SHARD).read_bytes())
     assert json.loads((d / mf.MANIFEST_FILE).read_text())["checksum"] == "crc32"
-    assert json.loads((d / ck.META_FILE).read_text())["manifest"] is True
-    v = ck.verify_checkpoint(d, checksums=True)
+    assert json.loads((d / META_FILE).read_text())["manifest"] is True
+    v = verify_checkpoint(d, checksums=True)
     assert v.intact and v.verified and v.checked == "sizes and crc32" and v.total_bytes == manifest.total_bytes
 
 
@@ -65,7 +68,7 @@ def test_truncated_shard_names_checkpoint_file_and_both_sizes(tmp_path):
     d = _checkpoint(tmp_path, 1)
     with open(d / SHARD, "r+b") as f:
         f.truncate(1000)
-    v = ck.verify_checkpoint(d, checksums=False)
+    v = verify_checkpoint(d, checksums=False)
     assert not v.intact
     assert str(v.error()) == (
         f"checkpoint {d} is damaged (sizes checked against its manifest.json): "
@@ -78,25 +81,25 @@ def test_flipped_byte_is_found_by_checksums_only(tmp_path):
     before = zlib.crc32((d / SHARD).read_bytes())
     _flip_byte(d / SHARD)
     after = zlib.crc32((d / SHARD).read_bytes())
-    assert ck.verify_checkpoint(d, checksums=False).intact  # same size
-    v = ck.verify_checkpoint(d, checksums=True)
+    assert verify_checkpoint(d, checksums=False).intact  # same size
+    v = verify_checkpoint(d, checksums=True)
     assert str(v.error()).endswith(f"{SHARD}: expected crc32 {before:#010x}, found crc32 {after:#010x}")
 
 
 def test_missing_file_and_missing_manifest(tmp_path):
     d = _checkpoint(tmp_path, 1)
-    (d / ck.RANK_STATE_DIR / "rank_00000.pt").unlink()
-    v = ck.verify_checkpoint(d, checksums=True)
+    (d / RANK_STATE_DIR / "rank_00000.pt").unlink()
+    v = verify_checkpoint(d, checksums=True)
     assert [str(p) for p in v.problems] == ["rank_state/rank_00000.pt: expected 10 bytes, found no such file"]
     (d / mf.MANIFEST_FILE).unlink()  # dapo_checkpoint.json says there is one: damaged, not legacy
-    v = ck.verify_checkpoint(d, checksums=True)
+    v = verify_checkpoint(d, checksums=True)
     assert not v.intact and "manifest.json: expected the manifest that dapo_checkpoint.json records" in v.reason()
 
 
 def test_checkpoint_without_manifest_is_accepted_unverified(tmp_path):
     d = _checkpoint(tmp_path, 1, manifest=False)
-    v = ck.verify_checkpoint(d, checksums=True)
-    assert v.intact and not v.verified and v.checked == ck.UNVERIFIED
+    v = verify_checkpoint(d, checksums=True)
+    assert v.intact and not v.verified and v.checked == UNVERIFIED
 
 
 @pytest.mark.parametrize(
@@ -113,7 +116,7 @@ def test_malformed_manifest_names_file_and_field(tmp_path, body, message):
     (d / mf.MANIFEST_FILE).write_text(body)
     with pytest.raises(mf.ManifestError, match=message):
         mf.read_manifest(d)
-    v = ck.verify_checkpoint(d, checksums=False)
+    v = verify_checkpoint(d, checksums=False)
     assert not v.intact and v.problems[0].path == mf.MANIFEST_FILE
 
 
@@ -128,7 +131,7 @@ def test_auto_skips_damaged_newest_sets_it_aside_and_warns(tmp_path, caplog):
     assert [(s.directory, s.moved_to) for s in choice.skipped] == [(bad, tmp_path / "damaged-step_00000004")]
     assert (tmp_path / "damaged-step_00000004" / SHARD).stat().st_size == 10  # kept, not deleted
     assert good.is_dir() and (tmp_path / "latest").read_text().strip() == good.name
-    assert ck.complete_checkpoints(tmp_path) == [good]
+    assert complete_checkpoints(tmp_path) == [good]
     warning = caplog.text
     assert f"CHECKPOINT SKIPPED: {bad} is damaged ({SHARD}: expected 10001 bytes, found 10 bytes)" in warning
     assert "renamed to damaged-step_00000004; resume=auto falls back to step_00000002" in warning
@@ -138,7 +141,7 @@ def test_named_damaged_checkpoint_is_refused_and_left_alone(tmp_path):
     _checkpoint(tmp_path, 2)
     bad = _checkpoint(tmp_path, 4)
     _flip_byte(bad / SHARD)
-    with pytest.raises(ck.CheckpointIntegrityError, match=rf"checkpoint {bad} is damaged .*{SHARD}: expected crc32"):
+    with pytest.raises(CheckpointIntegrityError, match=rf"checkpoint {bad} is damaged .*{SHARD}: expected crc32"):
         choose_checkpoint(str(bad), tmp_path, checksums=True)
     assert bad.is_dir() and (tmp_path / "latest").read_text().strip() == bad.name
     assert choose_checkpoint(str(bad), tmp_path, checksums=False).directory == bad  # sizes only: same size
@@ -147,10 +150,10 @@ def test_named_damaged_checkpoint_is_refused_and_left_alone(tmp_path):
 def test_auto_refuses_when_every_checkpoint_is_damaged(tmp_path):
     for step in (2, 4):
         (_checkpoint(tmp_path, step) / SHARD).unlink()
-    with pytest.raises(ck.CheckpointIntegrityError, match=r"every checkpoint under .* is damaged") as e:
+    with pytest.raises(CheckpointIntegrityError, match=r"every checkpoint under .* is damaged") as e:
         choose_checkpoint("auto", tmp_path, checksums=False)
     assert "step_00000002" in str(e.value) and "step_00000004" in str(e.value)
-    assert len(ck.complete_checkpoints(tmp_path)) == 2  # nothing renamed
+    assert len(complete_checkpoints(tmp_path)) == 2  # nothing renamed
 
 
 def test_auto_without_checkpoints_and_disable(tmp_path):
@@ -206,14 +209,14 @@ def test_failed_save_message_names_path_free_space_and_latest(tmp_path):
         raise RuntimeError("Worker failure") from OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     except RuntimeError as exc:
         wrapped = CheckpointException("write", {0: _wrap_exception(exc)})  # as megatron raises it
-    with pytest.raises(ck.CheckpointSaveError) as e:
-        ck._agree_on_failure(wrapped, root=tmp_path, tmp=tmp, final=tmp_path / "step_00000003")
+    with pytest.raises(CheckpointSaveError) as e:
+        agree_on_failure(wrapped, root=tmp_path, tmp=tmp, final=tmp_path / "step_00000003")
     msg = str(e.value)
     assert msg.startswith(
         f"saving checkpoint step_00000003 into {tmp} failed (rank 0: [Errno 28] No space left on device); "
     )
     assert f"free on the file system of {tmp_path} when it failed; `latest` still names step_00000002" in msg
     assert msg.endswith(f"the partial {tmp} was removed") and not tmp.exists()
-    assert ck._agree_on_failure(None, root=tmp_path, tmp=tmp, final=tmp_path / "step_00000003") is None
-    with pytest.raises(ck.CheckpointSaveError, match=r"failed \(rank 0: ValueError: x\)"):
-        ck._agree_on_failure(ValueError("x"), root=tmp_path, tmp=tmp, final=tmp_path / "step_00000003")
+    assert agree_on_failure(None, root=tmp_path, tmp=tmp, final=tmp_path / "step_00000003") is None
+    with pytest.raises(CheckpointSaveError, match=r"failed \(rank 0: ValueError: x\)"):
+        agree_on_failure(ValueError("x"), root=tmp_path, tmp=tmp, final=tmp_path / "step_00000003")

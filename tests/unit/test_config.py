@@ -242,10 +242,12 @@ def test_missing_model_path_is_named(tmp_path):
 
 def test_choice_lists_are_the_users_own():
     """The schema checks against the very tuples the modules that act on the value use."""
-    from dapo_megatron import config, dtypes, lifecycle, plan_memory, tracking
+    from dapo_megatron import config, dtypes, lifecycle
     from dapo_megatron.actor import actor, model, offload, optimizer
     from dapo_megatron.algo import dynamic_sampling, loss
     from dapo_megatron.data import parquet_dataset
+    from dapo_megatron.observability import tracking
+    from dapo_megatron.planning import memory
     from dapo_megatron.reward import BACKENDS, pool
 
     assert config.LOSS_AGG_MODES is loss.LOSS_AGG_MODES
@@ -256,10 +258,10 @@ def test_choice_lists_are_the_users_own():
     assert config.TRUNCATION_MODES is parquet_dataset.TRUNCATION_MODES
     assert config.LR_SCHEDULES is optimizer.LR_SCHEDULES
     assert config.TRANSFORMER_IMPLS is model.TRANSFORMER_IMPLS
-    assert config.RECOMPUTE is actor.RECOMPUTE is plan_memory.RECOMPUTE
+    assert config.RECOMPUTE is actor.RECOMPUTE is memory.RECOMPUTE
     assert config.LOGGERS is tracking.LOGGERS
     assert config.DTYPES is dtypes.DTYPES
-    assert tuple(plan_memory.DTYPE_BYTES) == dtypes.DTYPES
+    assert tuple(memory.DTYPE_BYTES) == dtypes.DTYPES
     assert config.OFFLOAD_KINDS is lifecycle.OFFLOAD_KINDS is offload.OFFLOAD_KINDS
 
 

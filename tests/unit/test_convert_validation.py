@@ -1,7 +1,7 @@
 """Conversion input validation: every bad input is a clear error and nothing is written.
 
-These run in-process: validation reads only config.json and safetensors headers and
-happens before megatron is imported, so the CLI's ``main`` is called directly.
+These run in-process: validation reads only config.json and safetensors headers, so the
+CLI's ``main`` is called directly.
 """
 
 from __future__ import annotations
@@ -13,15 +13,18 @@ import pytest
 import torch
 import transformers
 
-from dapo_megatron.actor.checkpoint import CheckpointMismatchError, write_checkpoint_metadata
-from dapo_megatron.convert import main
-from dapo_megatron.convert_io import ShardedSafetensorsWriter, parse_size, plan_shards, staged_output_dir
-from dapo_megatron.convert_validation import (
-    ConversionError,
+from dapo_megatron.checkpoint.files import staged_output_dir
+from dapo_megatron.checkpoint.hf_reader import (
+    SafetensorsError,
+    open_hf_safetensors,
     read_safetensors_header,
     scan_hf_safetensors,
-    validate_hf_checkpoint,
 )
+from dapo_megatron.checkpoint.hf_writer import ShardedSafetensorsWriter, parse_size, plan_shards
+from dapo_megatron.checkpoint.metadata import CheckpointMismatchError, write_checkpoint_metadata
+from dapo_megatron.conversion.mcore_to_hf import mcore_to_hf
+from dapo_megatron.conversion.validation import ConversionError, validate_hf_checkpoint
+from dapo_megatron.convert import main
 from tests.tiny_models import save_tiny, tiny_config
 
 SMALL = dict(hidden_size=32, intermediate_size=64, vocab_size=200, max_position_embeddings=64)
@@ -85,7 +88,7 @@ def test_truncated_safetensors(capsys, qwen2, tmp_path):
     f = qwen2 / "model.safetensors"
     data = f.read_bytes()
     f.write_bytes(data[: len(data) - 100])
-    with pytest.raises(ConversionError, match="truncated"):
+    with pytest.raises(SafetensorsError, match="truncated"):
         read_safetensors_header(f)
     out = tmp_path / "out"
     _cli_fails(capsys, ["hf-to-mcore", "--hf-dir", qwen2, "--out", out], out, "truncated", "model.safetensors")
@@ -94,7 +97,7 @@ def test_truncated_safetensors(capsys, qwen2, tmp_path):
 def test_truncated_header(tmp_path):
     f = tmp_path / "model.safetensors"
     f.write_bytes(b"\x10\x00")
-    with pytest.raises(ConversionError, match="no header"):
+    with pytest.raises(SafetensorsError, match="no header"):
         read_safetensors_header(f)
 
 
@@ -190,8 +193,6 @@ def test_mcore_to_hf_bad_inputs(capsys, qwen2, tmp_path):
         "hidden_size: checkpoint has 32, model has 64",
     )
     with pytest.raises(CheckpointMismatchError):
-        from dapo_megatron.convert import mcore_to_hf
-
         mcore_to_hf(ckpt, out, hf_config_from=other)
     eps = _save(tmp_path / "eps", rms_norm_eps=1e-3)
     _cli_fails(capsys, ["mcore-to-hf", "--ckpt", ckpt, "--out", out, "--hf-config-from", eps], out, "rms_norm_eps")
@@ -248,8 +249,6 @@ def test_writer_and_staging(tmp_path):
 def test_hf_reader_reopen_reads_the_same_tensors(tmp_path, shard):
     """``reopen=True`` (one file handle per read, used by hf-to-mcore) serves the same tensors."""
     from safetensors.torch import load_file
-
-    from dapo_megatron.actor.hf_loading import open_hf_safetensors
 
     path = save_tiny(
         tmp_path / "m", tiny_config(**SMALL), seed=0, **({} if shard is None else {"max_shard_size": shard})

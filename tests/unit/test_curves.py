@@ -2,7 +2,7 @@
 
 import pytest
 
-from dapo_megatron.curves import Curve, CurvePoint, curve_from_metrics, first_reaching, tokens_ratio_to_reach
+from bench.curves import Curve, CurvePoint, curve_from_metrics, first_reaching, tokens_ratio_to_reach
 
 ACC = "val-core/synthetic_arith/acc/mean@4"
 

@@ -8,7 +8,7 @@ import pytest
 
 from dapo_megatron.config import load_config
 from dapo_megatron.plan import EXIT_BAD_INPUT, EXIT_FEASIBLE, EXIT_INFEASIBLE, main
-from dapo_megatron.plan_memory import (
+from dapo_megatron.planning.memory import (
     GiB,
     actor_stage_params,
     actor_state_bytes,
@@ -312,7 +312,7 @@ def test_model_shape_incompatible_with_layout_is_infeasible(capsys):
 
 
 def test_model_training_flops_by_hand():
-    from dapo_megatron.plan_memory import ModelShape, model_training_flops
+    from dapo_megatron.planning.memory import ModelShape, model_training_flops
 
     shape = ModelShape(
         num_layers=2,
@@ -340,8 +340,8 @@ def test_model_training_flops_by_hand():
 
 def test_config_problems_are_taken_from_the_error_not_its_text(monkeypatch, shape32b):
     """The planner lists ConfigError.problems as they are, a message spanning lines included."""
-    from dapo_megatron import plan
     from dapo_megatron.config import ConfigError, Problem
+    from dapo_megatron.planning import feasibility as plan
 
     def refuse(cfg, **_):
         raise ConfigError.of([Problem("rollout.n", "first line\n  - second line"), Problem("data.truncation", "x")])

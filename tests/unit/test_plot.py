@@ -3,7 +3,7 @@
 import json
 import math
 
-from dapo_megatron.plot import PANELS, main, plot_run
+from dapo_megatron.observability.plot import PANELS, main, plot_run
 
 
 def _write_run(run_dir, steps=12, with_val=True):
@@ -68,7 +68,7 @@ def test_accuracy_panel_shades_two_standard_errors_around_each_estimate():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dapo_megatron.plot import _draw_panel
+    from dapo_megatron.observability.plot import _draw_panel
 
     rows = [
         {"step": 0, "val-core/s/acc/mean@8": 0.25, "val-aux/s/acc/sem@8": 0.01},

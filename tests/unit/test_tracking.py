@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from dapo_megatron.tracking import (
+from dapo_megatron.observability.tracking import (
     MetricsLogger,
     format_console_line,
     merge_rows_by_step,

@@ -10,7 +10,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 from dapo_megatron.config import DapoConfig
-from dapo_megatron.tracking import MetricsLogger, merge_rows_by_step, read_jsonl
+from dapo_megatron.observability.tracking import MetricsLogger, merge_rows_by_step, read_jsonl
 from dapo_megatron.trainer import DapoTrainer
 from tests.fakes import fake_parts
 

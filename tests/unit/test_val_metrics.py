@@ -106,9 +106,9 @@ def test_held_out_accuracy_reads_mean_at_k_only_not_the_best_and_maj_statistics_
     """The warm-up stopped on a mean over every val-core key once verl's best@n/maj@n (and their
     standard deviations) joined acc/mean@k there: 0.206 "in the band" for a policy at 0.133."""
     from dapo_megatron.demo import held_out_curve
+    from dapo_megatron.observability.tracking import format_console_line
     from dapo_megatron.reward.val_metrics import held_out_accuracy, is_held_out_accuracy
     from dapo_megatron.sft import held_out_accuracy as warmup_accuracy
-    from dapo_megatron.tracking import format_console_line
 
     metrics = {
         "val-core/a/acc/mean@8": 0.1,

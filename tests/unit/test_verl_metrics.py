@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dapo_megatron.verl_metrics import STEP_NAMES, advantage_metrics, progress_metrics, throughput_metrics
+from dapo_megatron.observability.verl_metrics import STEP_NAMES, advantage_metrics, progress_metrics, throughput_metrics
 
 
 def test_the_pinned_names_are_verl_s():
@@ -49,8 +49,8 @@ def test_progress():
 def test_validation_names_are_pinned_and_emitted():
     """The validation names a verl dashboard reads, for one source sampled 4 times, are those
     the validation functions emit (definitions: tests/unit/test_verl_val_metrics.py)."""
+    from dapo_megatron.observability.verl_metrics import val_names
     from dapo_megatron.reward.val_metrics import avg_at_k, verl_val_metrics
-    from dapo_megatron.verl_metrics import val_names
 
     assert val_names("aime", 4) == [
         "val-core/aime/acc/mean@4",
@@ -83,7 +83,7 @@ def test_validation_names_are_pinned_and_emitted():
 
 
 def test_rollout_correction_names_are_verl_s():
-    from dapo_megatron.verl_metrics import ROLLOUT_CORR_NAMES
+    from dapo_megatron.observability.verl_metrics import ROLLOUT_CORR_NAMES
 
     verl = (
         "mean max min ratio_fraction_high ratio_fraction_low std eff_sample_size seq_mean seq_std seq_max "

@@ -73,7 +73,7 @@ def model_writers(step_root: Path) -> dict[int, int]:
 
     from torch.distributed.checkpoint import FileSystemReader
 
-    from dapo_megatron.actor.checkpoint import find_latest
+    from dapo_megatron.checkpoint.layout import find_latest
 
     meta = FileSystemReader(str(find_latest(step_root))).read_metadata()
     counts: dict[int, int] = {}
@@ -94,8 +94,8 @@ def main(argv=None) -> int:
 
     from transformers import AutoConfig
 
-    from dapo_megatron.actor.checkpoint import load_checkpoint, save_checkpoint
     from dapo_megatron.actor.parallel import destroy_parallel, init_parallel
+    from dapo_megatron.checkpoint.training import load_checkpoint, save_checkpoint
 
     cfg = AutoConfig.from_pretrained(args.hf_dir)
     init_parallel(1, 1, seed=0)  # DP=2

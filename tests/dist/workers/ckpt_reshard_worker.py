@@ -89,8 +89,8 @@ def zero_adam_moments(optimizer) -> None:
 
 
 def save_phase(args, hf_config) -> None:
-    from dapo_megatron.actor.checkpoint import save_checkpoint
     from dapo_megatron.actor.parallel import destroy_parallel, init_parallel
+    from dapo_megatron.checkpoint.training import save_checkpoint
 
     tp, pp = parse_layout(args.layout)
     init_parallel(tp, pp, seed=1)
@@ -119,8 +119,9 @@ def save_phase(args, hf_config) -> None:
 
 
 def resume_layout(args, hf_config, tp: int, pp: int, saved_ref: dict) -> str:
-    from dapo_megatron.actor.checkpoint import load_checkpoint, read_checkpoint_metadata
     from dapo_megatron.actor.parallel import destroy_parallel, init_parallel
+    from dapo_megatron.checkpoint.metadata import read_checkpoint_metadata
+    from dapo_megatron.checkpoint.training import load_checkpoint
 
     root = Path(args.root)
     init_parallel(tp, pp, seed=1)

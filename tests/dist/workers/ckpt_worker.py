@@ -42,10 +42,12 @@ def main(argv=None) -> int:
 
     from transformers import AutoConfig
 
-    from dapo_megatron.actor import checkpoint as ck
     from dapo_megatron.actor.hf_loading import load_hf_weights_into_model
     from dapo_megatron.actor.model import build_gpt_model
     from dapo_megatron.actor.parallel import destroy_parallel, init_parallel
+    from dapo_megatron.checkpoint.layout import find_latest, step_dir_name
+    from dapo_megatron.checkpoint.metadata import CheckpointMismatchError, read_checkpoint_metadata
+    from dapo_megatron.checkpoint.training import load_checkpoint, load_rank_state, save_checkpoint
 
     cfg = AutoConfig.from_pretrained(args.hf_dir)
     root = Path(args.root)
@@ -60,7 +62,7 @@ def main(argv=None) -> int:
     assert (logits_tp2 - ref).abs().max().item() < TOL
     rng = torch.get_rng_state()
     for step in (1, 2, 3):
-        out = ck.save_checkpoint(
+        out = save_checkpoint(
             root,
             step,
             model,
@@ -69,28 +71,28 @@ def main(argv=None) -> int:
             rank_state={"rank": dist.get_rank(), "step": step},
             keep_last=2,
         )
-        assert out == root / ck.step_dir_name(step), out
+        assert out == root / step_dir_name(step), out
     dist.barrier()
     names = sorted(p.name for p in root.iterdir())
     assert names == ["latest", "step_00000002", "step_00000003"], names
-    assert ck.find_latest(root) == root / "step_00000003"
-    meta = ck.read_checkpoint_metadata(root)
+    assert find_latest(root) == root / "step_00000003"
+    meta = read_checkpoint_metadata(root)
     assert meta["saved_layout"] == {"tp": 2, "pp": 1} and meta["step"] == 3, meta
     dist.barrier()  # every rank has looked before rank 0 starts the next save
 
     # 2. a failing save never moves `latest`
     try:
-        ck.save_checkpoint(root, 4, model, cfg, extra_state={"fn": lambda: 0})
+        save_checkpoint(root, 4, model, cfg, extra_state={"fn": lambda: 0})
     except Exception as e:  # every rank must raise
         print(f"rank {dist.get_rank()} failed save raised {type(e).__name__}: {e}", flush=True)
     else:
         raise AssertionError("save with unpicklable extra_state did not raise")
     dist.barrier()
     assert not (root / "tmp-step_00000004").exists()
-    assert ck.find_latest(root) == root / "step_00000003"
+    assert find_latest(root) == root / "step_00000003"
     assert (root / "latest").read_text().strip() == "step_00000003"
     dist.barrier()
-    ck.save_checkpoint(
+    save_checkpoint(
         root, 5, model, cfg, extra_state={"step": 5, "rng": rng}, rank_state={"rank": dist.get_rank()}, keep_last=2
     )
     dist.barrier()
@@ -101,9 +103,9 @@ def main(argv=None) -> int:
     # 3. PP=2 loads the TP=2 checkpoint
     init_parallel(1, 2, seed=0)
     model_pp = build_gpt_model(cfg)
-    extra = ck.load_checkpoint(root, model_pp, cfg)
+    extra = load_checkpoint(root, model_pp, cfg)
     assert extra["step"] == 5 and torch.equal(extra["rng"], rng), extra
-    assert ck.load_rank_state(root) == {"rank": dist.get_rank()}
+    assert load_rank_state(root) == {"rank": dist.get_rank()}
     logits_pp2 = forward_logits(model_pp, tokens, cfg.hidden_size)
     if logits_pp2 is not None:
         d_tp = (logits_pp2 - logits_tp2).abs().max().item()
@@ -115,8 +117,8 @@ def main(argv=None) -> int:
     other = AutoConfig.from_pretrained(args.hf_dir)
     other.num_hidden_layers = cfg.num_hidden_layers + 2
     try:
-        ck.load_checkpoint(root, model_pp, other)
-    except ck.CheckpointMismatchError as e:
+        load_checkpoint(root, model_pp, other)
+    except CheckpointMismatchError as e:
         assert "num_layers" in str(e), e
     else:
         raise AssertionError("loading into another model did not fail")
@@ -132,18 +134,20 @@ def main(argv=None) -> int:
 
 
 def full_disk(tmpfs: Path, model, cfg) -> None:
-    from dapo_megatron.actor import checkpoint as ck
+    from dapo_megatron.checkpoint.agreement import CheckpointSaveError
+    from dapo_megatron.checkpoint.training import load_checkpoint, save_checkpoint
+    from dapo_megatron.checkpoint.verify import CheckpointIntegrityError, verify_checkpoint
 
     rank, root = dist.get_rank(), tmpfs / "ckpt"
-    ck.save_checkpoint(root, 1, model, cfg, extra_state={"step": 1}, keep_last=1)
+    save_checkpoint(root, 1, model, cfg, extra_state={"step": 1}, keep_last=1)
     dist.barrier()
     if rank == 0:  # fill the file system: rank 0's first write (megatron's common.pt) fails
         with open(tmpfs / "filler", "wb") as f:
             os.posix_fallocate(f.fileno(), 0, shutil.disk_usage(tmpfs).free)
     dist.barrier()
     try:
-        ck.save_checkpoint(root, 2, model, cfg, extra_state={"step": 2}, keep_last=1)
-    except ck.CheckpointSaveError as e:
+        save_checkpoint(root, 2, model, cfg, extra_state={"step": 2}, keep_last=1)
+    except CheckpointSaveError as e:
         msg = str(e)
     else:
         raise AssertionError("a save into a full file system did not raise")
@@ -152,7 +156,7 @@ def full_disk(tmpfs: Path, model, cfg) -> None:
     assert f"B free on the file system of {root} when it failed; `latest` still names step_00000001" in msg, msg
     dist.barrier()
     assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000001"]
-    assert ck.verify_checkpoint(root, checksums=True).intact
+    assert verify_checkpoint(root, checksums=True).intact
 
     # a truncated shard is named before the collective load
     shard = max((root / "step_00000001").glob("*.distcp"), key=lambda p: p.stat().st_size)
@@ -164,8 +168,8 @@ def full_disk(tmpfs: Path, model, cfg) -> None:
             f.truncate(size // 2)
     dist.barrier()
     try:
-        ck.load_checkpoint(root, model, cfg)
-    except ck.CheckpointIntegrityError as e:
+        load_checkpoint(root, model, cfg)
+    except CheckpointIntegrityError as e:
         expected = f"{shard.name}: expected {size} bytes, found {size // 2} bytes"
         assert f"checkpoint {root / 'step_00000001'} is damaged" in str(e) and expected in str(e), e
     else:

@@ -14,7 +14,7 @@ Every rank joins through ``init_parallel`` (the package's own process-group set-
    ``_pool_metrics`` (counters summed over ranks) and ``_require_finite_policy`` (a NaN on rank 1
    only makes every rank raise), and the rollout-correction metrics: each rank holds a different
    shard, and every rank gets the whole batch's values;
-4. checkpointing's ``_rank0_phase``: a failure on rank 0 raises on every rank (rank 0 its own error),
+4. checkpointing's ``rank0_phase``: a failure on rank 0 raises on every rank (rank 0 its own error),
    success returns rank 0's result.
 Rank 0 prints ``CHECK ...`` lines; any failure raises.
 """
@@ -38,13 +38,13 @@ def main() -> None:
     from megatron.core import parallel_state as ps
 
     from dapo_megatron.actor.actor import NonFinitePolicyError
-    from dapo_megatron.actor.checkpoint import _rank0_phase
     from dapo_megatron.actor.parallel import destroy_parallel, init_parallel
     from dapo_megatron.algo.rollout_correction import (
         rollout_corr_metrics,
         rollout_corr_metrics_over_ranks,
         rollout_corr_partials,
     )
+    from dapo_megatron.checkpoint.agreement import rank0_phase
     from dapo_megatron.config import DapoConfig
     from dapo_megatron.distributed import all_max, all_sum, any_true, default_backend
     from dapo_megatron.trainer import DapoTrainer
@@ -115,7 +115,7 @@ def main() -> None:
         raise OSError("disk full")
 
     try:
-        _rank0_phase(fail, "test")
+        rank0_phase(fail, "test")
     except OSError as e:
         outcome = f"own:{e}"
     except RuntimeError as e:
@@ -124,7 +124,7 @@ def main() -> None:
         outcome = "none"
     expected = "own:disk full" if rank == 0 else "reported:checkpoint test failed on rank 0 (see its error)"
     check(outcome == expected, "checkpoint: rank 0's failure raises on every rank")
-    check(_rank0_phase(lambda: "ok", "test") == ("ok" if rank == 0 else None), "checkpoint: success passes")
+    check(rank0_phase(lambda: "ok", "test") == ("ok" if rank == 0 else None), "checkpoint: success passes")
     destroy_parallel()
 
 

@@ -38,7 +38,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
 
-    from dapo_megatron.convert import hf_to_mcore, mcore_to_hf
+    from dapo_megatron.conversion.hf_to_mcore import hf_to_mcore
+    from dapo_megatron.conversion.mcore_to_hf import mcore_to_hf
 
     for job in args.jobs:
         if args.command == "hf-to-mcore":

@@ -75,9 +75,9 @@ def main(argv=None) -> int:
     from mbridge.core.bridge import Bridge
     from transformers import AutoConfig
 
-    from dapo_megatron.actor.checkpoint import load_checkpoint
     from dapo_megatron.actor.model import build_gpt_model
     from dapo_megatron.actor.parallel import destroy_parallel, init_parallel
+    from dapo_megatron.checkpoint.training import load_checkpoint
 
     pristine = dict(Bridge._DIRECT_MAPPING)  # before any bridge mutates it
     for spec in args.layouts.split(","):

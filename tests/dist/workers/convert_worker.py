@@ -5,7 +5,7 @@ Usage (under torchrun)::
     torchrun --nproc_per_node=N convert_worker.py --layouts 2x1,1x2 --out-root DIR HF_DIR:CKPT [...]
 
 For every layout (TPxPP) and model: builds the model, loads the converted checkpoint
-with :func:`dapo_megatron.actor.checkpoint.load_checkpoint`, compares fp32 logits with
+with :func:`dapo_megatron.checkpoint.training.load_checkpoint`, compares fp32 logits with
 transformers' (prints ``PARITY``), and saves the model from that layout with
 :func:`save_checkpoint` into ``DIR/<model>_<layout>`` for the export round trip.
 """
@@ -33,9 +33,9 @@ def main(argv=None) -> int:
 
     from transformers import AutoConfig
 
-    from dapo_megatron.actor.checkpoint import load_checkpoint, save_checkpoint
     from dapo_megatron.actor.model import build_gpt_model
     from dapo_megatron.actor.parallel import destroy_parallel, init_parallel
+    from dapo_megatron.checkpoint.training import load_checkpoint, save_checkpoint
 
     refs = {}
     for pair in args.pairs:

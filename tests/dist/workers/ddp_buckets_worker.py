@@ -39,7 +39,7 @@ def max_diff(want, actor) -> float:
 def main(argv: list[str]) -> int:
     from transformers import AutoConfig
 
-    import dapo_megatron.actor.checkpoint as ckpt
+    import dapo_megatron.checkpoint.training as ckpt
     from dapo_megatron.actor.parallel import destroy_parallel, init_parallel
 
     hf_dir, root = argv[0], Path(argv[1])

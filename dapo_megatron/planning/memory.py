@@ -1,6 +1,6 @@
 """Per-GPU memory and per-step cost estimates for one DAPO run (pure arithmetic, no devices).
 
-Why a separate module: the planner CLI (:mod:`dapo_megatron.plan`) decides, formats and
+Why a separate module: :mod:`dapo_megatron.planning.feasibility` decides, formats and
 suggests; this module only counts bytes and FLOPs, so every number can be checked
 against a hand computation in a unit test.
 

@@ -29,6 +29,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch.distributed as dist
+
+from dapo_megatron.checkpoint.files import atomic_write_text
 from dapo_megatron.distributed import all_max
 
 __all__ = [
@@ -123,8 +126,6 @@ def list_files(directory: str | os.PathLike) -> list[str]:
 
 
 def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
     if dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -200,12 +201,7 @@ def write_manifest(directory: str | os.PathLike, manifest: Manifest) -> Path:
         "total_bytes": manifest.total_bytes,
         "files": [{"path": f.path, "size": f.size, "crc32": f.crc32} for f in manifest.files],
     }
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(body, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(body, indent=1))
     return path
 
 

@@ -1,8 +1,4 @@
-"""Output side of the conversion CLI: staged output directories, sharded safetensors, HF assets.
-
-Why staging: a conversion either produces a complete directory or nothing.  Output is
-written into a hidden sibling ``.NAME.tmp-PID`` and renamed to ``NAME`` only after the
-last byte is written; on any error the staging directory is removed.
+"""Writing HF checkpoints: sharded safetensors streamed tensor by tensor, and the HF assets.
 
 Why planned shards: HF shard file names carry the shard count
 (``model-00001-of-00003.safetensors``).  All shapes and dtypes are known before any
@@ -14,26 +10,24 @@ tensor being written, never a shard or the whole model.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
 import shutil
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from dapo_megatron.checkpoint.hf_reader import INDEX_FILE, SAFETENSORS_DTYPES, SINGLE_FILE
 
 __all__ = [
     "HF_ASSET_FILES",
     "ShardedSafetensorsWriter",
     "copy_hf_assets",
     "dtype_nbytes",
-    "ensure_output_free",
     "parse_size",
     "plan_shards",
-    "staged_output_dir",
 ]
 
 # files copied next to exported weights: tokenizer, generation defaults, chat template
@@ -68,37 +62,6 @@ def parse_size(text: str | int) -> int:
     return int(value * factor)
 
 
-def ensure_output_free(out: str | os.PathLike) -> None:
-    """Raise FileExistsError unless ``out`` is absent or an empty directory."""
-    out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise FileExistsError(f"output {out} already exists and is not empty")
-
-
-@contextlib.contextmanager
-def staged_output_dir(out: str | os.PathLike) -> Iterator[Path]:
-    """Yield an empty staging directory that becomes ``out`` on success, vanishes on error.
-
-    Raises:
-        FileExistsError: ``out`` exists and is not empty (nothing is ever overwritten).
-    """
-    out = Path(out)
-    ensure_output_free(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    stage = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if stage.exists():
-        shutil.rmtree(stage)
-    stage.mkdir()
-    try:
-        yield stage
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    if out.exists():
-        out.rmdir()  # empty (checked above)
-    os.rename(stage, out)
-
-
 def dtype_nbytes(dtype: torch.dtype) -> int:
     """Bytes per element of ``dtype``."""
     return torch.empty((), dtype=dtype).element_size()
@@ -123,17 +86,7 @@ def plan_shards(sizes: list[tuple[str, int]], max_shard_bytes: int) -> list[list
     return shards
 
 
-_SAFETENSORS_DTYPE_NAMES = {
-    torch.float64: "F64",
-    torch.float32: "F32",
-    torch.float16: "F16",
-    torch.bfloat16: "BF16",
-    torch.int64: "I64",
-    torch.int32: "I32",
-    torch.int8: "I8",
-    torch.uint8: "U8",
-    torch.bool: "BOOL",
-}
+_SAFETENSORS_DTYPE_NAMES = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
 
 
 class ShardedSafetensorsWriter:
@@ -183,7 +136,7 @@ class ShardedSafetensorsWriter:
         return struct.pack("<Q", len(header)) + header, offsets
 
     def file_name(self, i: int) -> str:
-        return "model.safetensors" if self.n == 1 else f"model-{i + 1:05d}-of-{self.n:05d}.safetensors"
+        return SINGLE_FILE if self.n == 1 else f"model-{i + 1:05d}-of-{self.n:05d}.safetensors"
 
     def _partial(self, i: int) -> Path:
         return self.out_dir / f".{self.file_name(i)}.partial"
@@ -238,7 +191,7 @@ class ShardedSafetensorsWriter:
                 "metadata": {"total_size": total},
                 "weight_map": {name: self.file_name(i) for i, names in enumerate(self.plan) for name in names},
             }
-            (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True))
+            (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True))
 
 
 def copy_hf_assets(src_dir: str | os.PathLike, dst_dir: str | os.PathLike) -> list[str]:

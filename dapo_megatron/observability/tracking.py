@@ -1,7 +1,7 @@
 """Where step metrics go: JSONL always, plus console, TensorBoard and W&B by config.
 
 Why JSONL is the source of truth: it needs no service, survives a crash line
-by line, and is what ``python -m dapo_megatron.plot`` and the resume test read.
+by line, and is what ``python -m dapo_megatron.observability.plot`` and the resume test read.
 A resumed run first drops the lines written after the checkpoint it resumes
 from, so the file never holds two different values for one step.
 
@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-# Every backend MetricsLogger can write to (trainer.logger).
-LOGGERS: tuple[str, ...] = ("console", "jsonl", "tensorboard", "wandb")
+from tqdm import tqdm
+
+from dapo_megatron.observability import LOGGERS
+from dapo_megatron.reward.val_metrics import is_held_out_accuracy
 
 # Shown by the console backend, in this order, when present.
 CONSOLE_KEYS = (
@@ -85,9 +88,6 @@ def truncate_jsonl_after(path: Path, step: int) -> int:
 
 
 def format_console_line(step: int, metrics: Mapping[str, float]) -> str:
-    # imported here: val_metrics needs numpy, and the config imports this module for LOGGERS
-    from dapo_megatron.reward.val_metrics import is_held_out_accuracy
-
     parts = [f"step {step}"]
     for key, label, fmt in CONSOLE_KEYS:
         if key == "val-core":
@@ -127,13 +127,13 @@ class MetricsLogger:
         self._tb = None
         self._wandb_run = None
         if "tensorboard" in self.backends:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # optional: the logging extra
 
             # purge_step hides events a crashed run wrote after its last checkpoint.
             purge = None if resume_step is None else resume_step + 1
             self._tb = SummaryWriter(log_dir=str(self.run_dir / "tensorboard"), purge_step=purge)
         if "wandb" in self.backends:
-            import wandb
+            import wandb  # optional: the logging extra
 
             self._wandb_run = wandb.init(
                 project=project,
@@ -157,8 +157,6 @@ class MetricsLogger:
             self._wandb_run.log(clean, step=step)
         if "console" in self.backends:
             # tqdm.write keeps a progress bar (if one is shown) intact below the line.
-            from tqdm import tqdm
-
             tqdm.write(format_console_line(step, clean))
 
     def close(self) -> None:
@@ -188,8 +186,6 @@ def _wandb_run_id(run_dir: Path) -> str:
     path = run_dir / "wandb_run_id"
     if path.exists():
         return path.read_text().strip()
-    import uuid
-
     run_id = uuid.uuid4().hex[:12]
     path.write_text(run_id)
     return run_id

@@ -1,4 +1,4 @@
-"""``python -m dapo_megatron.plot RUN_DIR``: PNG dashboards from a run's metrics.jsonl.
+"""``python -m dapo_megatron.observability.plot RUN_DIR``: PNG dashboards from a run's metrics.jsonl.
 
 Why PNGs from the JSONL rather than only TensorBoard: they need no server,
 can be attached to an issue or a paper draft, and can be made from a run
@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from dapo_megatron.observability.tracking import merge_rows_by_step, read_jsonl
 from dapo_megatron.reward.val_metrics import is_held_out_accuracy
-from dapo_megatron.tracking import merge_rows_by_step, read_jsonl
 
 # (file stem, title, [(metric key or prefix*, label)], y label)
 PANELS: list[tuple[str, str, list[tuple[str, str]], str]] = [
@@ -147,10 +147,10 @@ def _draw_panel(ax, rows, title, specs, ylabel) -> bool:
 
 def plot_run(run_dir: str | Path, out_dir: str | Path | None = None) -> list[Path]:
     """Write one PNG per panel plus dashboard.png; returns the paths written."""
-    import matplotlib
+    import matplotlib  # optional: the plot extra
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use(): pyplot binds the backend on import
 
     run_dir = Path(run_dir)
     metrics = run_dir / "metrics.jsonl"

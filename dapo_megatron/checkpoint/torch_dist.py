@@ -3,7 +3,7 @@
 A torch_dist checkpoint is a DCP checkpoint (``.metadata`` + data files; each megatron
 ``ShardedTensor.key`` is one DCP tensor made of chunks, each ``ShardedObject`` one byte
 blob under its ``unique_key``) plus megatron's ``metadata.json`` and its common
-(non-sharded) state.  The conversion CLI uses DCP's own planner hooks instead of
+(non-sharded) state.  The converter uses DCP's own planner hooks instead of
 ``megatron.core.dist_checkpointing.save``/``load`` for two reasons:
 
 * **Memory when writing.**  Megatron's ``save`` takes a state dict of materialised
@@ -35,6 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed.checkpoint as dcp
+from megatron.core.dist_checkpointing import serialization
+from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
@@ -110,8 +114,6 @@ def common_state_in_dcp() -> bool:
     Probed by feature rather than version number, so releases in between follow whichever
     scheme they implement.
     """
-    from megatron.core.dist_checkpointing import serialization
-
     return not hasattr(serialization, "get_default_save_common_strategy")
 
 
@@ -226,9 +228,6 @@ def write_torch_dist(
         DCP's ``CheckpointException``); ``directory`` is then incomplete (no ``metadata.json``)
         and must be discarded.
     """
-    from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     if any(directory.iterdir()):
@@ -242,8 +241,6 @@ def write_torch_dist(
     writer = FileSystemWriter(
         directory, single_file_per_rank=False, thread_count=1, per_thread_copy_ahead=0, overwrite=False
     )
-    import torch.distributed.checkpoint as dcp
-
     try:
         dcp.save({}, storage_writer=writer, planner=planner, no_dist=True)
     except CheckpointException as e:
@@ -347,8 +344,6 @@ class TorchDistReader:
             KeyError: a region names a tensor the checkpoint does not have.
             ValueError: a region lies outside the stored tensor or is not fully stored.
         """
-        import torch.distributed.checkpoint as dcp
-
         dests = []
         for r in regions:
             md = self.tensors.get(r.key)

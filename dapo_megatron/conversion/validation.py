@@ -1,4 +1,4 @@
-"""Checks run by the conversion CLI before it writes anything.
+"""Checks run by the converter before it writes anything.
 
 Why a separate pass: a conversion of a 32B model takes minutes and tens of GB; a
 config/tensor inconsistency found half-way would leave the user with nothing but a
@@ -9,42 +9,29 @@ reports every problem at once.
 
 from __future__ import annotations
 
-import json
 import math
 import os
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 
+from transformers import AutoConfig
+
+from dapo_megatron.checkpoint.hf_reader import SafetensorsError, TensorInfo, scan_hf_safetensors
 from dapo_megatron.models import DecoderLayout, divisibility_problems, get_layout, read_rope_theta
 
 __all__ = [
     "ConversionError",
     "HFCheckpoint",
-    "TensorInfo",
-    "read_safetensors_header",
-    "scan_hf_safetensors",
     "validate_hf_checkpoint",
     "validate_layout",
 ]
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 # HF buffers that some checkpoints carry but that are recomputed, never mapped
 _IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
 class ConversionError(ValueError):
     """The input of a conversion is invalid; the message names the file/key/tensor."""
-
-
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where an HF tensor lives and what its header says."""
-
-    file: str
-    dtype: str
-    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -55,76 +42,6 @@ class HFCheckpoint:
     config: object  # transformers.PretrainedConfig
     layout: DecoderLayout
     tensors: dict[str, TensorInfo]
-
-
-def read_safetensors_header(path: str | os.PathLike) -> dict[str, TensorInfo]:
-    """Tensor names -> :class:`TensorInfo` from a safetensors header, checking the file is complete.
-
-    Raises:
-        ConversionError: unreadable header or a file shorter than its header says (truncated).
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        raw = f.read(8)
-        if len(raw) < 8:
-            raise ConversionError(f"{path}: truncated safetensors file ({size} bytes, no header)")
-        (n,) = struct.unpack("<Q", raw)
-        if 8 + n > size:
-            raise ConversionError(f"{path}: truncated safetensors file (header of {n} bytes, file has {size})")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ConversionError(f"{path}: corrupt safetensors header ({e})") from None
-    out: dict[str, TensorInfo] = {}
-    end = 0
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        try:
-            begin_off, end_off = entry["data_offsets"]
-            out[name] = TensorInfo(path.name, str(entry["dtype"]), tuple(int(x) for x in entry["shape"]))
-        except (KeyError, TypeError, ValueError) as e:
-            raise ConversionError(f"{path}: corrupt safetensors header entry {name!r} ({e})") from None
-        end = max(end, int(end_off))
-    if 8 + n + end > size:
-        raise ConversionError(
-            f"{path}: truncated safetensors file: header needs {8 + n + end} bytes, file has {size} "
-            "(interrupted download or copy?)"
-        )
-    return out
-
-
-def scan_hf_safetensors(hf_dir: str | os.PathLike) -> dict[str, TensorInfo]:
-    """Every tensor of an HF checkpoint (single file or index + shards), headers only.
-
-    Raises:
-        ConversionError: no safetensors, a shard named in the index is missing, a tensor
-            listed in the index is not in its shard, or a shard is truncated.
-    """
-    hf_dir = Path(hf_dir)
-    index = hf_dir / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ConversionError(f"{index}: not a valid safetensors index ({e})") from None
-        files = sorted(set(weight_map.values()))
-        missing = [fn for fn in files if not (hf_dir / fn).is_file()]
-        if missing:
-            raise ConversionError(f"{index} lists shard file(s) that do not exist in {hf_dir}: {', '.join(missing)}")
-        tensors: dict[str, TensorInfo] = {}
-        for fn in files:
-            tensors.update(read_safetensors_header(hf_dir / fn))
-        absent = [(name, fn) for name, fn in weight_map.items() if tensors.get(name, TensorInfo(fn, "", ())).file != fn]
-        if absent:
-            name, fn = absent[0]
-            raise ConversionError(f"{index} maps {name!r} to {fn}, which does not contain it ({len(absent)} such)")
-        return tensors
-    single = hf_dir / SINGLE_FILE
-    if not single.is_file():
-        raise ConversionError(f"no {SINGLE_FILE} or {INDEX_FILE} in {hf_dir} (only safetensors are supported)")
-    return read_safetensors_header(single)
 
 
 def validate_layout(layout: DecoderLayout, *, tp: int, pp: int) -> list[str]:
@@ -191,8 +108,6 @@ def layout_family(hf_config) -> str:
 
 def load_hf_config(hf_dir: str | os.PathLike):
     """``AutoConfig`` of an HF directory, with a clear error when config.json is absent or bad."""
-    from transformers import AutoConfig
-
     path = Path(hf_dir) / "config.json"
     if not path.is_file():
         raise ConversionError(f"no config.json in {hf_dir}")
@@ -223,7 +138,10 @@ def validate_hf_checkpoint(hf_dir: str | os.PathLike, *, tp: int = 1, pp: int = 
     except ValueError as e:
         raise ConversionError(f"{hf_dir}/config.json: {e}") from None
     problems = validate_layout(layout, tp=tp, pp=pp) + _config_problems(config)
-    tensors = scan_hf_safetensors(hf_dir)
+    try:
+        tensors = scan_hf_safetensors(hf_dir)
+    except SafetensorsError as e:
+        raise ConversionError(str(e)) from None
     problems += _tensor_problems(layout, tensors, config)
     if problems:
         raise ConversionError(f"cannot convert {hf_dir}:\n  - " + "\n  - ".join(problems))

@@ -9,7 +9,13 @@ import weakref
 import pytest
 import torch
 
-from dapo_megatron.convert_dcp import ChunkSpec, Region, TorchDistReader, common_state_in_dcp, write_torch_dist
+from dapo_megatron.checkpoint.torch_dist import (
+    ChunkSpec,
+    Region,
+    TorchDistReader,
+    common_state_in_dcp,
+    write_torch_dist,
+)
 
 LAYERS = 3
 
