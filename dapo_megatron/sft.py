@@ -97,7 +97,6 @@ class WarmupTarget:
         if self.eval_every < 1 or self.first_eval < 0:
             raise ValueError(f"need eval_every >= 1 and first_eval >= 0, got {self.eval_every}, {self.first_eval}")
 
-
     def first_evaluation(self) -> int:
         """The first multiple of ``eval_every`` at or after ``first_eval`` (and after step 0)."""
         return -(-max(self.first_eval, 1) // self.eval_every) * self.eval_every
