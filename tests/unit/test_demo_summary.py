@@ -65,3 +65,13 @@ def test_warmup_target_names_a_bad_band_and_accuracy_needs_a_val_core_metric():
     assert held_out_accuracy({"val-core/a/acc/mean@8": 0.2, "val-core/b/acc/mean@8": 0.4}) == pytest.approx(0.3)
     with pytest.raises(ValueError, match="no val-core/<source>/acc/mean@k metric"):
         held_out_accuracy({"val-aux/a/pass@8": 1.0})
+
+
+def test_warmup_evaluates_sparsely_far_below_the_band_and_every_eval_every_near_it():
+    t = WarmupTarget(0.20, 0.40, eval_every=25, first_eval=200)
+    assert t.first_evaluation() == 200
+    assert WarmupTarget(eval_every=25, first_eval=210).first_evaluation() == 225
+    assert WarmupTarget(eval_every=25, first_eval=0).first_evaluation() == 25
+    assert t.next_evaluation(200, 0.02) == 250  # under half the bottom (0.10): twice as far
+    assert t.next_evaluation(250, 0.10) == 275  # from half the bottom on: every eval_every
+    assert t.next_evaluation(275, 0.15) == 300

@@ -19,6 +19,8 @@ micro-batch, the loss straight from ``policy_loss`` without external normalisers
   for a model with tied embeddings (first/last-stage embedding gradients are all-reduced).
 * ``uneven``: DP ranks with 1 and 5 rows score them correctly; the short rank runs dummy
   micro-batches so both run the same number.
+* ``onpolicy``: an update without old log-probs (on-policy) takes the same step as one given
+  the log-probs of a separate forward, and is refused when it would take two optimizer steps.
 * ``nonfinite``: a NaN advantage skips the step (weights unchanged, metric counted), a finite
   update resets the count, and ``max_consecutive_nonfinite`` NaN steps in a row raise.
 """
@@ -316,6 +318,40 @@ def check_nonfinite(hf_dir, hf_config, batch) -> list[str]:
     return ["ACTOR-OK nonfinite skip, reset and raise"]
 
 
+def check_onpolicy(hf_dir, hf_config, batch) -> list[str]:
+    """No old_log_probs = on-policy: the same step as with the log-probs of a separate forward."""
+    from dapo_megatron.actor.actor import MegatronActor
+    from dapo_megatron.actor.parallel import destroy_parallel, init_parallel
+
+    init_parallel(1, 1, seed=1)
+    try:
+        cfg = actor_cfg(1, 1, False, 256, dist_opt=True)
+        cfg.ppo_mini_batch_size = 4
+        share, _ = dp_share(batch.select(range(0, 4 * GROUP)), 4)
+        share.group_size = GROUP
+        weights, losses = [], []
+        for on_policy in (False, True):
+            actor = MegatronActor(cfg, AlgorithmConfig(), hf_config, weights=hf_dir)
+            old = None if on_policy else actor.compute_log_probs(share, compute_entropy=False)[0]
+            m = actor.update(dataclasses.replace(share, old_log_probs=old))
+            weights.append([p.detach().clone() for p in actor.gpt.parameters()])
+            losses.append(m["actor/pg_loss"])
+        assert abs(losses[0] - losses[1]) <= 1e-6 * abs(losses[0]), losses
+        worst = max(float((a - b).abs().max()) for a, b in zip(*weights, strict=True))
+        assert worst <= WEIGHT_TOL, worst
+        two_steps, _ = dp_share(batch.select(range(0, 8 * GROUP)), 4)
+        two_steps.group_size = GROUP
+        try:
+            actor.update(dataclasses.replace(two_steps, old_log_probs=None))
+        except ValueError as e:
+            assert "old_log_probs is None (on-policy)" in str(e) and "2 optimizer steps" in str(e), e
+        else:
+            raise AssertionError("an on-policy update over 2 mini-batches was not refused")
+    finally:
+        destroy_parallel(destroy_process_group=False)
+    return [f"ACTOR-OK onpolicy same step as a separate forward (max weight diff {worst:.1e})"]
+
+
 def parse_layouts(spec: str) -> tuple[tuple[int, int, bool], ...]:
     """ "2x1,2x1sp,1x2" -> ((2, 1, False), (2, 1, True), (1, 2, False)); the first is the baseline."""
     out = []
@@ -354,6 +390,7 @@ def main(argv: list[str]) -> int:
     if not args.layouts_only:
         lines += check_uneven_logprobs(hf_dir, hf_model, hf_config, batch)
         lines += check_nonfinite(hf_dir, hf_config, batch)
+        lines += check_onpolicy(hf_dir, hf_config, batch)
     if dist.get_rank() == dist.get_world_size() - 1:
         for line in lines:
             print(line, flush=True)
