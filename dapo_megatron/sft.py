@@ -41,9 +41,9 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer
 
 from dapo_megatron.actor.actor import MegatronActor
-from dapo_megatron.actor.micro_batch import ActorBatch
 from dapo_megatron.actor.parallel import init_parallel
 from dapo_megatron.config import DapoConfig, load_config
+from dapo_megatron.contract import ActorBatch
 from dapo_megatron.data.parquet_dataset import load_prompt_dataset
 from dapo_megatron.data.sampler import ResumableSampler
 from dapo_megatron.distributed import all_sum

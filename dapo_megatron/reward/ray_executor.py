@@ -23,7 +23,6 @@ from dapo_megatron.reward.pool import (
     _Item,
     _Outcome,
     _score_one,
-    _to_outcome,
 )
 
 
@@ -114,7 +113,7 @@ class RayExecutor(_Executor):
                 for ref in ready:
                     index, _ = inflight.pop(ref)
                     try:
-                        results[index] = _to_outcome(ray.get(ref))
+                        results[index] = ray.get(ref)
                     except ray.exceptions.RayError as exc:  # worker crash, OOM kill, ...
                         results[index] = _failed("error: " + _describe(exc))
                         if isinstance(exc, ray.exceptions.WorkerCrashedError):
@@ -143,7 +142,7 @@ def _ray_warmup(scorer: Scorer) -> None:
         warmup()
 
 
-def _ray_score_one(scorer: Scorer, response: str, ground_truth: str, context: Context = None) -> tuple:
+def _ray_score_one(scorer: Scorer, response: str, ground_truth: str, context: Context = None) -> _Outcome:
     # Ray may route a task to a fresh worker (e.g. after a forced cancel).
     _ray_warmup(scorer)
     return _score_one(scorer, response, ground_truth, context)
