@@ -4,7 +4,9 @@ Why one module: every stage (data, rollout, reward, grouping, dynamic sampling, 
 only these dataclasses, so what crosses a boundary is written down once, and a wrong size is
 refused where the value is built, naming the field, instead of surfacing stages later. Types
 that are checkpointed (:class:`Group`) or pickled to workers (:class:`PromptRecord`) hold plain
-lists; tensors appear only where the actor consumes them.
+lists; tensors appear only where the actor consumes them. torch is imported only where a
+tensor is built: the reward pool's worker processes import this module in fresh interpreters,
+where importing torch would add seconds to every worker (re)start.
 
 The flow: :class:`PromptRecord` -> engine -> :class:`Rollouts` -> reward pool ->
 :class:`ScoredBatch` -> ``experience.build_round`` -> :class:`RoundResult` (one
@@ -16,8 +18,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["FINISH_REASONS", "ActorBatch", "Group", "PromptRecord", "RoundResult", "Rollouts", "ScoredBatch"]
 
@@ -184,6 +188,8 @@ class ActorBatch:
     group_size: int = 1
 
     def __post_init__(self) -> None:
+        import torch
+
         n = self.input_ids.shape[0]
         if self.input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [N, S], got {tuple(self.input_ids.shape)}")
@@ -226,6 +232,8 @@ class ActorBatch:
         The result has ``group_size=1``: an arbitrary row selection need not keep prompt groups
         whole, and nothing below the mini-batch split looks at groups.
         """
+        import torch
+
         idx = torch.as_tensor(index, dtype=torch.long)
 
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:

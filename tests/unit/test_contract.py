@@ -1,5 +1,9 @@
 """The stage contract refuses a malformed value where it is built, naming the field."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -45,3 +49,11 @@ def test_rollouts_and_actor_batch_name_the_field():
     ids = torch.ones((2, 4), dtype=torch.long)
     with pytest.raises(ValueError, match="prompt_lengths must be"):
         ActorBatch(ids, torch.tensor([4, 4]), torch.tensor([1]), torch.zeros((2, 3), dtype=torch.bool))
+
+
+def test_the_reward_pool_and_the_buffer_import_without_torch():
+    """Reward workers start in fresh interpreters: torch there would add seconds to every (re)start."""
+    code = "import sys, dapo_megatron.reward.pool, dapo_megatron.algo.dynamic_sampling; print('torch' in sys.modules)"
+    root = Path(__file__).resolve().parents[2]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
