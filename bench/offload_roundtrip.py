@@ -63,9 +63,9 @@ def main(argv=None) -> int:
     torch.set_num_threads(1)
 
     from dapo_megatron.actor.actor import MegatronActor
-    from dapo_megatron.actor.micro_batch import ActorBatch
     from dapo_megatron.actor.parallel import init_parallel
     from dapo_megatron.config import OFFLOAD_KINDS, ActorConfig, AlgorithmConfig
+    from dapo_megatron.contract import ActorBatch
 
     init_parallel(1, 1, seed=0)
     hf_config = qwen2_config(args.hidden, args.layers, args.ffn, args.vocab)

@@ -24,7 +24,6 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 from transformers import AutoConfig, AutoTokenizer
 
-from dapo_megatron import experience
 from dapo_megatron.actor.actor import MegatronActor
 from dapo_megatron.actor.parallel import init_parallel
 from dapo_megatron.algo.dynamic_sampling import DynamicSamplingBuffer
@@ -196,7 +195,6 @@ class Builder:
             max_num_gen_batches=fg.max_num_gen_batches,
             on_exhausted=fg.on_exhausted,
             max_carry_age=fg.max_carry_age,
-            payload_type=experience.GroupSamples,
         )
 
     def lifecycle(self, actor) -> ColocatedLifecycle:

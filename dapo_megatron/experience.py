@@ -1,8 +1,8 @@
 """From one generation round to prompt groups, and from kept groups to the actor's batch.
 
-Why groups carry plain lists: a :class:`~dapo_megatron.algo.dynamic_sampling.Group`
-may sit in the dynamic-sampling buffer across steps and goes into the checkpoint with
-it, so its payload is small, picklable and independent of any device or layout.
+Why groups carry plain lists: a :class:`~dapo_megatron.contract.Group` may sit in the
+dynamic-sampling buffer across steps and goes into the checkpoint with it, so it is small,
+picklable and independent of any device or layout.
 
 Why the data-parallel split is by mini-batch: mini-batch ``m`` of the step is groups
 ``[m * mini, (m + 1) * mini)`` whatever the data-parallel size, and rank ``d`` takes
@@ -13,40 +13,13 @@ mini-batches (and, with the global token-mean, the same gradients) at DP=1 and D
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 
-from dapo_megatron.actor.micro_batch import ActorBatch
 from dapo_megatron.algo.advantage import grpo_advantage
-from dapo_megatron.algo.dynamic_sampling import Group
 from dapo_megatron.algo.overlong import apply_overlong_shaping
 from dapo_megatron.config import DapoConfig
-from dapo_megatron.data.records import PromptRecord
-from dapo_megatron.reward.pool import ScoredBatch
-from dapo_megatron.rollout.engine import Rollouts
-
-
-@dataclass
-class GroupSamples:
-    """A prompt group's samples: what the actor trains on once the buffer keeps the group."""
-
-    prompt_ids: list[int]
-    response_ids: list[list[int]]
-    rollout_log_probs: list[list[float]]  # the engine's, per sampled token
-    truncated: list[bool]  # hit max_response_length
-    data_source: str = ""
-
-
-@dataclass
-class RoundResult:
-    """One generation round, scored and shaped, as the buffer receives it."""
-
-    groups: list[Group]
-    scores: torch.Tensor  # raw verifier scores, [num_prompts * n]
-    shaped: torch.Tensor  # after overlong shaping
-    lengths: torch.Tensor
-    truncated: torch.Tensor
+from dapo_megatron.contract import ActorBatch, Group, PromptRecord, Rollouts, RoundResult, ScoredBatch
 
 
 def shape_rewards(cfg: DapoConfig, scored: ScoredBatch, rollouts: Rollouts) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,27 +58,16 @@ def build_round(
         groups.append(
             Group(
                 uid=f"{rec.uid}@{draw}.{i}" if draw else rec.uid,
-                metrics={
-                    "acc": [float(a) for a in scored.acc[sl]],
-                    "score": scores[sl].tolist(),
-                    "seq_reward": shaped[sl].tolist(),
-                },
-                payload=GroupSamples(
-                    prompt_ids=list(rec.prompt_ids),
-                    response_ids=[list(r) for r in rollouts.response_ids[sl]],
-                    rollout_log_probs=[list(lp) for lp in rollouts.logprobs[sl]],
-                    truncated=rollouts.truncated[sl],
-                    data_source=rec.data_source,
-                ),
+                prompt_ids=list(rec.prompt_ids),
+                response_ids=[list(r) for r in rollouts.response_ids[sl]],
+                rollout_log_probs=[list(lp) for lp in rollouts.logprobs[sl]],
+                truncated=rollouts.truncated[sl],
+                acc=[float(a) for a in scored.acc[sl]],
+                score=scores[sl].tolist(),
+                seq_reward=shaped[sl].tolist(),
             )
         )
-    return RoundResult(
-        groups=groups,
-        scores=scores,
-        shaped=shaped,
-        lengths=torch.tensor(rollouts.lengths, dtype=torch.long),
-        truncated=torch.tensor(rollouts.truncated, dtype=torch.bool),
-    )
+    return RoundResult(groups=groups, scores=scores, lengths=torch.tensor(rollouts.lengths, dtype=torch.long))
 
 
 def dp_shard(groups: Sequence[Group], *, mini_batch_groups: int, dp_size: int, dp_rank: int) -> list[Group]:
@@ -124,8 +86,8 @@ def dp_shard(groups: Sequence[Group], *, mini_batch_groups: int, dp_size: int, d
 
 def advantages_for(groups: Sequence[Group], *, norm_by_std: bool) -> torch.Tensor:
     """GRPO advantages of every response, from the shaped reward, group by group."""
-    rewards = torch.tensor([r for g in groups for r in g.metrics["seq_reward"]], dtype=torch.float32)
-    ids = [g.uid for g in groups for _ in g.metrics["seq_reward"]]
+    rewards = torch.tensor([r for g in groups for r in g.seq_reward], dtype=torch.float32)
+    ids = [g.uid for g in groups for _ in g.seq_reward]
     return grpo_advantage(rewards, ids, norm_by_std=norm_by_std)
 
 
@@ -138,10 +100,10 @@ def to_actor_batch(
     advantages: torch.Tensor | None = None,
 ) -> ActorBatch:
     """Pack groups into the actor's right-padded batch (prompt + response per row)."""
-    prompts = [g.payload.prompt_ids for g in groups for _ in g.payload.response_ids]
-    responses = [r for g in groups for r in g.payload.response_ids]
-    truncated = [t for g in groups for t in g.payload.truncated]
-    sizes = {len(g.payload.response_ids) for g in groups}
+    prompts = [g.prompt_ids for g in groups for _ in g.response_ids]
+    responses = [r for g in groups for r in g.response_ids]
+    truncated = [t for g in groups for t in g.truncated]
+    sizes = {g.size for g in groups}
     if len(sizes) > 1:
         raise ValueError(f"groups of different sizes {sorted(sizes)} cannot form one batch")
     group_size = sizes.pop() if sizes else 1
@@ -168,7 +130,7 @@ def to_actor_batch(
 
 def rollout_log_probs(groups: Sequence[Group], max_response_length: int) -> torch.Tensor:
     """The engine's log-probs of the sampled tokens, [N, R], zero-padded."""
-    rows = [lp for g in groups for lp in g.payload.rollout_log_probs]
+    rows = [lp for g in groups for lp in g.rollout_log_probs]
     out = torch.zeros((len(rows), max_response_length), dtype=torch.float32)
     for i, lp in enumerate(rows):
         out[i, : len(lp)] = torch.tensor(lp, dtype=torch.float32)

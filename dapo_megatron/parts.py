@@ -24,11 +24,9 @@ from typing import TYPE_CHECKING, Any, Protocol
 if TYPE_CHECKING:
     import torch
 
-    from dapo_megatron.actor.micro_batch import ActorBatch
-    from dapo_megatron.algo.dynamic_sampling import Group
-    from dapo_megatron.data.records import PromptRecord
+    from dapo_megatron.contract import ActorBatch, Group, PromptRecord, ScoredBatch
     from dapo_megatron.lifecycle import ColocatedLifecycle
-    from dapo_megatron.reward.pool import Context, ScoredBatch
+    from dapo_megatron.reward.pool import Context
     from dapo_megatron.rollout.engine import RolloutEngine
 
 __all__ = [

@@ -41,9 +41,9 @@ from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer
 
 from dapo_megatron.actor.actor import MegatronActor
-from dapo_megatron.actor.micro_batch import ActorBatch
 from dapo_megatron.actor.parallel import init_parallel
 from dapo_megatron.config import DapoConfig, load_config
+from dapo_megatron.contract import ActorBatch, PromptRecord
 from dapo_megatron.data.parquet_dataset import load_prompt_dataset
 from dapo_megatron.data.sampler import ResumableSampler
 from dapo_megatron.distributed import all_sum
@@ -118,7 +118,7 @@ def held_out_accuracy(metrics: dict[str, float]) -> float:
     return value
 
 
-def sft_batch(records, tokenizer, max_response_length: int, pad_id: int):
+def sft_batch(records: Sequence[PromptRecord], tokenizer, max_response_length: int, pad_id: int) -> ActorBatch:
     """Prompt + reference solution + eos per row, the loss on the solution tokens only."""
     eos = tokenizer.eos_token_id
     prompts = [list(r.prompt_ids) for r in records]

@@ -33,12 +33,12 @@ from tqdm import tqdm
 
 from dapo_megatron import experience
 from dapo_megatron.actor.actor import NonFinitePolicyError, NonFiniteUpdateError
-from dapo_megatron.algo.dynamic_sampling import Group
 from dapo_megatron.algo.rollout_correction import rollout_corr_metrics_over_ranks, truncated_is_weights
 from dapo_megatron.builder import Builder
 from dapo_megatron.checkpoint.metadata import CheckpointMismatchError
 from dapo_megatron.checkpoint.verify import CheckpointIntegrityError
 from dapo_megatron.config import ConfigError, DapoConfig, explain, load_config
+from dapo_megatron.contract import Group, RoundResult
 from dapo_megatron.data.parquet_dataset import DataError
 from dapo_megatron.distributed import all_max, all_sum, any_true
 from dapo_megatron.lifecycle import Phase
@@ -178,7 +178,7 @@ class DapoTrainer:
     def _generation_seed(self, round_index: int) -> int:
         return self.cfg.rollout.seed * 1_000_003 + self.step * 1_009 + round_index
 
-    def _generate_round(self, round_index: int) -> experience.RoundResult:
+    def _generate_round(self, round_index: int) -> RoundResult:
         cfg = self.cfg
         records = [self.train_set[i] for i in self.sampler.next_batch(cfg.data.gen_batch_size)]
         spec = train_sampling(cfg.rollout, cfg.data.max_response_length)
@@ -193,7 +193,7 @@ class DapoTrainer:
             scored = score_sharded(self.pool, texts, truths, contexts)
         return experience.build_round(cfg, records, rollouts, scored, draw=f"{self.step}.{round_index}")
 
-    def _collect_batch(self) -> tuple[list[Group], list[experience.RoundResult]]:
+    def _collect_batch(self) -> tuple[list[Group], list[RoundResult]]:
         self.buffer.begin_step(self.step)
         rounds = []
         while self.buffer.should_generate():
@@ -238,7 +238,7 @@ class DapoTrainer:
         rollout_lp = experience.rollout_log_probs(mine, cfg.data.max_response_length)
         # Groups carried over from an earlier step were sampled by earlier weights: their gap
         # is off-policy staleness, not a sync error, so it gets its own metric.
-        born = torch.tensor([g.born_step for g in mine for _ in g.payload.response_ids])
+        born = torch.tensor([g.born_step for g in mine for _ in g.response_ids])
         fresh = mask & (born == self.step).unsqueeze(-1)
         for prefix, part in (("rollout/actor_mismatch_", fresh), ("rollout/carried_mismatch_", mask & ~fresh)):
             if bool(part.any()):
@@ -395,12 +395,12 @@ class DapoTrainer:
             return run_validation(self.cfg, self.engine, self.pool, self.tokenizer, self.val_set)
 
     # ------------------------------------------------------------------ loop
-    def _batch_metrics(self, groups: Sequence[Group], rounds: Sequence[experience.RoundResult]) -> dict[str, float]:
-        scores = torch.tensor([s for g in groups for s in g.metrics["score"]])
-        rewards = torch.tensor([s for g in groups for s in g.metrics["seq_reward"]])
-        lengths = torch.tensor([len(r) for g in groups for r in g.payload.response_ids], dtype=torch.float32)
-        prompt_lengths = torch.tensor([len(g.payload.prompt_ids) for g in groups], dtype=torch.float32)
-        truncated = torch.tensor([t for g in groups for t in g.payload.truncated], dtype=torch.float32)
+    def _batch_metrics(self, groups: Sequence[Group], rounds: Sequence[RoundResult]) -> dict[str, float]:
+        scores = torch.tensor([s for g in groups for s in g.score])
+        rewards = torch.tensor([s for g in groups for s in g.seq_reward])
+        lengths = torch.tensor([len(r) for g in groups for r in g.response_ids], dtype=torch.float32)
+        prompt_lengths = torch.tensor([len(g.prompt_ids) for g in groups], dtype=torch.float32)
+        truncated = torch.tensor([t for g in groups for t in g.truncated], dtype=torch.float32)
         gen_tokens = float(sum(int(r.lengths.sum()) for r in rounds))
         out = {
             "critic/score/mean": float(scores.mean()),
@@ -489,8 +489,8 @@ class DapoTrainer:
             metrics["perf/time_per_step"] = step_time
             metrics.update(
                 verl_metrics.throughput_metrics(
-                    [len(g.payload.prompt_ids) for g in groups for _ in g.payload.response_ids],
-                    [len(r) for g in groups for r in g.payload.response_ids],
+                    [len(g.prompt_ids) for g in groups for _ in g.response_ids],
+                    [len(r) for g in groups for r in g.response_ids],
                     step_seconds=step_time,
                     num_gpus=dist.get_world_size() if dist.is_initialized() else 1,
                     generated_tokens=metrics["rollout/generated_tokens"],

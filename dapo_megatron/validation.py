@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from dapo_megatron.config import DapoConfig
-from dapo_megatron.data.records import PromptRecord
+from dapo_megatron.contract import PromptRecord
 from dapo_megatron.experience import shape_rewards
 from dapo_megatron.reward.pool import RewardPool
 from dapo_megatron.reward.sharded import score_sharded

@@ -237,7 +237,7 @@ def _actor(sizes: Sizes, device: torch.device, cfg_hf, state):
 
 
 def _batch(sizes: Sizes):
-    from dapo_megatron.actor.micro_batch import ActorBatch
+    from dapo_megatron.contract import ActorBatch
 
     g = torch.Generator().manual_seed(2)
     n, s = sizes.seqs, sizes.seq_len

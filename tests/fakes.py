@@ -22,12 +22,11 @@ import torch
 
 from dapo_megatron.builder import Builder
 from dapo_megatron.config import DapoConfig
-from dapo_megatron.data.records import PromptRecord
+from dapo_megatron.contract import PromptRecord, Rollouts, ScoredBatch
 from dapo_megatron.data.sampler import ResumableSampler
 from dapo_megatron.lifecycle import ColocatedLifecycle, LifecyclePlan
 from dapo_megatron.parts import Parts
-from dapo_megatron.reward.pool import ScoredBatch
-from dapo_megatron.rollout.engine import EngineUnusableError, Rollouts
+from dapo_megatron.rollout.engine import EngineUnusableError
 from dapo_megatron.rollout.layout import RolloutLayout
 from dapo_megatron.weight_sync.sync import SyncStats
 

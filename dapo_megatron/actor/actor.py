@@ -38,7 +38,6 @@ from dapo_megatron.actor import RECOMPUTE
 from dapo_megatron.actor.hf_loading import load_hf_weights_into_model
 from dapo_megatron.actor.logprobs import vocab_parallel_logprobs_and_entropy
 from dapo_megatron.actor.micro_batch import (
-    ActorBatch,
     MicroBatch,
     equalize_micro_batch_count,
     make_micro_batch,
@@ -50,6 +49,7 @@ from dapo_megatron.actor.offload import ActorOffloader, OffloadStats
 from dapo_megatron.actor.optimizer import build_optimizer, lr_at_step, set_lr, wrap_ddp
 from dapo_megatron.algo.loss import aggregate_loss, local_normalizer, policy_loss
 from dapo_megatron.config import ActorConfig, AlgorithmConfig
+from dapo_megatron.contract import ActorBatch
 from dapo_megatron.dtypes import torch_dtype
 
 __all__ = ["MegatronActor", "NonFinitePolicyError", "NonFiniteUpdateError", "memory_metrics"]

@@ -25,104 +25,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
+if TYPE_CHECKING:
+    from dapo_megatron.contract import ActorBatch
+
 __all__ = [
-    "ActorBatch",
     "MicroBatch",
     "plan_micro_batches",
     "equalize_micro_batch_count",
     "make_micro_batch",
     "scatter_to_input_order",
 ]
-
-
-@dataclass
-class ActorBatch:
-    """The sequences one DP rank trains on (or scores) in one call; everything on CPU.
-
-    Per rank, the trainer hands each DP rank its share of the step's prompt groups, with the
-    ``group_size`` responses of a prompt contiguous (mini-batches are cut at group boundaries).
-
-    Attributes:
-        input_ids: ``[N, S]`` int64, prompt + response tokens, right-padded (any pad id).
-        seq_lengths: ``[N]`` int64, number of real tokens (prompt + response) per row.
-        prompt_lengths: ``[N]`` int64, prompt tokens per row (>= 1).
-        response_mask: ``[N, R]`` bool/0-1: response token ``j`` sits at position
-            ``prompt_lengths[i] + j`` of ``input_ids``; ``R`` is the configured maximum response
-            length (it is also the constant of "seq-mean-token-sum-norm").  Masked-out response
-            tokens (overlong filtering) are simply 0 here.
-        old_log_probs: ``[N, R]`` float32, behaviour-policy log-probs (update only).
-        advantages: ``[N]`` or ``[N, R]`` float32 (update only).
-        group_size: responses per prompt (``rollout.n``); ``N`` must be a multiple of it.
-    """
-
-    input_ids: torch.Tensor
-    seq_lengths: torch.Tensor
-    prompt_lengths: torch.Tensor
-    response_mask: torch.Tensor
-    old_log_probs: torch.Tensor | None = None
-    advantages: torch.Tensor | None = None
-    group_size: int = 1
-
-    def __post_init__(self) -> None:
-        n = self.input_ids.shape[0]
-        if self.input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be [N, S], got {tuple(self.input_ids.shape)}")
-        for name in ("seq_lengths", "prompt_lengths"):
-            t = getattr(self, name)
-            if t.shape != (n,):
-                raise ValueError(f"{name} must be [N]=[{n}], got {tuple(t.shape)}")
-        if self.response_mask.dim() != 2 or self.response_mask.shape[0] != n:
-            raise ValueError(f"response_mask must be [N={n}, R], got {tuple(self.response_mask.shape)}")
-        r = self.response_mask.shape[1]
-        if self.old_log_probs is not None and self.old_log_probs.shape != (n, r):
-            raise ValueError(f"old_log_probs must be [N, R]=[{n}, {r}], got {tuple(self.old_log_probs.shape)}")
-        if self.advantages is not None and self.advantages.shape not in ((n,), (n, r)):
-            raise ValueError(f"advantages must be [N] or [N, R] (N={n}, R={r}), got {tuple(self.advantages.shape)}")
-        if self.group_size < 1 or n % self.group_size:
-            raise ValueError(f"N={n} sequences is not a multiple of group_size={self.group_size}")
-        if n and int(self.prompt_lengths.min()) < 1:
-            raise ValueError("prompt_lengths must be >= 1 (the first response token needs a context)")
-        if n and bool((self.seq_lengths > self.input_ids.shape[1]).any()):
-            raise ValueError(f"seq_lengths exceed input_ids width {self.input_ids.shape[1]}")
-        resp_len = self.seq_lengths - self.prompt_lengths
-        if n and bool((resp_len > r).any()):
-            raise ValueError(f"a response is longer than response_mask width R={r}")
-        mask = self.response_mask != 0
-        beyond = torch.arange(r).unsqueeze(0) >= resp_len.unsqueeze(1)
-        if bool((mask & beyond).any()):
-            raise ValueError("response_mask is set beyond a row's response length (seq_lengths - prompt_lengths)")
-
-    @property
-    def num_sequences(self) -> int:
-        return self.input_ids.shape[0]
-
-    @property
-    def max_response_length(self) -> int:
-        return self.response_mask.shape[1]
-
-    def select(self, index: torch.Tensor | Sequence[int]) -> ActorBatch:
-        """The rows ``index`` (in that order), e.g. one mini-batch.
-
-        The result has ``group_size=1``: an arbitrary row selection need not keep prompt groups
-        whole, and nothing below the mini-batch split looks at groups.
-        """
-        idx = torch.as_tensor(index, dtype=torch.long)
-
-        def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t[idx]
-
-        return ActorBatch(
-            input_ids=self.input_ids[idx],
-            seq_lengths=self.seq_lengths[idx],
-            prompt_lengths=self.prompt_lengths[idx],
-            response_mask=self.response_mask[idx],
-            old_log_probs=pick(self.old_log_probs),
-            advantages=pick(self.advantages),
-            group_size=1,
-        )
 
 
 @dataclass

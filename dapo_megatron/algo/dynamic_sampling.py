@@ -16,6 +16,8 @@ Compared with the verl recipe this buffer fixes what users complain about:
 * the std threshold is a tolerance, not an exact float-zero comparison;
 * the filter reads the metric the caller names (``acc`` by default), never the
   overlong-shaped reward, unless asked to.
+
+The buffer holds :class:`~dapo_megatron.contract.Group` objects and checkpoints them whole.
 """
 
 from __future__ import annotations
@@ -24,16 +26,16 @@ import dataclasses
 import logging
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from dapo_megatron.algo import FILTER_METRICS, ON_EXHAUSTED
+from dapo_megatron.contract import Group
 
 logger = logging.getLogger(__name__)
 
-_STATE_VERSION = 1
+_STATE_VERSION = 2  # load_state_dict also reads version 1: see _group_from_v1
 _COUNTERS: tuple[str, ...] = (
     "num_gen_batches",
     "kept_groups",
@@ -48,28 +50,6 @@ _COUNTERS: tuple[str, ...] = (
 
 class DynamicSamplingExhausted(RuntimeError):
     """Too few informative groups after the allowed number of generation rounds."""
-
-
-@dataclass
-class Group:
-    """All samples of one prompt, as the buffer sees them.
-
-    ``metrics`` holds one value per member for each metric name; ``payload`` is
-    opaque to the buffer (the trainer's is :class:`dapo_megatron.experience.GroupSamples`)
-    and must survive ``torch.save`` because carried groups are checkpointed: a dataclass
-    payload is saved as a plain dict and rebuilt by the buffer's ``payload_type``.
-    ``born_step`` is set by the buffer.
-    """
-
-    uid: str
-    metrics: dict[str, list[float]]
-    payload: Any = None
-    born_step: int = 0
-
-    @property
-    def size(self) -> int:
-        """Number of members (samples) of the group."""
-        return len(next(iter(self.metrics.values()))) if self.metrics else 0
 
 
 def _fresh_counters() -> dict[str, int]:
@@ -98,7 +78,6 @@ class DynamicSamplingBuffer:
         max_num_gen_batches: int = 10,
         on_exhausted: str = "raise",
         max_carry_age: int = 0,
-        payload_type: type | None = None,
     ) -> None:
         if train_batch_size <= 0:
             raise ValueError(f"train_batch_size must be > 0, got {train_batch_size}")
@@ -119,7 +98,6 @@ class DynamicSamplingBuffer:
         self.max_num_gen_batches = max_num_gen_batches
         self.on_exhausted = on_exhausted
         self.max_carry_age = max_carry_age
-        self.payload_type = payload_type
 
         self._kept: list[Group] = []  # oldest first
         self._step: int | None = None
@@ -159,22 +137,15 @@ class DynamicSamplingBuffer:
         """Population std (ddof=0, as np.std) above the tolerance, or a lone sample."""
         if not self.enable:
             return True
-        values = np.asarray(group.metrics[self.metric], dtype=np.float64)
+        values = np.asarray(getattr(group, self.metric), dtype=np.float64)
         return values.size == 1 or float(np.std(values)) > self.std_tolerance
 
     def _validate_group(self, group: Group) -> None:
-        if not group.metrics:
-            raise ValueError(f"group {group.uid!r} has no metrics")
-        sizes = {name: len(values) for name, values in group.metrics.items()}
-        if len(set(sizes.values())) != 1 or group.size == 0:
-            raise ValueError(f"group {group.uid!r} has empty or ragged metrics: {sizes}")
-        if self.enable:
-            if self.metric not in group.metrics:
-                raise ValueError(
-                    f"group {group.uid!r} lacks filter metric {self.metric!r} (has {sorted(group.metrics)})"
-                )
-            if not all(math.isfinite(float(v)) for v in group.metrics[self.metric]):
-                raise ValueError(f"group {group.uid!r} has a non-finite {self.metric!r} value")
+        """Sizes are the group's own check; the buffer adds what only filtering needs."""
+        if not isinstance(group, Group):
+            raise TypeError(f"the buffer holds contract.Group objects, got {type(group).__name__}")
+        if self.enable and not all(math.isfinite(float(v)) for v in getattr(group, self.metric)):
+            raise ValueError(f"group {group.uid!r} has a non-finite {self.metric!r} value")
 
     def add_round(self, groups: Sequence[Group]) -> None:
         """Record one generation round: count it, filter its groups, keep the rest.
@@ -288,28 +259,15 @@ class DynamicSamplingBuffer:
         """Carried groups, step and counters as plain containers.
 
         Plain dicts/lists (no ``Group`` objects) so the checkpoint loads with
-        ``torch.load(weights_only=True)`` whenever the payloads are tensors.
+        ``torch.load(weights_only=True)``.
         """
         return {
             "version": _STATE_VERSION,
             "step": self._step,
             "taken": self._taken,
             "counters": dict(self._counters),
-            "groups": [
-                {
-                    "uid": g.uid,
-                    "metrics": {k: list(v) for k, v in g.metrics.items()},
-                    "payload": dataclasses.asdict(g.payload) if dataclasses.is_dataclass(g.payload) else g.payload,
-                    "born_step": g.born_step,
-                }
-                for g in self._kept
-            ],
+            "groups": [dataclasses.asdict(g) for g in self._kept],
         }
-
-    def _payload_from_state(self, payload: Any) -> Any:
-        if self.payload_type is not None and isinstance(payload, dict):
-            return self.payload_type(**payload)
-        return payload
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved; the constructor config stays as built.
@@ -317,23 +275,27 @@ class DynamicSamplingBuffer:
         The config is not restored so a resume may change e.g. the batch size;
         carried groups then still expire by their recorded ``born_step``.
         """
-        if state.get("version") != _STATE_VERSION:
-            raise ValueError(f"unsupported DynamicSamplingBuffer state version {state.get('version')!r}")
+        version = state.get("version")
+        if version not in (1, _STATE_VERSION):
+            raise ValueError(f"unsupported DynamicSamplingBuffer state version {version!r}")
         counters = _fresh_counters()
         unknown = set(state["counters"]) - set(_COUNTERS)
         if unknown:
             raise ValueError(f"unknown dynamic-sampling counters in state: {sorted(unknown)}")
         counters.update({k: int(v) for k, v in state["counters"].items()})
-        groups = [
-            Group(
-                uid=g["uid"],
-                metrics={k: list(v) for k, v in g["metrics"].items()},
-                payload=self._payload_from_state(g["payload"]),
-                born_step=int(g["born_step"]),
-            )
-            for g in state["groups"]
-        ]
+        groups = [Group(**(_group_from_v1(g) if version == 1 else g)) for g in state["groups"]]
         self._step = None if state["step"] is None else int(state["step"])
         self._taken = bool(state["taken"])
         self._counters = counters
         self._kept = groups
+
+
+def _group_from_v1(g: dict[str, Any]) -> dict[str, Any]:
+    """The :class:`Group` fields of a version-1 group, which kept the per-response values in
+    ``metrics[name]`` and the samples in a ``payload`` dict, so that older checkpoints resume."""
+    try:
+        samples = {k: g["payload"][k] for k in ("prompt_ids", "response_ids", "rollout_log_probs", "truncated")}
+        metrics = {k: g["metrics"][k] for k in ("acc", "score", "seq_reward")}
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"checkpointed group {g.get('uid')!r} is not a version-1 trainer group: {exc!r}") from exc
+    return {"uid": g["uid"], "born_step": int(g["born_step"]), **samples, **metrics}

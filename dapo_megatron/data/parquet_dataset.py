@@ -21,8 +21,9 @@ from typing import TYPE_CHECKING, Any, overload
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from dapo_megatron.contract import PromptRecord
 from dapo_megatron.data import TRUNCATION_MODES
-from dapo_megatron.data.records import DatasetStats, PromptRecord
+from dapo_megatron.data.records import DatasetStats
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

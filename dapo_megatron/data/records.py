@@ -1,13 +1,11 @@
-"""Record types shared by the data loaders, the rollout and the trainer.
+"""What the data loaders share: the DAPO prompt wording and the loading statistics.
 
-They are plain dataclasses (no tensors) so that they pickle cheaply to rollout
-workers and are easy to build by hand in tests.
+The prompt record they produce is a stage type: :class:`dapo_megatron.contract.PromptRecord`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 # The instruction wrapped around every DAPO-Math-17k problem. The rule-based
 # verifier looks for the last "Answer: ..." line, so synthetic tasks must use
@@ -18,25 +16,6 @@ DAPO_PROMPT_TEMPLATE = (
     "$Answer is the answer to the problem.\n\n{problem}\n\nRemember to put "
     'your answer on its own line after "Answer:".'
 )
-
-
-@dataclass
-class PromptRecord:
-    """One de-duplicated prompt, ready for generation.
-
-    ``uid`` identifies the prompt across the run: the responses sampled for
-    one prompt are grouped by it for the advantage, and logs / resumed runs
-    refer to it. ``prompt_ids`` already include the chat template, so rollout
-    engines receive token ids and never re-tokenize (re-tokenizing text can
-    differ from the ids the actor is trained on).
-    """
-
-    uid: str
-    prompt_ids: list[int]
-    messages: list[dict[str, str]]
-    ground_truth: str
-    data_source: str
-    extra_info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -46,13 +46,14 @@ from dataclasses import dataclass
 from multiprocessing.connection import Connection, wait
 from typing import Any, Self
 
+from dapo_megatron.contract import ScoredBatch
 from dapo_megatron.reward import BACKENDS, EXECUTORS, get_scorer
 
 logger = logging.getLogger(__name__)
 
 Scorer = Callable[..., Mapping[str, Any]]
 # (data source, extra info) of one response, or None when the caller has none
-Context = tuple[str, dict[str, Any]] | None
+Context = tuple[str, dict[str, object]] | None
 _Item = tuple[str, str, Context]
 FAILED_SCORE = -1.0
 TIMEOUT_PRED = "[TIMEOUT]"
@@ -65,29 +66,12 @@ _MAX_MESSAGE_CHARS = 500
 
 @dataclass(frozen=True)
 class _Outcome:
-    """One response's result inside the pool (``failed``: None, ``"timeout"`` or ``"error: ..."``)."""
+    """One response's result, as a worker sends it back (``failed``: None, ``"timeout"`` or ``"error: ..."``)."""
 
     score: float
     acc: bool
     pred: str
     failed: str | None = None
-
-
-@dataclass
-class ScoredBatch:
-    """Per-response results, index-aligned with the inputs of :meth:`RewardPool.score`.
-
-    ``failed`` is None for a normally scored response, else ``"timeout"`` or
-    ``"error: <ExcType>: <message>"``; failed responses have score -1.0 and acc False.
-    """
-
-    scores: list[float]
-    acc: list[bool]
-    preds: list[str]
-    failed: list[str | None]
-
-    def __len__(self) -> int:
-        return len(self.scores)
 
 
 class RewardPool:
@@ -303,24 +287,18 @@ def _coerce(raw: Any) -> tuple[float, bool, str]:
     return score, bool(raw["acc"]), str(raw.get("pred", ""))
 
 
-def _score_one(scorer: Scorer, response: str, ground_truth: str, context: Context = None) -> tuple:
-    """("ok", score, acc, pred) or ("error", description); never raises.
+def _score_one(scorer: Scorer, response: str, ground_truth: str, context: Context = None) -> _Outcome:
+    """The response's outcome, a failed one (``"error: ..."``) if the scorer raised; never raises.
 
     ``context`` (data source, extra info) reaches only scorers that ask for it
     (``takes_context``, as verl-style reward functions do); the built-in backends never need it.
     """
     try:
         if getattr(scorer, "takes_context", False):
-            return ("ok", *_coerce(scorer(response, ground_truth, context)))
-        return ("ok", *_coerce(scorer(response, ground_truth)))
+            return _Outcome(*_coerce(scorer(response, ground_truth, context)))
+        return _Outcome(*_coerce(scorer(response, ground_truth)))
     except BaseException as exc:  # noqa: BLE001 - SystemExit from a scorer is an error too
-        return ("error", _describe(exc))
-
-
-def _to_outcome(result: tuple) -> _Outcome:
-    if result[0] == "ok":
-        return _Outcome(result[1], result[2], result[3])
-    return _failed("error: " + result[1])
+        return _failed("error: " + _describe(exc))
 
 
 def _complete(results: list[_Outcome | None]) -> list[_Outcome]:
@@ -355,7 +333,7 @@ class _InlineExecutor(_Executor):
         self._scorer = scorer
 
     def run(self, items: list[_Item]) -> list[_Outcome]:
-        return [_to_outcome(_score_one(self._scorer, *item)) for item in items]
+        return [_score_one(self._scorer, *item) for item in items]
 
 
 # ----------------------------------------------------------------------------
@@ -501,8 +479,8 @@ class _ProcessExecutor(_Executor):
                 elif msg[0] == "startup_error":
                     return f"startup: {msg[1]}"
                 else:
-                    index, result = msg
-                    results[index] = _to_outcome(result)
+                    index, outcome = msg
+                    results[index] = outcome
                     w.task = None
                     w.deadline = math.inf
         except (EOFError, OSError):

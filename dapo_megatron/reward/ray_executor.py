@@ -24,7 +24,6 @@ from dapo_megatron.reward.pool import (
     _Item,
     _Outcome,
     _score_one,
-    _to_outcome,
 )
 
 
@@ -122,15 +121,15 @@ class RayExecutor(_Executor):
                     try:
                         item = ray.get(next(task))
                     except StopIteration:
-                        item = ("error", "RuntimeError: Ray task ended without a result")
+                        item = _failed("error: RuntimeError: Ray task ended without a result")
                     except ray.exceptions.RayError as exc:  # worker crash, OOM kill, ...
-                        item = ("error", _describe(exc))
+                        item = _failed("error: " + _describe(exc))
                         if isinstance(exc, ray.exceptions.WorkerCrashedError):
                             self._restarts += 1
                     if item is _STARTED:
                         inflight[task].start(self._timeout_s)
                     else:
-                        results[inflight.pop(task).index] = _to_outcome(item)
+                        results[inflight.pop(task).index] = item
                 now = time.monotonic()
                 for task, t in list(inflight.items()):
                     if now >= t.deadline:

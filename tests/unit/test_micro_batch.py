@@ -8,13 +8,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dapo_megatron.actor.micro_batch import (
-    ActorBatch,
     equalize_micro_batch_count,
     make_micro_batch,
     plan_micro_batches,
     scatter_to_input_order,
 )
 from dapo_megatron.algo.loss import LOSS_AGG_MODES, local_normalizer, policy_loss
+from dapo_megatron.contract import ActorBatch
 
 SETTINGS = settings(max_examples=40, deadline=None)
 

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from dapo_megatron.contract import ScoredBatch
 from dapo_megatron.reward.math_dapo import compute_score
-from dapo_megatron.reward.pool import RewardPool, ScoredBatch
+from dapo_megatron.reward.pool import RewardPool
 
 REPO = Path(__file__).resolve().parents[2]
 

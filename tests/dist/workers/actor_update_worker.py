@@ -34,9 +34,9 @@ import sys
 import torch
 import torch.distributed as dist
 
-from dapo_megatron.actor.micro_batch import ActorBatch
 from dapo_megatron.algo.loss import LOSS_AGG_MODES, aggregate_loss, policy_loss
 from dapo_megatron.config import ActorConfig, AlgorithmConfig
+from dapo_megatron.contract import ActorBatch
 
 GRAD_TOL = 2e-5  # relative to the largest gradient entry
 LP_TOL = 1e-4

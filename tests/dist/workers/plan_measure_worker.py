@@ -20,9 +20,9 @@ def tensor_bytes(t: torch.Tensor) -> int:
 
 def main() -> None:
     from dapo_megatron.actor.actor import MegatronActor
-    from dapo_megatron.actor.micro_batch import ActorBatch
     from dapo_megatron.actor.parallel import destroy_parallel, init_parallel
     from dapo_megatron.config import load_config
+    from dapo_megatron.contract import ActorBatch
     from tests.tiny_models import tiny_config
 
     tp, pp, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]

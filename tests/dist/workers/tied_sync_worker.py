@@ -95,7 +95,7 @@ def actor_config(tp: int, pp: int):
 
 
 def sample_batch(engine, prompts, seed: int, pad_id: int):
-    from dapo_megatron.actor.micro_batch import ActorBatch
+    from dapo_megatron.contract import ActorBatch
     from dapo_megatron.rollout.engine import SamplingSpec
 
     ro = engine.generate(prompts, N, SamplingSpec(temperature=1.0, max_tokens=MAX_TOKENS), seed)
