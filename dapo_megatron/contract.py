@@ -188,7 +188,7 @@ class ActorBatch:
     group_size: int = 1
 
     def __post_init__(self) -> None:
-        import torch
+        import torch  # here, not at the top: reward workers import this module, and each restart would load torch
 
         n = self.input_ids.shape[0]
         if self.input_ids.dim() != 2:
@@ -232,7 +232,7 @@ class ActorBatch:
         The result has ``group_size=1``: an arbitrary row selection need not keep prompt groups
         whole, and nothing below the mini-batch split looks at groups.
         """
-        import torch
+        import torch  # here, not at the top: reward workers import this module, and each restart would load torch
 
         idx = torch.as_tensor(index, dtype=torch.long)
 

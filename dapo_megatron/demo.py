@@ -23,6 +23,9 @@ import sys
 import time
 from pathlib import Path
 
+from dapo_megatron.data.synthetic import make_arithmetic_task
+from dapo_megatron.models.tiny import make_tiny_qwen2
+from dapo_megatron.observability.plot import plot_run
 from dapo_megatron.observability.tracking import merge_rows_by_step, read_jsonl
 from dapo_megatron.reward.val_metrics import is_held_out_accuracy
 
@@ -76,10 +79,6 @@ def run(
 ) -> dict:
     """Task, model, warm-up, DAPO, summary. ``seed`` seeds the initial model and the warm-up's
     data order; ``sft_band`` None warms up for exactly ``sft_steps`` steps."""
-    from dapo_megatron.data.synthetic import make_arithmetic_task
-    from dapo_megatron.models.tiny import make_tiny_qwen2
-    from dapo_megatron.observability.plot import plot_run
-
     if fresh and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
