@@ -69,7 +69,9 @@ def main(argv: list[str]) -> int:
     except BaseException as exc:  # noqa: BLE001 -- the outcome is the report
         outcome = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
     report = {"outcome": outcome, "seconds": round(time.monotonic() - start, 1)}
-    (root / f"rank{rank}.json").write_text(json.dumps(report))
+    # Written whole, then renamed: rank 0 polls for the file and must never read it half-written.
+    (root / f"rank{rank}.json.tmp").write_text(json.dumps(report))
+    (root / f"rank{rank}.json.tmp").rename(root / f"rank{rank}.json")
     if rank == 0:
         other = root / "rank1.json"
         deadline = time.monotonic() + timeout_s + 120
