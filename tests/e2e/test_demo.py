@@ -1,17 +1,16 @@
 """The README's main command, with its defaults, learns: held-out accuracy rises well beyond its noise.
 
-What the threshold rests on (bench/RESULTS.md, "Robustness of the demo, second recipe"): the
+What the threshold rests on (bench/RESULTS.md, "Robustness of the demo, third recipe"): the
 warm-up stops at the first held-out measurement inside 0.20-0.40, and its weight decay gets
-every seed measured there. Over seven configurations (warm-up seeds 0-4, seed 0 with MKL
-limited to AVX2, seed 0 with 2 threads per process) DAPO then gained +6.5 to +19.8 points by
-step 100 (mean 11.1, standard deviation 4.5), against a noise of about 1.3 points (one standard
+every seed measured there. Over eight configurations (warm-up seeds 0-4, seed 0 with 1 and
+with 2 threads, seed 0 with MKL limited to AVX2) DAPO then gained +4.9 to +9.8 points by step
+100 (mean 7.5, standard deviation 1.8), against a noise of about 1.3 points (one standard
 deviation of the difference of two held-out estimates, from val-aux/*/acc/sem@8).
 MIN_GAIN = 3 points:
 - a policy that does not learn clears it with probability about 1 % (2.3 noise-sigma);
 - a machine whose rounding is another draw of this kind gains less than 3 points with a
-  probability between about 0.04 % (log-normal fit) and 4 % (normal fit, pessimistic: the
-  spread comes from the high gains); seven draws cannot pin it closer. The lowest gain seen,
-  +6.5, cleared it by 3.5 points.
+  probability between about 0.04 % (log-normal fit) and 0.6 % (normal fit); eight draws
+  cannot pin it closer. The lowest gain seen, +4.9, cleared it by 1.9 points.
 """
 
 import json
