@@ -49,7 +49,9 @@ def test_update_times_the_finished_optimizer_step(cuda_recorder, monkeypatch):
     events = cuda_recorder
     ticks = itertools.count()
     monkeypatch.setattr(time, "perf_counter", lambda: events.append("clock") or float(next(ticks)))
-    batch = SimpleNamespace(select=lambda idx: None, seq_lengths=torch.tensor([3, 4, 5, 6]))
+    batch = SimpleNamespace(
+        select=lambda idx: None, seq_lengths=torch.tensor([3, 4, 5, 6]), old_log_probs=torch.zeros(4, 1)
+    )
     metrics = MegatronActor.update(_fake_actor(events), batch)
     assert events == ["sync", "clock", "fwd_bwd", "step", "fwd_bwd", "step", "sync", "clock", "peak", "reset"]
     assert metrics["perf/max_memory_allocated_gb"] == 3.0
