@@ -288,9 +288,12 @@ class ValSamplingConfig:
 @dataclass
 class WeightSyncConfig:
     bucket_size_mb: int = 512
-    # after every sync: checksum every tensor inside the engine, then compare the engine's
+    # after a sync: checksum every tensor inside the engine, then compare the engine's
     # log-probs with the actor's on `probe_prompts` training prompts (the function check)
     verify: bool = False
+    # verify the start-up sync, the sync after every verify_freq-th step and the last one;
+    # the rollout/actor log-prob gap still checks every step (docs/MISMATCH.md)
+    verify_freq: int = 1
     probe_prompts: int = 4
     # fault drill: these HF tensors keep their first synced value in the engine (tests the guard)
     inject_stale_tensors: list[str] = field(default_factory=list)
@@ -356,6 +359,7 @@ def _check_rollout(c: _Checker, cfg: DapoConfig) -> None:
     c.require(r.val.top_k == -1 or r.val.top_k > 0, "rollout.val.top_k", "must be -1 (off) or > 0")
     c.positive(r.weight_sync.bucket_size_mb, "rollout.weight_sync.bucket_size_mb")
     c.positive(r.weight_sync.probe_prompts, "rollout.weight_sync.probe_prompts")
+    c.positive(r.weight_sync.verify_freq, "rollout.weight_sync.verify_freq")
     if r.max_mismatch is not None:
         c.require(r.max_mismatch > 0, "rollout.max_mismatch", "must be > 0 (or null for the dtype default)")
 

@@ -106,7 +106,7 @@ class DapoTrainer:
         self.lifecycle.attach_engine(self.engine)
         self.weight_sync = self.parts.build_weight_sync(self.engine)
         if self._engine_needs_actor_weights(resumed):
-            self._refresh_engine()
+            self._refresh_engine(startup=True)
             logger.info("engine weights synced from the actor (%s)", "resumed" if resumed else "dummy start")
         self.timings.clear()
         if self.is_logger:
@@ -348,12 +348,14 @@ class DapoTrainer:
     def _enter(self, phase: Phase) -> None:
         self.lifecycle.enter(phase)
 
-    def _refresh_engine(self) -> dict[str, float]:
+    def _refresh_engine(self, startup: bool = False) -> dict[str, float]:
         """From TRAIN (or start-up) to ROLLOUT: the engine gets the actor's weights, verified
         when configured (see :mod:`dapo_megatron.lifecycle` for what moves in each phase)."""
         self._enter(Phase.SYNC)
         metrics = self._sync_weights()
-        if self.cfg.rollout.weight_sync.verify:
+        ws = self.cfg.rollout.weight_sync
+        due = startup or self.step % ws.verify_freq == 0 or self.step == self.total_steps
+        if ws.verify and due:
             self._enter(Phase.VERIFY)
             with self._timer("verify_weights"):
                 metrics.update(self._verify_engine())

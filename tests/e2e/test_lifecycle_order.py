@@ -2,7 +2,7 @@
 
 ``workers/recording_train.py`` wraps the engine and the actor in a recorder that observes and
 forwards.  Every offload is on (verl's recipe), the engine sleeps at level 1 and weights are
-verified after each sync (tiny_cpu.yaml), so the run takes every transition of
+verified after each sync (``rollout.weight_sync.verify_freq=1``), so the run takes every transition of
 dapo_megatron/lifecycle.py.  On CPU vLLM's sleep pauses the scheduler and frees nothing, and
 the actor's offload really frees its storage (tests/dist/test_offload.py checks the bytes).
 
@@ -47,6 +47,7 @@ def _args(tiny_task, out, *overrides):
         "actor.offload.grads=true",
         "actor.offload.optimizer=true",
         "rollout.free_cache_engine=true",
+        "rollout.weight_sync.verify_freq=1",
         "trainer.val_before_train=false",
         "trainer.test_freq=2",
         "trainer.checkpoint.save_freq=2",

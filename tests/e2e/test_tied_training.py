@@ -40,6 +40,7 @@ def _args(tiny_task, tied_model, out, *overrides):
         "trainer.test_freq=-1",
         "trainer.val_before_train=false",
         "trainer.checkpoint.save_freq=-1",
+        "rollout.weight_sync.verify_freq=1",  # tiny_cpu.yaml verifies every 25th step
         *overrides,
     )
 

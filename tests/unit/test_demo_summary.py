@@ -58,7 +58,7 @@ def test_summary_ends_with_the_verdict_and_sums_each_save_once(tmp_path, capsys)
 def test_warmup_target_names_a_bad_band_and_accuracy_needs_a_val_core_metric():
     with pytest.raises(ValueError, match=r"low <= high.*\[0.4, 0.2\]"):
         WarmupTarget(0.4, 0.2)
-    with pytest.raises(ValueError, match="need eval_every >= 1 and first_eval >= 0, got 0, 200"):
+    with pytest.raises(ValueError, match="need eval_every >= 1 and first_eval >= 0, got 0, 500"):
         WarmupTarget(eval_every=0)
     with pytest.raises(ValueError, match="weight decay"):
         WarmupTarget(weight_decay=-0.1)
@@ -75,3 +75,39 @@ def test_warmup_evaluates_sparsely_far_below_the_band_and_every_eval_every_near_
     assert t.next_evaluation(200, 0.02) == 250  # under half the bottom (0.10): twice as far
     assert t.next_evaluation(250, 0.10) == 275  # from half the bottom on: every eval_every
     assert t.next_evaluation(275, 0.15) == 300
+
+
+# Held-out accuracy at the steps each warm-up evaluated, from three rows of bench/RESULTS.md's
+# robustness table (evaluation started at step 200 then): seed 0 (evaluated every 25 steps),
+# seed 0 on one thread (the earliest stop) and seed 4.
+# fmt: off
+RECORDED_WARMUPS = {
+    "seed 0": (950, dict(zip(range(200, 951, 25), (
+        0.0175, 0.01875, 0.025, 0.02875, 0.0275, 0.03375, 0.035625, 0.038125, 0.051875, 0.049375, 0.06,
+        0.065, 0.06375, 0.0775, 0.07625, 0.08375, 0.084375, 0.088125, 0.094375, 0.101875, 0.105,
+        0.116875, 0.1275, 0.148125, 0.130625, 0.140625, 0.16125, 0.146875, 0.17625, 0.173125, 0.219375,
+    ), strict=True))),
+    "seed 0, 1 thread": (675, {
+        200: 0.014375, 250: 0.01625, 300: 0.0275, 350: 0.03875, 400: 0.050625, 450: 0.061875,
+        500: 0.075625, 550: 0.094375, 600: 0.12, 625: 0.136875, 650: 0.184375, 675: 0.2125,
+    }),
+    "seed 4": (825, {
+        200: 0.023125, 250: 0.024375, 300: 0.035625, 350: 0.043125, 400: 0.05125, 450: 0.0625,
+        500: 0.068125, 550: 0.08125, 600: 0.08875, 650: 0.108125, 675: 0.1075, 700: 0.14,
+        725: 0.13625, 750: 0.155625, 775: 0.175625, 800: 0.199375, 825: 0.206875,
+    }),
+}
+# fmt: on
+
+
+@pytest.mark.parametrize("name", sorted(RECORDED_WARMUPS))
+def test_the_first_evaluation_at_500_stops_recorded_warmups_where_they_stopped(name):
+    """The default schedule, replayed on recorded accuracies, evaluates only steps that were
+    evaluated (a step missing from the record raises KeyError) and stops on the recorded stop."""
+    stop, acc_at = RECORDED_WARMUPS[name]
+    target = WarmupTarget()
+    assert target.first_evaluation() == 500
+    step = target.first_evaluation()
+    while acc_at[step] < target.low:
+        step = target.next_evaluation(step, acc_at[step])
+    assert step == stop

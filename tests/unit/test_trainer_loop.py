@@ -150,6 +150,20 @@ def test_resume_continues_the_step_count_and_the_data(tmp_path):
     assert start == ["ckpt.load(step_2)@-", *START_REFRESH]
 
 
+def test_verify_freq_verifies_the_startup_sync_every_nth_step_and_the_last(tmp_path):
+    cfg = tiny_config(tmp_path, total_steps=5)
+    cfg.rollout.weight_sync.verify_freq = 2
+    log = Log()
+    trainer = _run(cfg, log, load_format="dummy")
+    start, *steps = _steps(log)
+    assert "engine.engine_checksums@verify" in start
+    verified = [i for i, events in enumerate(steps, 1) if "engine.engine_checksums@verify" in events]
+    assert verified == [2, 4, 5]
+    rows = trainer.tracker.rows
+    assert [r["step"] for r in rows if r["weight_sync/verified_tensors"] > 0] == [2, 4, 5]
+    assert [r["step"] for r in rows if "timing_s/verify_weights" in r] == [2, 4, 5]
+
+
 def test_a_dummy_started_engine_is_synced_before_first_use(tmp_path):
     cfg = tiny_config(tmp_path, total_steps=1)
     log = Log()
