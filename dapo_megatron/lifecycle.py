@@ -155,11 +155,9 @@ def transitions(src: Residency, dst: Residency, *, sleep_level: int, engine: boo
 class ColocatedLifecycle:
     """Executes :class:`LifecyclePlan` on one actor and (once attached) one engine.
 
-    ``empty_cache`` runs the ``empty_cache`` action (a run passes
-    :func:`dapo_megatron.actor.offload.empty_device_cache`; taken as an argument so that this
-    module, which the planner imports, needs no torch).  ``observers`` are called with every
-    executed :class:`Action` (the lifecycle-order test records them; nothing in the package
-    depends on them).
+    ``empty_cache`` performs that action (:func:`dapo_megatron.actor.offload.empty_device_cache`,
+    passed in: the planner imports this module without torch).  ``observers`` are called with every
+    executed :class:`Action` (the lifecycle-order test records them; nothing in the package depends on them).
     """
 
     def __init__(

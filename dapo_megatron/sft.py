@@ -154,11 +154,10 @@ def export_hf(actor, hf_config, tokenizer, out_dir: Path, info: dict | None = No
     if dist.get_rank() == 0:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
-        specs = {name: (t.shape, t.dtype) for name, t in tensors.items()}
-        writer = ShardedSafetensorsWriter(tmp, [list(specs)], specs)  # one shard: model.safetensors
+        writer = ShardedSafetensorsWriter(tmp, [list(tensors)], {n: (t.shape, t.dtype) for n, t in tensors.items()})
         for name, t in tensors.items():
             writer.add(name, t)
-        writer.finish()
+        writer.finish()  # one shard: model.safetensors
         hf_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if info is not None:

@@ -6,12 +6,12 @@ the optimizers); each shim below was measured to be needed there (megatron-core 
 0.19.2, torch 2.13 CPU) and has a test that runs the unpatched code and shows the failure
 (tests/unit/test_compat_needed.py; docs/COMPAT.md has the root causes).
 
-Quarantined: importing this module patches nothing (tests/unit/test_compat.py checks it);
-only :func:`apply_cpu_shims` does, called from the no-CUDA branch of
-:func:`dapo_megatron.actor.parallel.init_parallel`, and it refuses to run when CUDA is
-available, so a GPU job can never be silently altered by it.  It also refuses a megatron-core outside the measured range
-(:func:`dapo_megatron.compat.guard`): the torch proxy and the replaced RNG tracker methods
-rely on megatron's module layout and private names, and a CPU run is a test run, where a
+Quarantined: importing this module patches nothing (tests/unit/test_compat.py checks it); only
+:func:`apply_cpu_shims` does, called from the no-CUDA branch of
+:func:`dapo_megatron.actor.parallel.init_parallel`, and it refuses to run when CUDA is available,
+so a GPU job can never be silently altered by it.  It also refuses a megatron-core outside the
+measured range (:func:`dapo_megatron.compat.guard`): the torch proxy and the replaced RNG tracker
+methods rely on megatron's module layout and private names, and a CPU run is a test run, where a
 loud refusal costs less than a silently wrong result.
 
 Shims applied (idempotently) by :func:`apply_cpu_shims`:
