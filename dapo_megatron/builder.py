@@ -25,6 +25,7 @@ from megatron.core import parallel_state as ps
 from transformers import AutoConfig, AutoTokenizer
 
 from dapo_megatron.actor.actor import MegatronActor
+from dapo_megatron.actor.offload import empty_device_cache
 from dapo_megatron.actor.parallel import init_parallel
 from dapo_megatron.algo.dynamic_sampling import DynamicSamplingBuffer
 from dapo_megatron.checkpoint.metadata import check_compatible, check_optimizer_layout, read_checkpoint_metadata
@@ -198,7 +199,7 @@ class Builder:
         )
 
     def lifecycle(self, actor) -> ColocatedLifecycle:
-        return ColocatedLifecycle(LifecyclePlan.from_config(self.cfg), actor)
+        return ColocatedLifecycle(LifecyclePlan.from_config(self.cfg), actor, empty_device_cache)
 
     def engine(self) -> RolloutEngine:
         cfg = self.cfg

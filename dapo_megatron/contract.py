@@ -4,9 +4,9 @@ Why one module: every stage (data, rollout, reward, grouping, dynamic sampling, 
 only these dataclasses, so what crosses a boundary is written down once, and a wrong size is
 refused where the value is built, naming the field, instead of surfacing stages later. Types
 that are checkpointed (:class:`Group`) or pickled to workers (:class:`PromptRecord`) hold plain
-lists; tensors appear only where the actor consumes them. torch is imported only where a
-tensor is built: the reward pool's worker processes import this module in fresh interpreters,
-where importing torch would add seconds to every worker (re)start.
+lists; tensors appear only where the actor consumes them. This module does not import torch
+(:class:`ActorBatch` works through its tensors' own methods): the reward pool's worker
+processes import it in fresh interpreters, where torch would add seconds to every (re)start.
 
 The flow: :class:`PromptRecord` -> engine -> :class:`Rollouts` -> reward pool ->
 :class:`ScoredBatch` -> ``experience.build_round`` -> :class:`RoundResult` (one
@@ -188,8 +188,6 @@ class ActorBatch:
     group_size: int = 1
 
     def __post_init__(self) -> None:
-        import torch  # here, not at the top: reward workers import this module, and each restart would load torch
-
         n = self.input_ids.shape[0]
         if self.input_ids.dim() != 2:
             raise ValueError(f"input_ids must be [N, S], got {tuple(self.input_ids.shape)}")
@@ -214,7 +212,8 @@ class ActorBatch:
         if n and bool((resp_len > r).any()):
             raise ValueError(f"a response is longer than response_mask width R={r}")
         mask = self.response_mask != 0
-        beyond = torch.arange(r).unsqueeze(0) >= resp_len.unsqueeze(1)
+        positions = resp_len.new_ones(r).cumsum(0) - 1  # 0 .. R-1
+        beyond = positions.unsqueeze(0) >= resp_len.unsqueeze(1)
         if bool((mask & beyond).any()):
             raise ValueError("response_mask is set beyond a row's response length (seq_lengths - prompt_lengths)")
 
@@ -232,9 +231,7 @@ class ActorBatch:
         The result has ``group_size=1``: an arbitrary row selection need not keep prompt groups
         whole, and nothing below the mini-batch split looks at groups.
         """
-        import torch  # here, not at the top: reward workers import this module, and each restart would load torch
-
-        idx = torch.as_tensor(index, dtype=torch.long)
+        idx = self.seq_lengths.new_tensor(index) if isinstance(index, Sequence) else index
 
         def pick(t: torch.Tensor | None) -> torch.Tensor | None:
             return None if t is None else t[idx]

@@ -155,13 +155,21 @@ def transitions(src: Residency, dst: Residency, *, sleep_level: int, engine: boo
 class ColocatedLifecycle:
     """Executes :class:`LifecyclePlan` on one actor and (once attached) one engine.
 
-    ``observers`` are called with every executed :class:`Action` (the lifecycle-order test
-    records them; nothing in the package depends on them).
+    ``empty_cache`` performs that action (:func:`dapo_megatron.actor.offload.empty_device_cache`,
+    passed in: the planner imports this module without torch).  ``observers`` are called with every
+    executed :class:`Action` (the lifecycle-order test records them; nothing in the package depends on them).
     """
 
-    def __init__(self, plan: LifecyclePlan, actor, observers: list[Callable[[Action], None]] | None = None) -> None:
+    def __init__(
+        self,
+        plan: LifecyclePlan,
+        actor,
+        empty_cache: Callable[[], None],
+        observers: list[Callable[[Action], None]] | None = None,
+    ) -> None:
         self.plan = plan
         self.actor = actor
+        self.empty_cache = empty_cache
         self.engine = None
         self.observers = list(observers or [])
         # before an engine exists the actor holds everything (it was just built or loaded)
@@ -207,9 +215,6 @@ class ColocatedLifecycle:
         elif action.op == "actor.onload":
             self.actor.onload(action.arg)
         elif action.op == "empty_cache":
-            # keeps the planner's `import dapo_megatron.lifecycle` free of torch
-            from dapo_megatron.actor.offload import empty_device_cache
-
-            empty_device_cache()
+            self.empty_cache()
         else:
             raise ValueError(f"unknown lifecycle action {action}")

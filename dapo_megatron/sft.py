@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state as ps
-from safetensors.torch import save_file
 from transformers import AutoConfig, AutoTokenizer
 
 from dapo_megatron.actor.actor import MegatronActor
 from dapo_megatron.actor.parallel import init_parallel
+from dapo_megatron.checkpoint.hf_writer import ShardedSafetensorsWriter
 from dapo_megatron.config import DapoConfig, load_config
 from dapo_megatron.contract import ActorBatch, PromptRecord
 from dapo_megatron.data.parquet_dataset import load_prompt_dataset
@@ -156,7 +156,10 @@ def export_hf(actor, hf_config, tokenizer, out_dir: Path, info: dict | None = No
     if dist.get_rank() == 0:
         tmp = out_dir.with_name(out_dir.name + ".tmp")
         tmp.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        writer = ShardedSafetensorsWriter(tmp, [list(tensors)], {n: (t.shape, t.dtype) for n, t in tensors.items()})
+        for name, t in tensors.items():
+            writer.add(name, t)
+        writer.finish()  # one shard: model.safetensors
         hf_config.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         if info is not None:

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from dapo_megatron.actor.offload import empty_device_cache
 from dapo_megatron.builder import Builder
 from dapo_megatron.config import DapoConfig
 from dapo_megatron.contract import PromptRecord, Rollouts, ScoredBatch
@@ -265,7 +266,7 @@ def fake_parts(
     sampler, the dynamic-sampling buffer and the lifecycle (plain logic, real)."""
     log = Log() if log is None else log
     actor = FakeActor(log)
-    lifecycle = ColocatedLifecycle(LifecyclePlan.from_config(cfg), actor)
+    lifecycle = ColocatedLifecycle(LifecyclePlan.from_config(cfg), actor, empty_device_cache)
     log.lifecycle = lifecycle
     train = records(train_truths)
     parts = Parts(

@@ -50,7 +50,7 @@ from dapo_megatron.actor.optimizer import build_optimizer, lr_at_step, set_lr, w
 from dapo_megatron.algo.loss import aggregate_loss, local_normalizer, policy_loss
 from dapo_megatron.config import ActorConfig, AlgorithmConfig
 from dapo_megatron.contract import ActorBatch
-from dapo_megatron.dtypes import torch_dtype
+from dapo_megatron.torch_dtypes import torch_dtype
 
 __all__ = ["MegatronActor", "NonFinitePolicyError", "NonFiniteUpdateError", "memory_metrics"]
 

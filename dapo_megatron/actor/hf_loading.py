@@ -3,7 +3,7 @@
 :func:`load_hf_weights_into_model` reads safetensors lazily
 (:func:`~dapo_megatron.checkpoint.hf_reader.open_hf_safetensors`: one HF tensor at a
 time, only the tensors this rank's parameters need) and fills every parameter of the
-model (this PP stage, this TP rank) through :class:`dapo_megatron.models.DecoderMapping`.
+model (this PP stage, this TP rank) through :class:`dapo_megatron.models.mapping.DecoderMapping`.
 
 :func:`iter_hf_weights` is the reverse direction, streaming: for one parameter at a
 time it all-gathers the TP shards, merges them and yields the HF tensors of this
@@ -21,7 +21,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state
 
 from dapo_megatron.checkpoint.hf_reader import open_hf_safetensors
-from dapo_megatron.models import get_mapping
+from dapo_megatron.models.mapping import get_mapping
 
 __all__ = [
     "load_hf_weights_into_model",

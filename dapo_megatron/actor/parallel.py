@@ -11,8 +11,7 @@
 The backend is :func:`dapo_megatron.distributed.default_backend`: ``cpu:gloo,cuda:nccl``
 when CUDA is available (CPU-side agreements stay legal next to NCCL), gloo otherwise.  On a
 machine without CUDA the CPU shims (:mod:`dapo_megatron.compat.megatron_cpu`) are applied;
-that module is imported lazily inside the CPU branch only, so GPU runs never
-import it.
+importing that module patches nothing, so a GPU run, which never applies them, is unaltered.
 """
 
 from __future__ import annotations
@@ -24,6 +23,7 @@ import torch
 import torch.distributed as dist
 from megatron.core import parallel_state, tensor_parallel
 
+from dapo_megatron.compat.megatron_cpu import apply_cpu_shims
 from dapo_megatron.distributed import default_backend
 
 __all__ = ["init_parallel", "destroy_parallel", "is_cpu_run"]
@@ -88,9 +88,6 @@ def init_parallel(
         raise ValueError(f"world size {world} is not divisible by tp*pp = {tp}*{pp}")
 
     if is_cpu_run():
-        # CPU runs only: a GPU run must never load the quarantined shims
-        from dapo_megatron.compat.megatron_cpu import apply_cpu_shims
-
         apply_cpu_shims()
 
     if parallel_state.model_parallel_is_initialized():

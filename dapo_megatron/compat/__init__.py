@@ -8,9 +8,10 @@ once upstream fixes it, which is the signal to delete the patch).  docs/COMPAT.m
 section per patch with the measured root cause.  tests/unit/test_compat.py keeps the registry
 complete and checks that no module outside this package patches a third party.
 
-Importing this package imports no third-party code; the patch modules are imported by their
-callers, the CPU shims (:mod:`~dapo_megatron.compat.megatron_cpu`) only from the no-CUDA
-branch of ``init_parallel``, so a GPU run never loads them.
+Importing this package imports no third-party code; a patch module imports what it patches at
+its top and patches nothing until its function is called.  :func:`guard` checks the measured
+range, not the names: setup.py pins megatron-core to the range the guards accept, and a release
+that moved a patched module fails at that import (tests/unit/test_compat.py names each target).
 """
 
 from __future__ import annotations

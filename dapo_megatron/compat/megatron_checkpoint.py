@@ -33,6 +33,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
+from megatron.core.dist_checkpointing import serialization
+from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
+from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
 
 from dapo_megatron.compat import guard
 
@@ -51,9 +54,6 @@ def apply_writer_cpu_shim() -> None:
     if _WRITER_SHIM_APPLIED or torch.cuda.is_available():
         return
     guard("cpu-writer-preload")
-    # after guard(): a megatron-core that moved it gets the version message, not an ImportError at import
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-
     original = FileSystemWriterAsync.preload_tensors
 
     def preload_tensors(write_buckets, non_blocking: bool = True):
@@ -83,11 +83,6 @@ def single_rank_writes_deferred(errors: list[BaseException]) -> Iterator[None]:
     checkpoint code agrees on them with one collective).  Restored on exit.
     """
     guard("single-rank-writes-deferred")
-    # after guard(): a megatron-core that moved it gets the version message, not an ImportError at import
-    from megatron.core.dist_checkpointing import serialization
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonSaveStrategy
-    from megatron.core.dist_checkpointing.strategies.filesystem_async import FileSystemWriterAsync
-
     targets = [
         (TorchCommonSaveStrategy, "save_common"),
         (TorchCommonSaveStrategy, "save_sharded_objects"),

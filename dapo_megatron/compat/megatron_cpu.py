@@ -6,12 +6,12 @@ the optimizers); each shim below was measured to be needed there (megatron-core 
 0.19.2, torch 2.13 CPU) and has a test that runs the unpatched code and shows the failure
 (tests/unit/test_compat_needed.py; docs/COMPAT.md has the root causes).
 
-Quarantined: imported only from the CPU branch of
-:func:`dapo_megatron.actor.parallel.init_parallel` (never at package import time), and
-:func:`apply_cpu_shims` refuses to run when CUDA is available, so a GPU job can never be
-silently altered by it.  It also refuses a megatron-core outside the measured range
-(:func:`dapo_megatron.compat.guard`): the torch proxy and the replaced RNG tracker methods
-rely on megatron's module layout and private names, and a CPU run is a test run, where a
+Quarantined: importing this module patches nothing (tests/unit/test_compat.py checks it); only
+:func:`apply_cpu_shims` does, called from the no-CUDA branch of
+:func:`dapo_megatron.actor.parallel.init_parallel`, and it refuses to run when CUDA is available,
+so a GPU job can never be silently altered by it.  It also refuses a megatron-core outside the
+measured range (:func:`dapo_megatron.compat.guard`): the torch proxy and the replaced RNG tracker
+methods rely on megatron's module layout and private names, and a CPU run is a test run, where a
 loud refusal costs less than a silently wrong result.
 
 Shims applied (idempotently) by :func:`apply_cpu_shims`:
@@ -79,6 +79,9 @@ import threading
 import types
 
 import torch
+from megatron.core.fusions import fused_softmax
+from megatron.core.tensor_parallel import random as mpu_random
+from megatron.core.transformer import utils as transformer_utils
 
 from dapo_megatron.compat import guard, patch
 
@@ -112,9 +115,6 @@ def _patch_current_device() -> None:
 
 
 def _patch_rng() -> None:
-    # after guard(): a megatron-core that moved it gets the version message, not an ImportError at import
-    from megatron.core.tensor_parallel import random as mpu_random
-
     def _get_cpu_rng_state(device=None, clone: bool = False, graph_safe: bool = False):
         del device, clone, graph_safe
         return torch.get_rng_state()
@@ -174,10 +174,6 @@ def _patch_tensor_cuda() -> None:
 
 
 def _patch_causal_mask() -> None:
-    # after guard(): a megatron-core that moved it gets the version message, not an ImportError at import
-    from megatron.core.fusions import fused_softmax
-    from megatron.core.transformer import utils as transformer_utils
-
     def get_default_causal_mask(sq: int) -> torch.Tensor:
         """Causal upper-triangular mask (True = masked out), on CPU."""
         return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 
 from dapo_megatron.compat import guard
 
@@ -76,9 +77,6 @@ def fully_reshardable_bucket_fix(optimizer: Any) -> Iterator[None]:
         yield
         return
     guard("fully-reshardable-buckets")
-    # after guard(): a megatron-core that moved it gets the version message, not an ImportError at import
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     original = DistributedOptimizer.sharded_param_state_fully_reshardable
 
     def patched(self, *args, **kwargs):
@@ -107,9 +105,6 @@ def adam_step_passthrough() -> Iterator[None]:
     is touched.
     """
     guard("adam-step-passthrough")
-    # after guard(): a megatron-core that moved it gets the version message, not an ImportError at import
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     original = DistributedOptimizer._set_main_param_and_optimizer_states
 
     def set_states(self, model_param, tensors):

@@ -38,7 +38,7 @@ from dapo_megatron.conversion.meta_model import (
     progress_bar,
 )
 from dapo_megatron.conversion.validation import ConversionError, HFCheckpoint, validate_hf_checkpoint
-from dapo_megatron.models import get_mapping
+from dapo_megatron.models.mapping import get_mapping
 
 HF_SUBDIR = "hf"  # config.json + tokenizer files kept inside a converted checkpoint
 _WEIGHT_DTYPES = {name: dtype for name, dtype in SAFETENSORS_DTYPES.items() if dtype.is_floating_point}

@@ -38,8 +38,10 @@ from dapo_megatron.conversion.meta_model import (
     progress_bar,
 )
 from dapo_megatron.conversion.validation import ConversionError, load_hf_config
-from dapo_megatron.dtypes import DTYPES, torch_dtype
-from dapo_megatron.models import get_layout, get_mapping, read_rope_theta
+from dapo_megatron.dtypes import DTYPES
+from dapo_megatron.models import get_layout, read_rope_theta
+from dapo_megatron.models.mapping import get_mapping
+from dapo_megatron.torch_dtypes import torch_dtype
 
 
 def config_from_metadata(meta: dict):

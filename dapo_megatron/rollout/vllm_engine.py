@@ -29,7 +29,7 @@ from collections.abc import Iterable, Sequence
 import torch
 import torch.distributed as dist
 
-from dapo_megatron import dtypes
+from dapo_megatron import torch_dtypes
 from dapo_megatron.contract import Rollouts
 from dapo_megatron.rollout import SLEEP_LEVELS
 from dapo_megatron.rollout.engine import EngineUnusableError, RolloutEngine, SamplingSpec
@@ -385,4 +385,4 @@ def _completion_record(prompt_idx: int, c) -> tuple[list[int], list[float], str]
 
 def torch_dtype(name: str) -> torch.dtype:
     """torch dtype of a ``rollout.dtype`` string (the dtype weight sync casts to)."""
-    return dtypes.torch_dtype(name, "rollout.dtype")
+    return torch_dtypes.torch_dtype(name, "rollout.dtype")

@@ -43,7 +43,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from dapo_megatron.actor.hf_loading import iter_hf_weights, layer_offset_of, unwrap_model
-from dapo_megatron.models import get_mapping
+from dapo_megatron.models.mapping import get_mapping
 from dapo_megatron.weight_sync.slices import WHOLE, TensorSlice, nan_placeholder
 
 __all__ = ["StageTraffic", "iter_actor_hf_weights", "iter_engine_hf_weights", "iter_stage_hf_weights", "stage_plan"]
@@ -211,7 +211,7 @@ def iter_engine_hf_weights(
     """:func:`iter_actor_hf_weights` plus the tied aliases an engine loads separately (collective).
 
     For a tied model the embedding is followed by the same tensor under ``lm_head.weight``
-    (:meth:`~dapo_megatron.models.DecoderMapping.tied_aliases`): no second gather and no
+    (:meth:`~dapo_megatron.models.mapping.DecoderMapping.tied_aliases`): no second gather and no
     second copy, one more load into the engine.  With PP > 1 the alias arrives as the
     embedding's slice for this rank, so the engine must keep the same slice of both names
     (vLLM shards the LM head exactly like the embedding); a different request is refused.

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 import pkgutil
+import subprocess
 import sys
 import warnings
 from pathlib import Path
@@ -82,6 +84,24 @@ def test_every_target_exists_in_the_installed_package(entry):
     pytest.importorskip(entry.package)
     for target in entry.targets:
         _resolve(target)
+
+
+def test_importing_the_compat_modules_patches_nothing():
+    """Every run imports the patch modules (``init_parallel``'s module imports the CPU shims):
+    only calling a patch function may replace a third party's code.  In a fresh interpreter,
+    because a test in this one may have applied the CPU shims."""
+    code = inspect.getsource(_resolve) + (
+        "import importlib.util, pkgutil\n"
+        "from dapo_megatron.compat import PATCHES\n"
+        "targets = [t for p in PATCHES if importlib.util.find_spec(p.package) for t in p.targets]\n"
+        "before = [_resolve(t) for t in targets]\n"
+        f"for m in pkgutil.iter_modules([{str(COMPAT)!r}]): importlib.import_module('dapo_megatron.compat.' + m.name)\n"
+        "import dapo_megatron.actor.parallel\n"
+        "print([t for t, b in zip(targets, before) if _resolve(t) is not b])\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
 
 
 def test_guard_refuses_or_warns_outside_the_range(monkeypatch):

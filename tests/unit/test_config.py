@@ -269,13 +269,14 @@ def test_one_dtype_table():
     import torch
 
     from dapo_megatron import dtypes
+    from dapo_megatron.torch_dtypes import torch_dtype
 
-    assert [dtypes.torch_dtype(name) for name in dtypes.DTYPES] == [torch.float32, torch.bfloat16, torch.float16]
-    assert {name: torch.empty(0, dtype=dtypes.torch_dtype(name)).element_size() for name in dtypes.DTYPES} == (
+    assert [torch_dtype(name) for name in dtypes.DTYPES] == [torch.float32, torch.bfloat16, torch.float16]
+    assert {name: torch.empty(0, dtype=torch_dtype(name)).element_size() for name in dtypes.DTYPES} == (
         dtypes.DTYPE_BYTES
     )
     with pytest.raises(ValueError, match=r"actor\.params_dtype must be one of .* got 'fp8'"):
-        dtypes.torch_dtype("fp8", "actor.params_dtype")
+        torch_dtype("fp8", "actor.params_dtype")
 
 
 def test_config_imports_no_torch():

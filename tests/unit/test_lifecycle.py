@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 
+from dapo_megatron.actor.offload import empty_device_cache
 from dapo_megatron.config import DapoConfig
 from dapo_megatron.lifecycle import Action, ColocatedLifecycle, LifecyclePlan, Phase, Residency, transitions
 
@@ -114,7 +115,7 @@ class _Actor(_Recorder):
 def test_controller_before_the_engine_exists_moves_only_the_actor():
     actor, engine = _Actor(), _Recorder()
     seen: list[Action] = []
-    life = ColocatedLifecycle(ALL_OFF, actor, observers=[seen.append])
+    life = ColocatedLifecycle(ALL_OFF, actor, empty_device_cache, observers=[seen.append])
     life.enter(Phase.ROLLOUT)  # start-up: the actor was just built, the engine comes next
     assert actor.calls == [("offload", ("params", "grads", "optimizer"))]
     life.attach_engine(engine)

@@ -11,6 +11,7 @@ import logging
 
 import pytest
 
+from dapo_megatron.actor.offload import empty_device_cache
 from dapo_megatron.config import DapoConfig
 from dapo_megatron.lifecycle import ColocatedLifecycle, LifecyclePlan, Phase
 from dapo_megatron.rollout.mismatch import (
@@ -37,7 +38,7 @@ class _Engine:
 def _trainer(verify_calls: list, plan: LifecyclePlan | None = None, log: list | None = None) -> DapoTrainer:
     cfg = DapoConfig()
     trainer = DapoTrainer(cfg, fake_parts(cfg))
-    trainer.lifecycle = ColocatedLifecycle(plan or LifecyclePlan(free_cache_engine=False), actor=None)
+    trainer.lifecycle = ColocatedLifecycle(plan or LifecyclePlan(free_cache_engine=False), None, empty_device_cache)
     trainer.lifecycle.attach_engine(_Engine(log if log is not None else []))
     trainer.lifecycle.enter(Phase.TRAIN)  # the guard runs between the old log-probs and the update
     trainer.max_mismatch = 1e-4

@@ -16,7 +16,8 @@ import torch
 from dapo_megatron.actor.model import transformer_config_from_hf
 from dapo_megatron.conversion.validation import validate_layout
 from dapo_megatron.models import decoder as d
-from dapo_megatron.models import divisibility_problems, get_layout, get_mapping, packed_modules
+from dapo_megatron.models import divisibility_problems, get_layout, packed_modules
+from dapo_megatron.models.mapping import get_mapping
 from dapo_megatron.planning.memory import actor_stage_params, model_training_flops
 from tests.tiny_models import DEFAULTS
 

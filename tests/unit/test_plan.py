@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -259,6 +261,20 @@ def test_tiny_config_on_two_processes(capsys):
     rc, out, _ = run(capsys, "--config", TINY, "--model-config", TINY_MODEL, "--gpu-memory-gb", "16")
     assert rc == EXIT_FEASIBLE, out
     assert "TP2 x PP1 x DP1" in out and "2 GPUs = 2" in out
+
+
+def test_the_planner_cli_imports_no_torch():
+    """The planner runs on a login node in well under a second: no torch, no megatron."""
+    code = (
+        "import runpy, sys\n"
+        f"sys.argv = ['plan', '--config', {TINY!r}, '--model-config', {TINY_MODEL!r}, '--gpu-memory-gb', '16']\n"
+        "try:\n    runpy.run_module('dapo_megatron.plan', run_name='__main__')\n"
+        "except SystemExit as exc:\n    assert exc.code == 0, exc.code\n"
+        "print(sorted({'torch', 'megatron', 'numpy'} & set(sys.modules)))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]", out.stdout
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,8 @@ import pytest
 import torch
 import transformers
 
-from dapo_megatron.models import get_mapping, pad_vocab_size, read_rope_theta
+from dapo_megatron.models import pad_vocab_size, read_rope_theta
+from dapo_megatron.models.mapping import get_mapping
 from tests.tiny_models import tiny_config
 
 

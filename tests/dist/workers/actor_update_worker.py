@@ -129,7 +129,7 @@ def dp_share(batch: ActorBatch, groups_per_step: int) -> ActorBatch:
 
 
 def megatron_grads_as_hf(actor, hf_config) -> dict[str, torch.Tensor]:
-    from dapo_megatron.models import get_mapping
+    from dapo_megatron.models.mapping import get_mapping
 
     mapping = get_mapping(hf_config, tp=1)
     out = {}

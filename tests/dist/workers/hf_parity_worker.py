@@ -48,7 +48,7 @@ def check_weights(model, loaded: list[str], hf_dir: str, hf_config, sp: bool) ->
     from safetensors import safe_open
 
     from dapo_megatron.actor.hf_loading import iter_hf_weights, layer_offset_of
-    from dapo_megatron.models import get_mapping
+    from dapo_megatron.models.mapping import get_mapping
 
     # the mapping's name list for this stage is exactly the model's parameter list
     mapping = get_mapping(hf_config, tp=ps.get_tensor_model_parallel_world_size())
