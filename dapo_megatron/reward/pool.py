@@ -162,7 +162,7 @@ class RewardPool:
         if executor == "process":
             self._impl: _Executor = _ProcessExecutor(scorer, num_workers, self.timeout_s)
         elif executor == "ray":
-            # Imported here: ray_executor builds on this module's helpers.
+            # optional dependency (Ray): the Ray backend loads only when chosen; it also builds on this module
             from dapo_megatron.reward.ray_executor import RayExecutor
 
             self._impl = RayExecutor(scorer, num_workers, self.timeout_s)
