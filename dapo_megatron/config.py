@@ -543,12 +543,9 @@ def _clean_omegaconf_error(exc: OmegaConfBaseException, source: str) -> ConfigEr
     return ConfigError(f"{source}: {where}: {first_line}")
 
 
-def parse_overrides(overrides: Sequence[str]) -> Any:
-    """``a.b=1`` strings (ours or verl's) -> an OmegaConf node; a malformed item is named."""
-    return _parse_overrides(overrides)[0]
-
-
 def _parse_overrides(overrides: Sequence[str]) -> tuple[Any, Translation]:
+    """``a.b=1`` strings (ours or verl's) -> an OmegaConf node and what became of the verl keys;
+    a malformed item is named."""
     try:
         translation = translate(overrides, DapoConfig)
     except VerlKeyError as exc:

@@ -61,10 +61,6 @@ class MicroBatch:
     old_log_probs: torch.Tensor | None
     advantages: torch.Tensor | None
 
-    @property
-    def num_padded_tokens(self) -> int:
-        return self.tokens.numel()
-
     def to(self, device: torch.device | str) -> MicroBatch:
         """A copy with every tensor except ``indices`` (kept on CPU for scattering) on ``device``."""
 

@@ -122,10 +122,6 @@ class ActorOffloader:
         optimizer = _unique(opt_tensors, taken)
         return {"params": params, "grads": grads, "optimizer": optimizer}
 
-    @property
-    def offloaded(self) -> frozenset[str]:
-        return frozenset(self._stashed)
-
     def resident_bytes(self) -> dict[str, int]:
         """Device bytes each kind holds now (0 for an offloaded kind)."""
         return {k: sum(s.nbytes() for s in v) for k, v in self._storages().items()}

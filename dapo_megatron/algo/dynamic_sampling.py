@@ -105,11 +105,6 @@ class DynamicSamplingBuffer:
         self._counters = _fresh_counters()
 
     # ------------------------------------------------------------------ steps
-    @property
-    def step(self) -> int | None:
-        """The training step opened by the last ``begin_step`` (None before any)."""
-        return self._step
-
     def begin_step(self, step: int) -> None:
         """Open training step ``step``: reset per-step counters, expire old carries.
 

@@ -129,7 +129,6 @@ class VllmEngine(RolloutEngine):
         self._broken_reason: str | None = None
         self._asleep: set[str] = set()
         self._weights_discarded = False
-        self.weights_version = 0
         self._weight_slices: dict | None = None
 
     @classmethod
@@ -153,10 +152,6 @@ class VllmEngine(RolloutEngine):
         return cls(model_path, **kwargs)
 
     # ------------------------------------------------------------------ state
-    @property
-    def usable(self) -> bool:
-        return self._state == "ready"
-
     def _check_usable(self, what: str) -> None:
         if self._state == "broken":
             raise EngineUnusableError(
@@ -287,7 +282,6 @@ class VllmEngine(RolloutEngine):
         self._state = "ready"
         self._broken_reason = None
         self._weights_discarded = False
-        self.weights_version += 1
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load all HF-named tensors as one stream (no bucketing); returns the number of tensors."""
