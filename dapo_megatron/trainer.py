@@ -40,7 +40,7 @@ from dapo_megatron.checkpoint.verify import CheckpointIntegrityError
 from dapo_megatron.config import ConfigError, DapoConfig, explain, load_config
 from dapo_megatron.contract import Group, RoundResult
 from dapo_megatron.data.parquet_dataset import DataError
-from dapo_megatron.distributed import all_max, all_sum, any_true
+from dapo_megatron.distributed import all_max, all_sum, any_true, world_size
 from dapo_megatron.lifecycle import Phase
 from dapo_megatron.observability import verl_metrics
 from dapo_megatron.parts import Parts, Tracker, WeightSync
@@ -478,7 +478,7 @@ class DapoTrainer:
                     [len(g.prompt_ids) for g in groups for _ in g.response_ids],
                     [len(r) for g in groups for r in g.response_ids],
                     step_seconds=step_time,
-                    num_gpus=dist.get_world_size() if dist.is_initialized() else 1,
+                    num_gpus=world_size(),
                     generated_tokens=metrics["rollout/generated_tokens"],
                     dp_size=self.parts.dp_size,
                 )

@@ -55,14 +55,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from dapo_megatron.actor.hf_loading import unwrap_model
-from dapo_megatron.checkpoint.agreement import agree_on_failure, barrier, rank0_phase, this_rank
+from dapo_megatron.checkpoint.agreement import agree_on_failure, barrier, rank0_phase
 from dapo_megatron.checkpoint.files import atomic_write_text, fsync_dir
 from dapo_megatron.checkpoint.layout import (
     EXTRA_STATE_FILE,
@@ -88,6 +87,7 @@ from dapo_megatron.checkpoint.metadata import (
 from dapo_megatron.checkpoint.verify import Verify, verify_checkpoint
 from dapo_megatron.compat.megatron_checkpoint import apply_writer_cpu_shim, single_rank_writes_deferred
 from dapo_megatron.compat.megatron_optimizer import adam_step_passthrough, fully_reshardable_bucket_fix
+from dapo_megatron.distributed import this_rank, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def save_checkpoint(
             sharded["optimizer"] = optimizer.sharded_state_dict(
                 sharded["model"], metadata={"distrib_optim_sharding_type": optimizer_sharding}
             )
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world_size()
 
     # 1. every rank writes its tensors (and its rank state); failures agreed, nobody left waiting
     deferred: list[BaseException] = []
@@ -455,7 +455,7 @@ def load_rank_state(path: str | os.PathLike) -> dict[str, Any] | None:
     saved_world = read_checkpoint_metadata(directory).get("rank_state_world_size")
     if saved_world is None:
         return None
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world_size()
     if saved_world != world:
         raise ValueError(f"rank_state of {directory} was saved by {saved_world} ranks, this job has {world}")
     # RNG states and other Python objects: not weights-only
