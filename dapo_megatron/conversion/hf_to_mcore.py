@@ -147,10 +147,7 @@ def _write_plan(
                 raise TypeError(f"unexpected sharded entry {type(entry).__name__} for {name}")
             common[name] = entry
             continue
-        try:
-            full = mapping.hf_to_megatron_full(name, get_meta)
-        except (KeyError, ValueError) as e:
-            raise ConversionError(f"converting Megatron tensor {name!r}: {e}") from None
+        full = _convert_one(mapping, name, get_meta, stacked=False)
         layer = layer_index(name)
         shape = tuple(full.shape)
         _check_megatron_layout(name, entry, shape, layer, num_layers)
