@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dapo_megatron.actor.optimizer import torch_optimizers
 from dapo_megatron.config import OFFLOAD_KINDS
 
 __all__ = ["OFFLOAD_KINDS", "ActorOffloader", "OffloadStats", "ActorStateOffloadedError", "empty_device_cache"]
@@ -76,17 +77,6 @@ def _unique(tensors, taken: set[int]) -> list[torch.UntypedStorage]:
     return out
 
 
-def _inner_optimizers(optimizer) -> list:
-    """The torch optimizers under megatron's (chained, distributed, fp32 or mixed) wrappers."""
-    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    inner = []
-    for opt in chained:
-        torch_opt = getattr(opt, "optimizer", None)
-        if torch_opt is not None:
-            inner.append(torch_opt)
-    return inner
-
-
 def empty_device_cache() -> None:
     """Hand the caching allocator's free blocks back to the driver, so the engine can take them."""
     if torch.cuda.is_available():
@@ -114,7 +104,7 @@ class ActorOffloader:
         buffers = list(getattr(self.model, "buffers", [])) + list(getattr(self.model, "expert_parallel_buffers", []))
         grads = _unique([b.grad_data for b in buffers], taken)
         opt_tensors: list[torch.Tensor] = []
-        for torch_opt in _inner_optimizers(self.optimizer):
+        for torch_opt in torch_optimizers(self.optimizer):
             for group in torch_opt.param_groups:
                 opt_tensors.extend(group["params"])
             for state in torch_opt.state.values():

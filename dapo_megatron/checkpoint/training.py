@@ -61,6 +61,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyPara
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from dapo_megatron.actor.hf_loading import unwrap_model
+from dapo_megatron.actor.optimizer import torch_optimizers
 from dapo_megatron.checkpoint.agreement import agree_on_failure, barrier, rank0_phase
 from dapo_megatron.checkpoint.files import atomic_write_text, fsync_dir
 from dapo_megatron.checkpoint.layout import (
@@ -334,8 +335,7 @@ def _materialize_optimizer_state(optimizer) -> None:
     step, so no parameter moves.  The loaded checkpoint then overwrites the moments; the
     step counters are rebuilt by :func:`_restore_step_counters`.
     """
-    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
-        inner = opt.optimizer
+    for inner in torch_optimizers(optimizer):
         params = [p for g in inner.param_groups for p in g["params"] if p.numel() > 0]
         if all(len(inner.state.get(p, {})) > 0 for p in params):
             continue
@@ -364,8 +364,7 @@ def _restore_step_counters(optimizer) -> None:
     correction of the next step; found by the bit-exact resume test.  The per-parameter
     counters are rebuilt from the group's value.
     """
-    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
-        inner = opt.optimizer
+    for inner in torch_optimizers(optimizer):
         for group in inner.param_groups:
             for p in group["params"]:
                 state = inner.state.get(p)
