@@ -14,7 +14,7 @@ from dapo_megatron.algo.rollout_correction import (
     rollout_corr_partials,
     truncated_is_weights,
 )
-from dapo_megatron.observability.verl_metrics import ROLLOUT_CORR_NAMES
+from tests.verl_names import ROLLOUT_CORR_NAMES
 
 
 def _per_token_loss(lp, old, adv, low=0.2, high=0.28, c=10.0):

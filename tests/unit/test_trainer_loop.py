@@ -16,6 +16,7 @@ import pytest
 
 from dapo_megatron.trainer import DapoTrainer, StopRequested
 from tests.fakes import FakeCheckpoints, Log, fake_parts, tiny_config
+from tests.verl_names import STEP_NAMES
 
 # one step after its rollout rounds, verification on, no offload, sleep level 1
 TRAIN = [
@@ -79,6 +80,13 @@ def test_a_step_is_rollout_train_sync_verify_and_saves_before_committing_after_t
     ]
     assert [r["step"] for r in trainer.tracker.rows] == [1, 2]
     assert trainer.parts.checkpoints.committed == [2]
+
+
+def test_a_row_carries_verl_s_step_names(tmp_path):
+    """All but the actor's own update statistics, which the stand-in actor does not compute
+    (a real run emits every one: tests/e2e/test_base_model_prompts.py)."""
+    row = _run(tiny_config(tmp_path, total_steps=1)).tracker.rows[0]
+    assert [name for name in STEP_NAMES if not name.startswith("actor/") and name not in row] == []
 
 
 def test_dynamic_sampling_generates_rounds_until_the_batch_fills(tmp_path):
