@@ -63,12 +63,11 @@ from torch.distributed.checkpoint.api import CheckpointException  # a BaseExcept
 from dapo_megatron.actor.hf_loading import unwrap_model
 from dapo_megatron.actor.optimizer import torch_optimizers
 from dapo_megatron.checkpoint.agreement import agree_on_failure, barrier, rank0_phase
-from dapo_megatron.checkpoint.files import atomic_write_text, fsync_dir
+from dapo_megatron.checkpoint.files import fsync_dir
 from dapo_megatron.checkpoint.layout import (
     EXTRA_STATE_FILE,
-    LATEST_FILE,
     RANK_STATE_DIR,
-    complete_steps,
+    complete_checkpoints,
     find_latest,
     point_latest,
     quarantine_checkpoint,
@@ -306,7 +305,7 @@ def commit_checkpoint(pending: PendingCheckpoint) -> Path:
             os.rename(tmp, final)
             renamed = True
             fsync_dir(root)
-            atomic_write_text(root / LATEST_FILE, final.name + "\n")
+            point_latest(root, final)
         except Exception as exc:  # re-raised on every rank by agree_on_failure()
             error = exc
     agree_on_failure(error, root=root, tmp=tmp, final=final, undo=(lambda: os.rename(final, tmp)) if renamed else None)
@@ -314,7 +313,7 @@ def commit_checkpoint(pending: PendingCheckpoint) -> Path:
     # only now, with the new checkpoint written, read back and named by `latest`: drop old ones
     def cleanup() -> None:
         if pending.keep_last is not None:
-            for _, old in complete_steps(root)[: -pending.keep_last]:
+            for old in complete_checkpoints(root)[: -pending.keep_last]:
                 shutil.rmtree(old)
         for stale in root.glob("tmp-step_*"):
             shutil.rmtree(stale)
