@@ -737,10 +737,9 @@ def _validate_layout(c: _Checker, cfg: DapoConfig, world_size: int) -> None:
 def _validate_files(c: _Checker, cfg: DapoConfig) -> None:
     d = cfg.data
     c.require(bool(d.train_files), "data.train_files", "no training files given")
-    for i, f in enumerate(d.train_files):
-        c.require(os.path.isfile(f), f"data.train_files[{i}]", f"file not found: {f}")
-    for i, f in enumerate(d.val_files):
-        c.require(os.path.isfile(f), f"data.val_files[{i}]", f"file not found: {f}")
+    for key in ("train_files", "val_files"):
+        for i, f in enumerate(getattr(d, key)):
+            c.require(os.path.isfile(f), f"data.{key}[{i}]", f"file not found: {f}")
     mp = cfg.actor.model_path
     if mp is None:
         c.require(False, "actor.model_path", "not set (the HF checkpoint directory: config.json, weights, tokenizer)")
