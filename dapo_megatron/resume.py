@@ -117,7 +117,7 @@ def choose_checkpoint(mode: str, root: str | Path, *, checksums: bool) -> Resume
                 f"{verification.error()}. It is named by trainer.checkpoint.resume, so it is not replaced "
                 "by another one; name an intact checkpoint, or use resume=auto for the newest intact one"
             )
-        _warn_if_unverified(verification)
+        verification.warn_if_unverified("resuming from")
         return ResumeChoice(verification.directory, verification)
     root = Path(root)
     damaged: list[Verification] = []
@@ -151,16 +151,8 @@ def choose_checkpoint(mode: str, root: str | Path, *, checksums: bool) -> Resume
                     s.moved_to.name if s.moved_to else "?",
                     chosen.directory.name,
                 )
-    _warn_if_unverified(chosen)
+    chosen.warn_if_unverified("resuming from")
     return ResumeChoice(chosen.directory, chosen, skipped)
-
-
-def _warn_if_unverified(verification: Verification) -> None:
-    if not verification.verified and this_rank() == 0:
-        logger.warning(
-            "checkpoint %s has no manifest (written by an earlier version): resuming from it unverified",
-            verification.directory,
-        )
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

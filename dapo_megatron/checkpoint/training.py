@@ -74,7 +74,7 @@ from dapo_megatron.checkpoint.layout import (
     resolve_checkpoint_dir,
     step_dir_name,
 )
-from dapo_megatron.checkpoint.manifest import MANIFEST_FILE, build_manifest, write_manifest
+from dapo_megatron.checkpoint.manifest import build_manifest, write_manifest
 from dapo_megatron.checkpoint.metadata import (
     LOADABLE_SHARDINGS,
     OPTIMIZER_SHARDING_METADATA,
@@ -409,12 +409,7 @@ def load_checkpoint(
         verification = verify_checkpoint(directory, checksums=verify is Verify.CHECKSUMS)
         if not verification.intact:
             raise verification.error()
-        if not verification.verified and this_rank() == 0:
-            logger.warning(
-                "checkpoint %s has no %s (written by an earlier version): loading it unverified",
-                directory,
-                MANIFEST_FILE,
-            )
+        verification.warn_if_unverified("loading")
     meta = read_checkpoint_metadata(directory)
     check_compatible(meta, hf_config, where=f"checkpoint {directory}")
     check_transformer_impl(meta, _transformer_impl(model), where=f"checkpoint {directory}")
