@@ -43,7 +43,7 @@ from dapo_megatron.observability import LOGGERS
 from dapo_megatron.reward import BACKENDS as REWARD_BACKENDS
 from dapo_megatron.reward import EXECUTORS as REWARD_EXECUTORS
 from dapo_megatron.rollout import ENGINES, LOAD_FORMATS, SLEEP_LEVELS
-from dapo_megatron.verl_compat import DEFAULTS_THAT_DIFFER, Translation, VerlKeyError, get_path, translate
+from dapo_megatron.verl_compat import DEFAULTS_THAT_DIFFER, Translation, VerlKeyError, get_path, show_value, translate
 
 
 @dataclass(frozen=True)
@@ -651,17 +651,13 @@ def explain(path: str | None, overrides: Sequence[str]) -> str:
         out += [e.line() for e in translation.explained]
         given = set(translation.values) | {item.split("=", 1)[0] for item in translation.passthrough}
         differ = [
-            f"{key}={_show_value(get_path(cfg, key))} (verl: {_show_value(verl)}): {why}"
+            f"{key}={show_value(get_path(cfg, key))} (verl: {show_value(verl)}): {why}"
             for key, verl, why in DEFAULTS_THAT_DIFFER
             if key not in given
         ]
         if differ:
             out += ["", "# not given; our default differs from verl's"] + differ
     return "\n".join(out) + "\n"
-
-
-def _show_value(value: Any) -> str:
-    return "null" if value is None else str(value)
 
 
 def to_dict(cfg: DapoConfig) -> dict:
