@@ -29,10 +29,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dapo_megatron.actor.optimizer import torch_optimizers
 from dapo_megatron.config import OFFLOAD_KINDS
 
-__all__ = ["OFFLOAD_KINDS", "ActorOffloader", "OffloadStats", "ActorStateOffloadedError", "empty_device_cache"]
+__all__ = [
+    "OFFLOAD_KINDS",
+    "ActorOffloader",
+    "OffloadStats",
+    "ActorStateOffloadedError",
+    "empty_device_cache",
+    "torch_optimizers",
+]
 
 
 class ActorStateOffloadedError(RuntimeError):
@@ -75,6 +81,12 @@ def _unique(tensors, taken: set[int]) -> list[torch.UntypedStorage]:
         taken.add(key)
         out.append(s)
     return out
+
+
+def torch_optimizers(optimizer) -> list:
+    """The torch optimizers under megatron's (chained, distributed, fp32 or mixed) wrappers."""
+    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
+    return [opt.optimizer for opt in chained if getattr(opt, "optimizer", None) is not None]
 
 
 def empty_device_cache() -> None:

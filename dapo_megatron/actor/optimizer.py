@@ -39,7 +39,6 @@ __all__ = [
     "build_optimizer",
     "finalize_grads_without_token_scaling",
     "set_lr",
-    "torch_optimizers",
 ]
 
 
@@ -71,12 +70,6 @@ def set_lr(optimizer, lr: float) -> None:
     """Set ``lr`` on every parameter group (megatron's chained optimizer exposes them all)."""
     for group in optimizer.param_groups:
         group["lr"] = lr
-
-
-def torch_optimizers(optimizer) -> list:
-    """The torch optimizers under megatron's (chained, distributed, fp32 or mixed) wrappers."""
-    chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    return [opt.optimizer for opt in chained if getattr(opt, "optimizer", None) is not None]
 
 
 def finalize_grads_without_token_scaling(model, num_tokens=None, pg_collection=None, force_all_reduce=False):

@@ -61,7 +61,7 @@ from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyPara
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from dapo_megatron.actor.hf_loading import unwrap_model
-from dapo_megatron.actor.optimizer import torch_optimizers
+from dapo_megatron.actor.offload import torch_optimizers
 from dapo_megatron.checkpoint.agreement import agree_on_failure, barrier, rank0_phase
 from dapo_megatron.checkpoint.files import fsync_dir
 from dapo_megatron.checkpoint.layout import (
