@@ -124,6 +124,9 @@ def _choice(mapping: dict[Any, Any], why: str) -> Convert:
     return convert
 
 
+_lr_schedule = _choice({s: s for s in LR_SCHEDULES}, "learning-rate schedules here")
+
+
 def _top_k(value: Any, key: str, target: tuple[str, ...], block: dict[str, Any]) -> dict[str, Any]:
     # verl's "0 for HF rollout" and vLLM's -1 both mean no top-k.
     return {target[0]: -1 if value == 0 else value}
@@ -230,17 +233,8 @@ TABLE: tuple[Row, ...] = (
         changes_meaning=True,
     ),
     off(f"{_A}.optim.lr_warmup_steps_ratio", "give the warm-up as a step count (actor.optim.lr_warmup_steps)"),
-    alias(
-        f"{_A}.optim.lr_decay_style",
-        "actor.optim.lr_decay_style",
-        convert=_choice({s: s for s in LR_SCHEDULES}, "learning-rate schedules here"),
-    ),
-    alias(
-        f"{_A}.optim.warmup_style",
-        "actor.optim.lr_decay_style",
-        "verl's FSDP name for the schedule",
-        convert=_choice({s: s for s in LR_SCHEDULES}, "learning-rate schedules here"),
-    ),
+    alias(f"{_A}.optim.lr_decay_style", "actor.optim.lr_decay_style", convert=_lr_schedule),
+    alias(f"{_A}.optim.warmup_style", "actor.optim.lr_decay_style", "verl's FSDP name for the schedule", _lr_schedule),
     alias(f"{_A}.optim.lr_decay_steps", "actor.optim.lr_decay_steps"),
     alias(f"{_A}.optim.weight_decay", "actor.optim.weight_decay"),
     alias(f"{_A}.optim.betas", ("actor.optim.adam_beta1", "actor.optim.adam_beta2"), convert=(_betas)),
