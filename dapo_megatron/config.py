@@ -43,7 +43,7 @@ from dapo_megatron.observability import LOGGERS
 from dapo_megatron.reward import BACKENDS as REWARD_BACKENDS
 from dapo_megatron.reward import EXECUTORS as REWARD_EXECUTORS
 from dapo_megatron.rollout import ENGINES, LOAD_FORMATS, SLEEP_LEVELS
-from dapo_megatron.verl_compat import DEFAULTS_THAT_DIFFER, Translation, VerlKeyError, get_path, translate
+from dapo_megatron.verl_compat import DEFAULTS_THAT_DIFFER, Translation, VerlKeyError, get_path, show_value, translate
 
 
 @dataclass(frozen=True)
@@ -547,12 +547,9 @@ def _clean_omegaconf_error(exc: OmegaConfBaseException, source: str) -> ConfigEr
     return ConfigError(f"{source}: {where}: {first_line}")
 
 
-def parse_overrides(overrides: Sequence[str]) -> Any:
-    """``a.b=1`` strings (ours or verl's) -> an OmegaConf node; a malformed item is named."""
-    return _parse_overrides(overrides)[0]
-
-
 def _parse_overrides(overrides: Sequence[str]) -> tuple[Any, Translation]:
+    """``a.b=1`` strings (ours or verl's) -> an OmegaConf node and what became of the verl keys;
+    a malformed item is named."""
     try:
         translation = translate(overrides, DapoConfig)
     except VerlKeyError as exc:
@@ -658,17 +655,13 @@ def explain(path: str | None, overrides: Sequence[str]) -> str:
         out += [e.line() for e in translation.explained]
         given = set(translation.values) | {item.split("=", 1)[0] for item in translation.passthrough}
         differ = [
-            f"{key}={_show_value(get_path(cfg, key))} (verl: {_show_value(verl)}): {why}"
+            f"{key}={show_value(get_path(cfg, key))} (verl: {show_value(verl)}): {why}"
             for key, verl, why in DEFAULTS_THAT_DIFFER
             if key not in given
         ]
         if differ:
             out += ["", "# not given; our default differs from verl's"] + differ
     return "\n".join(out) + "\n"
-
-
-def _show_value(value: Any) -> str:
-    return "null" if value is None else str(value)
 
 
 def to_dict(cfg: DapoConfig) -> dict:
@@ -744,10 +737,9 @@ def _validate_layout(c: _Checker, cfg: DapoConfig, world_size: int) -> None:
 def _validate_files(c: _Checker, cfg: DapoConfig) -> None:
     d = cfg.data
     c.require(bool(d.train_files), "data.train_files", "no training files given")
-    for i, f in enumerate(d.train_files):
-        c.require(os.path.isfile(f), f"data.train_files[{i}]", f"file not found: {f}")
-    for i, f in enumerate(d.val_files):
-        c.require(os.path.isfile(f), f"data.val_files[{i}]", f"file not found: {f}")
+    for key in ("train_files", "val_files"):
+        for i, f in enumerate(getattr(d, key)):
+            c.require(os.path.isfile(f), f"data.{key}[{i}]", f"file not found: {f}")
     mp = cfg.actor.model_path
     if mp is None:
         c.require(False, "actor.model_path", "not set (the HF checkpoint directory: config.json, weights, tokenizer)")

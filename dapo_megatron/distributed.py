@@ -28,6 +28,8 @@ __all__ = [
     "default_backend",
     "scalar_device",
     "supports_cpu_tensors",
+    "this_rank",
+    "world_size",
 ]
 
 
@@ -51,6 +53,14 @@ def scalar_device(group=None) -> torch.device:
     if supports_cpu_tensors(dist.get_backend_config(group)):
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
+
+
+def this_rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
 
 
 def _reduce(values: Sequence[float], op, group, dtype: torch.dtype) -> list[float]:

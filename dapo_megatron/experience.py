@@ -100,32 +100,41 @@ def to_actor_batch(
     advantages: torch.Tensor | None = None,
 ) -> ActorBatch:
     """Pack groups into the actor's right-padded batch (prompt + response per row)."""
-    prompts = [g.prompt_ids for g in groups for _ in g.response_ids]
-    responses = [r for g in groups for r in g.response_ids]
-    truncated = [t for g in groups for t in g.truncated]
     sizes = {g.size for g in groups}
     if len(sizes) > 1:
         raise ValueError(f"groups of different sizes {sorted(sizes)} cannot form one batch")
-    group_size = sizes.pop() if sizes else 1
-    num = len(responses)
-    seq_lengths = torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], dtype=torch.long)
-    width = int(seq_lengths.max()) if num else 1
-    input_ids = torch.full((num, width), pad_token_id, dtype=torch.long)
-    mask = torch.zeros((num, max_response_length), dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        if len(r) > max_response_length:
-            raise ValueError(f"response {i} has {len(r)} tokens, more than max_response_length={max_response_length}")
-        input_ids[i, : len(p) + len(r)] = torch.tensor(p + r, dtype=torch.long)
-        if not (mask_truncated and truncated[i]):
-            mask[i, : len(r)] = True
-    return ActorBatch(
-        input_ids=input_ids,
-        seq_lengths=seq_lengths,
-        prompt_lengths=torch.tensor([len(p) for p in prompts], dtype=torch.long),
-        response_mask=mask,
+    return pack_sequences(
+        [g.prompt_ids for g in groups for _ in g.response_ids],
+        [r for g in groups for r in g.response_ids],
+        response_width=max_response_length,
+        pad_token_id=pad_token_id,
+        masked_out=[mask_truncated and t for g in groups for t in g.truncated],
         advantages=advantages,
-        group_size=group_size,
+        group_size=sizes.pop() if sizes else 1,
     )
+
+
+def pack_sequences(
+    prompts: Sequence[Sequence[int]],
+    responses: Sequence[Sequence[int]],
+    *,
+    response_width: int,
+    pad_token_id: int,
+    masked_out: Sequence[bool] | None = None,
+    **fields,
+) -> ActorBatch:
+    """Prompt + response per row, right-padded; each row's response tokens are in the loss mask
+    unless ``masked_out`` says otherwise.  ``fields``: the batch's other fields (advantages, ...)."""
+    seq_lengths = torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)], dtype=torch.long)
+    input_ids = torch.full((len(prompts), int(seq_lengths.max()) if prompts else 1), pad_token_id, dtype=torch.long)
+    response_mask = torch.zeros((len(prompts), response_width), dtype=torch.bool)
+    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
+        if len(r) > response_width:
+            raise ValueError(f"response {i} has {len(r)} tokens, more than max_response_length={response_width}")
+        input_ids[i, : len(p) + len(r)] = torch.tensor([*p, *r], dtype=torch.long)
+        response_mask[i, : len(r)] = not (masked_out and masked_out[i])
+    prompt_lengths = torch.tensor([len(p) for p in prompts], dtype=torch.long)
+    return ActorBatch(input_ids, seq_lengths, prompt_lengths, response_mask, **fields)
 
 
 def rollout_log_probs(groups: Sequence[Group], max_response_length: int) -> torch.Tensor:

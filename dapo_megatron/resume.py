@@ -24,11 +24,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from dapo_megatron.checkpoint.layout import complete_checkpoints
 from dapo_megatron.checkpoint.training import set_aside_damaged
 from dapo_megatron.checkpoint.verify import CheckpointIntegrityError, Verification, verify_checkpoint
+from dapo_megatron.distributed import this_rank
 
 __all__ = [
     "WARN_ON_CHANGE",
@@ -96,10 +95,6 @@ class ConfigDiff:
     free: tuple[ConfigChange, ...]  # everything else
 
 
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
 def choose_checkpoint(mode: str, root: str | Path, *, checksums: bool) -> ResumeChoice:
     """The checkpoint to resume from for ``trainer.checkpoint.resume=mode``; collective.
 
@@ -122,7 +117,7 @@ def choose_checkpoint(mode: str, root: str | Path, *, checksums: bool) -> Resume
                 f"{verification.error()}. It is named by trainer.checkpoint.resume, so it is not replaced "
                 "by another one; name an intact checkpoint, or use resume=auto for the newest intact one"
             )
-        _warn_if_unverified(verification)
+        verification.warn_if_unverified("resuming from")
         return ResumeChoice(verification.directory, verification)
     root = Path(root)
     damaged: list[Verification] = []
@@ -147,7 +142,7 @@ def choose_checkpoint(mode: str, root: str | Path, *, checksums: bool) -> Resume
         skipped = tuple(
             Skipped(v.directory, moved[i] if i < len(moved) else None, v.reason()) for i, v in enumerate(damaged)
         )
-        if _rank() == 0:
+        if this_rank() == 0:
             for s in skipped:
                 logger.warning(
                     "CHECKPOINT SKIPPED: %s is damaged (%s); renamed to %s; resume=auto falls back to %s",
@@ -156,16 +151,8 @@ def choose_checkpoint(mode: str, root: str | Path, *, checksums: bool) -> Resume
                     s.moved_to.name if s.moved_to else "?",
                     chosen.directory.name,
                 )
-    _warn_if_unverified(chosen)
+    chosen.warn_if_unverified("resuming from")
     return ResumeChoice(chosen.directory, chosen, skipped)
-
-
-def _warn_if_unverified(verification: Verification) -> None:
-    if not verification.verified and _rank() == 0:
-        logger.warning(
-            "checkpoint %s has no manifest (written by an earlier version): resuming from it unverified",
-            verification.directory,
-        )
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

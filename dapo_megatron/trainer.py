@@ -40,7 +40,7 @@ from dapo_megatron.checkpoint.verify import CheckpointIntegrityError
 from dapo_megatron.config import ConfigError, DapoConfig, explain, load_config
 from dapo_megatron.contract import Group, RoundResult
 from dapo_megatron.data.parquet_dataset import DataError
-from dapo_megatron.distributed import all_max, all_sum, any_true
+from dapo_megatron.distributed import all_max, all_sum, any_true, world_size
 from dapo_megatron.lifecycle import Phase
 from dapo_megatron.observability import verl_metrics
 from dapo_megatron.parts import Parts, Tracker, WeightSync
@@ -68,25 +68,12 @@ class DapoTrainer:
     def __init__(self, cfg: DapoConfig, parts: Parts) -> None:
         self.cfg = cfg
         self.parts = parts
-        self.tokenizer = parts.tokenizer
-        self.hf_config = parts.hf_config
-        self.pad_id = parts.pad_id
-        self.train_set = parts.train_set
-        self.val_set = parts.val_set
-        self.actor = parts.actor
-        self.lifecycle = parts.lifecycle
-        self.pool = parts.pool
-        self.sampler = parts.sampler
-        self.buffer = parts.buffer
-        self.checkpoints = parts.checkpoints
-        self.total_steps = parts.total_steps
-        self.rank, self.dp_rank, self.dp_size = parts.rank, parts.dp_rank, parts.dp_size
-        self.is_logger = self.rank == 0
+        self.is_logger = parts.rank == 0
         self.max_mismatch = max_mismatch_for(cfg.rollout.max_mismatch, cfg.rollout.dtype, cfg.actor.params_dtype)
         self._mismatch_breaches = 0
         # the function check's prompts: fixed, so probe gaps are comparable across steps
-        probe_count = min(cfg.rollout.weight_sync.probe_prompts, len(self.train_set))
-        self.probe_prompts = [self.train_set[i].prompt_ids for i in range(probe_count)]
+        probe_count = min(cfg.rollout.weight_sync.probe_prompts, len(parts.train_set))
+        self.probe_prompts = [parts.train_set[i].prompt_ids for i in range(probe_count)]
         self.step = 0
         self.engine: RolloutEngine | None = None  # built in start()
         self.weight_sync: WeightSync | None = None
@@ -103,7 +90,7 @@ class DapoTrainer:
         # engine is built: vLLM's start-up check wants gpu_memory_utilization x HBM free.
         self._enter(Phase.ROLLOUT)
         self.engine = self.parts.build_engine()
-        self.lifecycle.attach_engine(self.engine)
+        self.parts.lifecycle.attach_engine(self.engine)
         self.weight_sync = self.parts.build_weight_sync(self.engine)
         if self._engine_needs_actor_weights(resumed):
             self._refresh_engine(startup=True)
@@ -128,9 +115,9 @@ class DapoTrainer:
         return {
             "version": TRAINER_STATE_VERSION,
             "step": self.step,
-            "sampler": self.sampler.state_dict(),
-            "buffer": self.buffer.state_dict(),
-            "actor_update_count": self.actor.update_count,
+            "sampler": self.parts.sampler.state_dict(),
+            "buffer": self.parts.buffer.state_dict(),
+            "actor_update_count": self.parts.actor.update_count,
             "rng": {
                 "python": random.getstate(),
                 "numpy": np.random.get_state(),
@@ -142,13 +129,13 @@ class DapoTrainer:
         path = self.parts.resume_from
         if path is None:
             return False
-        state = self.checkpoints.load(path)
+        state = self.parts.checkpoints.load(path)
         if not state or state.get("version") != TRAINER_STATE_VERSION:
             raise ValueError(f"checkpoint {path} has no trainer state of version {TRAINER_STATE_VERSION}")
         self.step = int(state["step"])
-        self.sampler.load_state_dict(state["sampler"])
-        self.buffer.load_state_dict(state["buffer"])
-        self.actor.update_count = int(state["actor_update_count"])
+        self.parts.sampler.load_state_dict(state["sampler"])
+        self.parts.buffer.load_state_dict(state["buffer"])
+        self.parts.actor.update_count = int(state["actor_update_count"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])
         torch.set_rng_state(state["rng"]["torch"])
@@ -158,13 +145,13 @@ class DapoTrainer:
     def save_checkpoint(self, *, commit: bool = True):
         """Write the checkpoint of this step; ``commit=False`` leaves ``latest`` for
         :meth:`commit_checkpoint` (returns the pending checkpoint)."""
-        self.actor.require_resident(("params", "optimizer"), "save a checkpoint")
+        self.parts.actor.require_resident(("params", "optimizer"), "save a checkpoint")
         with self._timer("save_checkpoint"):
-            return self.checkpoints.save(self.step, self._trainer_state(), commit=commit)
+            return self.parts.checkpoints.save(self.step, self._trainer_state(), commit=commit)
 
     def commit_checkpoint(self, pending) -> Path:
         with self._timer("save_checkpoint"):
-            return self.checkpoints.commit(pending)
+            return self.parts.checkpoints.commit(pending)
 
     # ------------------------------------------------------------------ stages
     @contextmanager
@@ -180,27 +167,27 @@ class DapoTrainer:
 
     def _generate_round(self, round_index: int) -> RoundResult:
         cfg = self.cfg
-        records = [self.train_set[i] for i in self.sampler.next_batch(cfg.data.gen_batch_size)]
+        records = [self.parts.train_set[i] for i in self.parts.sampler.next_batch(cfg.data.gen_batch_size)]
         spec = train_sampling(cfg.rollout, cfg.data.max_response_length)
         with self._timer("gen"):
             rollouts = self.engine.generate(
                 [r.prompt_ids for r in records], cfg.rollout.n, spec, self._generation_seed(round_index)
             )
         with self._timer("reward"):
-            texts = self.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
+            texts = self.parts.tokenizer.batch_decode(rollouts.response_ids, skip_special_tokens=True)
             truths = [r.ground_truth for r in records for _ in range(cfg.rollout.n)]
             contexts = [(r.data_source, r.extra_info) for r in records for _ in range(cfg.rollout.n)]
-            scored = score_sharded(self.pool, texts, truths, contexts)
+            scored = score_sharded(self.parts.pool, texts, truths, contexts)
         return experience.build_round(cfg, records, rollouts, scored, draw=f"{self.step}.{round_index}")
 
     def _collect_batch(self) -> tuple[list[Group], list[RoundResult]]:
-        self.buffer.begin_step(self.step)
+        self.parts.buffer.begin_step(self.step)
         rounds = []
-        while self.buffer.should_generate():
+        while self.parts.buffer.should_generate():
             result = self._generate_round(len(rounds))
-            self.buffer.add_round(result.groups)
+            self.parts.buffer.add_round(result.groups)
             rounds.append(result)
-        groups = self.buffer.take()
+        groups = self.parts.buffer.take()
         mini = self.cfg.actor.ppo_mini_batch_size
         if len(groups) % mini:
             # A partial batch (on_exhausted=train_partial) trains on whole mini-batches only.
@@ -219,19 +206,22 @@ class DapoTrainer:
     def _train_on(self, groups: list[Group]) -> dict[str, float]:
         cfg = self.cfg
         mine = experience.dp_shard(
-            groups, mini_batch_groups=cfg.actor.ppo_mini_batch_size, dp_size=self.dp_size, dp_rank=self.dp_rank
+            groups,
+            mini_batch_groups=cfg.actor.ppo_mini_batch_size,
+            dp_size=self.parts.dp_size,
+            dp_rank=self.parts.dp_rank,
         )
         with self._timer("adv"):
             adv = experience.advantages_for(mine, norm_by_std=cfg.algorithm.norm_adv_by_std)
             batch = experience.to_actor_batch(
                 mine,
                 max_response_length=cfg.data.max_response_length,
-                pad_token_id=self.pad_id,
+                pad_token_id=self.parts.pad_id,
                 mask_truncated=cfg.algorithm.mask_truncated_responses,
                 advantages=adv,
             )
         with self._timer("old_log_prob"):
-            old, _ = self.actor.compute_log_probs(batch, compute_entropy=False)
+            old, _ = self.parts.actor.compute_log_probs(batch, compute_entropy=False)
         metrics: dict[str, float] = {}
         mask = batch.response_mask.bool()
         self._require_finite_policy(old, mask)
@@ -254,7 +244,7 @@ class DapoTrainer:
         batch = dataclasses.replace(batch, old_log_probs=old)
         t0 = time.perf_counter()
         with self._timer("update_actor"):
-            metrics.update(self.actor.update(batch))
+            metrics.update(self.parts.actor.update(batch))
         if torch.cuda.is_available():  # a CPU has no meaningful peak to compare with
             metrics["perf/mfu/actor"] = self._actor_mfu(batch.seq_lengths.tolist(), time.perf_counter() - t0)
         return metrics
@@ -269,7 +259,7 @@ class DapoTrainer:
         """
         bad = int((~torch.isfinite(old_log_probs) & mask).sum())
         if any_true(bad > 0):
-            latest = self.checkpoints.latest()
+            latest = self.parts.checkpoints.latest()
             raise NonFinitePolicyError(
                 f"step {self.step}: the actor's log-probs of the sampled responses are non-finite "
                 f"({bad} of {int(mask.sum())} tokens on this rank): the weights overflowed in an earlier "
@@ -320,7 +310,12 @@ class DapoTrainer:
         checked = self.weight_sync.verify()
         spec = train_sampling(cfg.rollout, min(16, cfg.data.max_response_length))
         probe = probe_policy(
-            self.engine, self.actor, self.probe_prompts, spec, seed=cfg.rollout.seed + 7919, pad_id=self.pad_id
+            self.engine,
+            self.parts.actor,
+            self.probe_prompts,
+            spec,
+            seed=cfg.rollout.seed + 7919,
+            pad_id=self.parts.pad_id,
         )
         # An infinite gap is the actor's own overflow, not the engine's: the next step's
         # finite-policy check stops the run with that cause, without checkpointing the weights.
@@ -340,13 +335,13 @@ class DapoTrainer:
 
     def _actor_mfu(self, seq_lengths: list[int], seconds: float) -> float:
         """Model FLOPs of this DP rank's share x DP size, over the whole job's peak for that time."""
-        shape = model_shape_from_hf(self.hf_config)
-        flops = model_training_flops(shape, seq_lengths, epochs=self.cfg.actor.ppo_epochs) * self.dp_size
+        shape = model_shape_from_hf(self.parts.hf_config)
+        flops = model_training_flops(shape, seq_lengths, epochs=self.cfg.actor.ppo_epochs) * self.parts.dp_size
         world = dist.get_world_size()
         return flops / max(seconds, 1e-9) / (world * self.cfg.trainer.gpu_peak_tflops * 1e12)
 
     def _enter(self, phase: Phase) -> None:
-        self.lifecycle.enter(phase)
+        self.parts.lifecycle.enter(phase)
 
     def _refresh_engine(self, startup: bool = False) -> dict[str, float]:
         """From TRAIN (or start-up) to ROLLOUT: the engine gets the actor's weights, verified
@@ -354,7 +349,7 @@ class DapoTrainer:
         self._enter(Phase.SYNC)
         metrics = self._sync_weights()
         ws = self.cfg.rollout.weight_sync
-        due = startup or self.step % ws.verify_freq == 0 or self.step == self.total_steps
+        due = startup or self.step % ws.verify_freq == 0 or self.step == self.parts.total_steps
         if ws.verify and due:
             self._enter(Phase.VERIFY)
             with self._timer("verify_weights"):
@@ -369,7 +364,7 @@ class DapoTrainer:
         restores them; a level-2 sleep discarded them, so they are refilled from the actor first,
         which still holds the same weights (the update has not run).
         """
-        plan = self.lifecycle.plan
+        plan = self.parts.lifecycle.plan
         if plan.free_cache_engine and plan.sleep_level == 2:
             self._enter(Phase.SYNC)
             self._sync_weights()
@@ -379,7 +374,7 @@ class DapoTrainer:
         return verified
 
     def _sync_weights(self) -> dict[str, float]:
-        self.actor.require_resident(("params",), "sync weights to the engine")
+        self.parts.actor.require_resident(("params",), "sync weights to the engine")
         with self._timer("update_weights"):
             stats = self.weight_sync.sync()
         return {
@@ -391,35 +386,26 @@ class DapoTrainer:
         }
 
     def _validate(self) -> dict[str, float]:
-        if not self.val_set:
+        if not self.parts.val_set:
             return {}
         with self._timer("testing"):
-            return run_validation(self.cfg, self.engine, self.pool, self.tokenizer, self.val_set)
+            return run_validation(self.cfg, self.engine, self.parts.pool, self.parts.tokenizer, self.parts.val_set)
 
     # ------------------------------------------------------------------ loop
     def _batch_metrics(self, groups: Sequence[Group], rounds: Sequence[RoundResult]) -> dict[str, float]:
-        scores = torch.tensor([s for g in groups for s in g.score])
-        rewards = torch.tensor([s for g in groups for s in g.seq_reward])
         lengths = torch.tensor([len(r) for g in groups for r in g.response_ids], dtype=torch.float32)
-        prompt_lengths = torch.tensor([len(g.prompt_ids) for g in groups], dtype=torch.float32)
+        out = {}
+        for name, values in (
+            ("critic/score", [s for g in groups for s in g.score]),
+            ("critic/rewards", [s for g in groups for s in g.seq_reward]),
+            ("response_length", lengths),
+            ("prompt_length", [len(g.prompt_ids) for g in groups]),
+        ):
+            v = torch.as_tensor(values, dtype=torch.float32)
+            out.update({f"{name}/mean": float(v.mean()), f"{name}/max": float(v.max()), f"{name}/min": float(v.min())})
         truncated = torch.tensor([t for g in groups for t in g.truncated], dtype=torch.float32)
-        gen_tokens = float(sum(int(r.lengths.sum()) for r in rounds))
-        out = {
-            "critic/score/mean": float(scores.mean()),
-            "critic/score/max": float(scores.max()),
-            "critic/score/min": float(scores.min()),
-            "critic/rewards/mean": float(rewards.mean()),
-            "critic/rewards/max": float(rewards.max()),
-            "critic/rewards/min": float(rewards.min()),
-            "response_length/mean": float(lengths.mean()),
-            "response_length/max": float(lengths.max()),
-            "response_length/min": float(lengths.min()),
-            "response_length/clip_ratio": float(truncated.mean()),
-            "prompt_length/mean": float(prompt_lengths.mean()),
-            "prompt_length/max": float(prompt_lengths.max()),
-            "prompt_length/min": float(prompt_lengths.min()),
-            "rollout/generated_tokens": gen_tokens,
-        }
+        out["response_length/clip_ratio"] = float(truncated.mean())
+        out["rollout/generated_tokens"] = float(sum(int(r.lengths.sum()) for r in rounds))
         # over the whole batch (every rank holds all groups), not one data-parallel shard
         adv = experience.advantages_for(groups, norm_by_std=self.cfg.algorithm.norm_adv_by_std)
         out.update(verl_metrics.advantage_metrics(adv, lengths.long().tolist()))
@@ -429,7 +415,7 @@ class DapoTrainer:
 
     def _pool_metrics(self) -> dict[str, float]:
         """Each rank scored a slice: counts and seconds are summed over ranks."""
-        local = self.pool.metrics()
+        local = self.parts.pool.metrics()
         keys = sorted(local)
         return dict(zip(keys, all_sum([local[k] for k in keys]), strict=True))
 
@@ -453,14 +439,14 @@ class DapoTrainer:
         metrics: dict[str, float] = {}
         bar = None
         if self.is_logger and "console" in cfg.logger:
-            bar = tqdm(total=self.total_steps, initial=self.step, desc="dapo", unit="step", dynamic_ncols=True)
-        while self.step < self.total_steps:
+            bar = tqdm(total=self.parts.total_steps, initial=self.step, desc="dapo", unit="step", dynamic_ncols=True)
+        while self.step < self.parts.total_steps:
             self.step += 1
             self.timings.clear()
             t0 = time.perf_counter()
             groups, rounds = self._collect_batch()  # Phase.ROLLOUT
             metrics = self._batch_metrics(groups, rounds)
-            metrics.update(self.buffer.metrics())
+            metrics.update(self.parts.buffer.metrics())
             self._enter(Phase.TRAIN)
             try:
                 metrics.update(self._train_on(groups))
@@ -471,22 +457,22 @@ class DapoTrainer:
                 self.save_checkpoint()
                 raise
             metrics.update(self._pool_metrics())
-            metrics["train/epoch"] = float(self.sampler.epoch)
+            metrics["train/epoch"] = float(self.parts.sampler.epoch)
             stop = self._stop_agreed()
             save_freq = cfg.checkpoint.save_freq
             pending = None
-            if stop or (save_freq > 0 and (self.step % save_freq == 0 or self.step == self.total_steps)):
+            if stop or (save_freq > 0 and (self.step % save_freq == 0 or self.step == self.parts.total_steps)):
                 # Written while the engine sleeps and the actor holds everything the save reads;
                 # committed (``latest`` moved) only after this step's row is logged below, so a
                 # crash in between resumes from the previous checkpoint and redoes the whole step
                 # (a resume drops rows past its step): no row is lost, none is written twice.
                 pending = self.save_checkpoint(commit=False)
             metrics.update(self._refresh_engine())
-            if cfg.test_freq > 0 and (self.step % cfg.test_freq == 0 or self.step == self.total_steps):
+            if cfg.test_freq > 0 and (self.step % cfg.test_freq == 0 or self.step == self.parts.total_steps):
                 metrics.update(self._validate())
             step_time = time.perf_counter() - t0
             metrics.update({f"timing_s/{k}": v for k, v in self.timings.items()})
-            metrics.update({f"timing_s/lifecycle/{k}": v for k, v in self.lifecycle.pop_timings().items()})
+            metrics.update({f"timing_s/lifecycle/{k}": v for k, v in self.parts.lifecycle.pop_timings().items()})
             metrics["timing_s/step"] = step_time
             metrics["perf/time_per_step"] = step_time
             metrics.update(
@@ -494,12 +480,12 @@ class DapoTrainer:
                     [len(g.prompt_ids) for g in groups for _ in g.response_ids],
                     [len(r) for g in groups for r in g.response_ids],
                     step_seconds=step_time,
-                    num_gpus=dist.get_world_size() if dist.is_initialized() else 1,
+                    num_gpus=world_size(),
                     generated_tokens=metrics["rollout/generated_tokens"],
-                    dp_size=self.dp_size,
+                    dp_size=self.parts.dp_size,
                 )
             )
-            metrics.update(verl_metrics.progress_metrics(self.step, self.sampler.epoch))
+            metrics.update(verl_metrics.progress_metrics(self.step, self.parts.sampler.epoch))
             self._log(metrics)
             if pending is not None:
                 self.commit_checkpoint(pending)
@@ -527,7 +513,7 @@ class DapoTrainer:
     def close(self) -> None:
         if self.tracker is not None:
             self.tracker.close()
-        self.pool.close()
+        self.parts.pool.close()
 
 
 STARTUP_ERROR_EXIT_CODE = 2

@@ -54,15 +54,12 @@ class VerlKeyError(ValueError):
 
 
 def _kind_error(key: str, value: Any, why: str) -> VerlKeyError:
-    return VerlKeyError(f"{key}={_show(value)}: refused: {why}")
+    return VerlKeyError(f"{key}={show_value(value)}: refused: {why}")
 
 
-def _show(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "True" if value else "False"
-    return str(value)
+def show_value(value: Any) -> str:
+    """A value as a command line would spell it (``null`` for None)."""
+    return "null" if value is None else str(value)
 
 
 # (value, verl key, our keys, the whole verl block) -> {our key: value}; raises VerlKeyError to refuse
@@ -121,10 +118,13 @@ def _choice(mapping: dict[Any, Any], why: str) -> Convert:
     def convert(value: Any, key: str, target: tuple[str, ...], block: dict[str, Any]) -> dict[str, Any]:
         probe = value.lower() if isinstance(value, str) else value
         if probe not in mapping:
-            raise _kind_error(key, value, f"{why} (accepted: {', '.join(_show(v) for v in mapping)})")
+            raise _kind_error(key, value, f"{why} (accepted: {', '.join(show_value(v) for v in mapping)})")
         return {target[0]: mapping[probe]}
 
     return convert
+
+
+_lr_schedule = _choice({s: s for s in LR_SCHEDULES}, "learning-rate schedules here")
 
 
 def _top_k(value: Any, key: str, target: tuple[str, ...], block: dict[str, Any]) -> dict[str, Any]:
@@ -233,17 +233,8 @@ TABLE: tuple[Row, ...] = (
         changes_meaning=True,
     ),
     off(f"{_A}.optim.lr_warmup_steps_ratio", "give the warm-up as a step count (actor.optim.lr_warmup_steps)"),
-    alias(
-        f"{_A}.optim.lr_decay_style",
-        "actor.optim.lr_decay_style",
-        convert=_choice({s: s for s in LR_SCHEDULES}, "learning-rate schedules here"),
-    ),
-    alias(
-        f"{_A}.optim.warmup_style",
-        "actor.optim.lr_decay_style",
-        "verl's FSDP name for the schedule",
-        convert=_choice({s: s for s in LR_SCHEDULES}, "learning-rate schedules here"),
-    ),
+    alias(f"{_A}.optim.lr_decay_style", "actor.optim.lr_decay_style", convert=_lr_schedule),
+    alias(f"{_A}.optim.warmup_style", "actor.optim.lr_decay_style", "verl's FSDP name for the schedule", _lr_schedule),
     alias(f"{_A}.optim.lr_decay_steps", "actor.optim.lr_decay_steps"),
     alias(f"{_A}.optim.weight_decay", "actor.optim.weight_decay"),
     alias(f"{_A}.optim.betas", ("actor.optim.adam_beta1", "actor.optim.adam_beta2"), convert=(_betas)),
@@ -490,16 +481,16 @@ class Explained:
     became: dict[str, Any] = field(default_factory=dict)
 
     def line(self) -> str:
-        given = f"{self.verl}={_show(self.value)}"
+        given = f"{self.verl}={show_value(self.value)}"
         if self.row.kind == "alias":
             if self.became:
-                return f"{given} -> " + ", ".join(f"{k}={_show(v)}" for k, v in self.became.items())
+                return f"{given} -> " + ", ".join(f"{k}={show_value(v)}" for k, v in self.became.items())
             return f"{given} -> accepted, nothing to set ({self.row.why or 'default'})"
         label = {"off": "accepted (off)", "inert": "accepted, no effect", "equal": "checked"}.get(self.row.kind, "")
         if self.row.kind == "micro":
             if self.became:
                 ((k, v),) = self.became.items()
-                return f"{given} -> {k}={_show(v)}, used only while actor.use_dynamic_bsz is off"
+                return f"{given} -> {k}={show_value(v)}, used only while actor.use_dynamic_bsz is off"
             return f"{given} -> ignored: {self.row.why}"
         if self.row.kind == "equal":
             return f"{given} -> {label}: must equal {self.row.ours[0]} ({self.row.why})"
@@ -534,11 +525,11 @@ class Translation:
                 ours = get_path(cfg, e.row.ours[0])
                 if e.value != ours:
                     problems.append(
-                        f"{e.verl}={_show(e.value)}: refused: {e.row.why}, which is {_show(ours)}; "
+                        f"{e.verl}={show_value(e.value)}: refused: {e.row.why}, which is {show_value(ours)}; "
                         f"set {e.row.ours[0]} instead"
                     )
             elif e.row.kind == "micro" and cfg.actor.use_dynamic_bsz:
-                ignored.append(f"{e.verl}={_show(e.value)}")
+                ignored.append(f"{e.verl}={show_value(e.value)}")
         if problems:
             raise VerlKeyError("verl overrides:\n  - " + "\n  - ".join(problems))
         if ignored:
@@ -636,13 +627,13 @@ def translate(overrides: Sequence[str], schema: type) -> Translation:
             first = set_by.setdefault(our_key, (key, our_value))
             if first[1] != our_value:
                 problems.append(
-                    f"{key}={_show(value)}: conflicts with {first[0]}={_show(first[1])} (both set {our_key})"
+                    f"{key}={show_value(value)}: conflicts with {first[0]}={show_value(first[1])} (both set {our_key})"
                 )
         out.explained.append(Explained(key, value, row, became))
     for item in out.passthrough:
         key, raw = item.split("=", 1)
         if key in set_by and parse_value(raw) != set_by[key][1]:
-            problems.append(f"{item}: conflicts with verl's {set_by[key][0]}={_show(set_by[key][1])}")
+            problems.append(f"{item}: conflicts with verl's {set_by[key][0]}={show_value(set_by[key][1])}")
     if problems:
         raise VerlKeyError(f"verl overrides: {len(problems)} problem(s):\n  - " + "\n  - ".join(problems))
     return out
@@ -658,7 +649,7 @@ def _apply(row: Row, key: str, value: Any, block: dict[str, Any]) -> dict[str, A
     if row.kind == "off":
         if _is_off(value, row.off_values):
             return {}
-        accepted = ", ".join(_show(v) for v in row.off_values)
+        accepted = ", ".join(show_value(v) for v in row.off_values)
         raise _kind_error(key, value, f"{row.why} (accepted: {accepted})")
     if row.kind in ("inert", "equal"):
         return {}

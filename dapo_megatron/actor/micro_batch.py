@@ -23,6 +23,7 @@ contributes exactly 0 to the loss and gradient.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -61,25 +62,11 @@ class MicroBatch:
     old_log_probs: torch.Tensor | None
     advantages: torch.Tensor | None
 
-    @property
-    def num_padded_tokens(self) -> int:
-        return self.tokens.numel()
-
     def to(self, device: torch.device | str) -> MicroBatch:
         """A copy with every tensor except ``indices`` (kept on CPU for scattering) on ``device``."""
-
-        def mv(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device, non_blocking=True)
-
-        return MicroBatch(
-            indices=self.indices,
-            tokens=mv(self.tokens),
-            position_ids=mv(self.position_ids),
-            labels=mv(self.labels),
-            label_mask=mv(self.label_mask),
-            response_index=mv(self.response_index),
-            old_log_probs=mv(self.old_log_probs),
-            advantages=mv(self.advantages),
+        moved = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "indices"}
+        return dataclasses.replace(
+            self, **{k: None if t is None else t.to(device, non_blocking=True) for k, t in moved.items()}
         )
 
 

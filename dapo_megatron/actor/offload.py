@@ -31,7 +31,14 @@ import torch
 
 from dapo_megatron.config import OFFLOAD_KINDS
 
-__all__ = ["OFFLOAD_KINDS", "ActorOffloader", "OffloadStats", "ActorStateOffloadedError", "empty_device_cache"]
+__all__ = [
+    "OFFLOAD_KINDS",
+    "ActorOffloader",
+    "OffloadStats",
+    "ActorStateOffloadedError",
+    "empty_device_cache",
+    "torch_optimizers",
+]
 
 
 class ActorStateOffloadedError(RuntimeError):
@@ -76,15 +83,10 @@ def _unique(tensors, taken: set[int]) -> list[torch.UntypedStorage]:
     return out
 
 
-def _inner_optimizers(optimizer) -> list:
+def torch_optimizers(optimizer) -> list:
     """The torch optimizers under megatron's (chained, distributed, fp32 or mixed) wrappers."""
     chained = getattr(optimizer, "chained_optimizers", None) or [optimizer]
-    inner = []
-    for opt in chained:
-        torch_opt = getattr(opt, "optimizer", None)
-        if torch_opt is not None:
-            inner.append(torch_opt)
-    return inner
+    return [opt.optimizer for opt in chained if getattr(opt, "optimizer", None) is not None]
 
 
 def empty_device_cache() -> None:
@@ -114,17 +116,13 @@ class ActorOffloader:
         buffers = list(getattr(self.model, "buffers", [])) + list(getattr(self.model, "expert_parallel_buffers", []))
         grads = _unique([b.grad_data for b in buffers], taken)
         opt_tensors: list[torch.Tensor] = []
-        for torch_opt in _inner_optimizers(self.optimizer):
+        for torch_opt in torch_optimizers(self.optimizer):
             for group in torch_opt.param_groups:
                 opt_tensors.extend(group["params"])
             for state in torch_opt.state.values():
                 opt_tensors.extend(v for v in state.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
         optimizer = _unique(opt_tensors, taken)
         return {"params": params, "grads": grads, "optimizer": optimizer}
-
-    @property
-    def offloaded(self) -> frozenset[str]:
-        return frozenset(self._stashed)
 
     def resident_bytes(self) -> dict[str, int]:
         """Device bytes each kind holds now (0 for an offloaded kind)."""

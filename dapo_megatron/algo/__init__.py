@@ -1,6 +1,6 @@
 """DAPO algorithm pieces, pure torch/numpy and free of distributed state.
 
-* :mod:`.overlong` - overlong reward shaping and truncation filtering;
+* :mod:`.overlong` - overlong reward shaping;
 * :mod:`.dynamic_sampling` - the buffer that keeps only informative prompt
   groups and hands out exact training batches;
 * :mod:`.advantage` - GRPO group-relative advantages;

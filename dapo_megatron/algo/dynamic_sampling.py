@@ -105,11 +105,6 @@ class DynamicSamplingBuffer:
         self._counters = _fresh_counters()
 
     # ------------------------------------------------------------------ steps
-    @property
-    def step(self) -> int | None:
-        """The training step opened by the last ``begin_step`` (None before any)."""
-        return self._step
-
     def begin_step(self, step: int) -> None:
         """Open training step ``step``: reset per-step counters, expire old carries.
 
@@ -240,19 +235,12 @@ class DynamicSamplingBuffer:
         return tuple(self._kept)
 
     def metrics(self) -> dict[str, float]:
-        """Per-step counters; "carried_groups" is what the buffer holds now."""
-        c = self._counters
-        return {
-            "train/num_gen_batches": float(c["num_gen_batches"]),
-            "dynamic_sampling/kept_groups": float(c["kept_groups"]),
-            "dynamic_sampling/filtered_groups": float(c["filtered_groups"]),
-            "dynamic_sampling/carried_groups": float(len(self._kept)),
-            "dynamic_sampling/expired_groups": float(c["expired_groups"]),
-            "dynamic_sampling/generated_samples": float(c["generated_samples"]),
-            "dynamic_sampling/trained_samples": float(c["trained_samples"]),
-            "dynamic_sampling/partial_batch": float(c["partial_batch"]),
-            "dynamic_sampling/carried_in_groups": float(c["carried_in_groups"]),
-        }
+        """Per-step counters (the rounds under verl's ``train/num_gen_batches``); "carried_groups"
+        is what the buffer holds now."""
+        out = {f"dynamic_sampling/{k}": float(v) for k, v in self._counters.items() if k != "num_gen_batches"}
+        out["dynamic_sampling/carried_groups"] = float(len(self._kept))
+        out["train/num_gen_batches"] = float(self._counters["num_gen_batches"])
+        return out
 
     # ---------------------------------------------------------- checkpoint
     def state_dict(self) -> dict[str, Any]:

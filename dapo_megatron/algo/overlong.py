@@ -5,7 +5,8 @@ reasoning may have been fine; punishing that as hard as a real mistake is
 reward noise. DAPO softens it two ways: a linear length penalty inside a
 buffer zone before the limit (shaping, so the model learns to stay short
 before it gets truncated), and optionally masking the loss of truncated
-responses entirely (filtering).
+responses entirely (filtering: ``algorithm.mask_truncated_responses``, applied where the
+actor's batch is built, :func:`dapo_megatron.experience.to_actor_batch`).
 """
 
 from __future__ import annotations
@@ -13,9 +14,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-
-# vLLM's finish reason for a response stopped by max_tokens.
-TRUNCATED_FINISH_REASON = "length"
 
 
 def _validate(max_response_length: int, buffer_length: int, penalty_factor: float) -> None:
@@ -84,26 +82,3 @@ def apply_overlong_shaping(
     if penalty.shape != scores.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and response_lengths {tuple(penalty.shape)} differ")
     return scores + penalty.to(device=scores.device, dtype=scores.dtype)
-
-
-def truncation_mask(
-    truncated: torch.Tensor | Sequence[str | None] | Sequence[bool],
-) -> torch.Tensor:
-    """Keep-mask [B] (True = train on it) for overlong filtering.
-
-    Accepts either vLLM finish reasons (``"length"`` means truncated; ``"stop"``,
-    ``"abort"`` or None are kept) or an ``is_truncated`` bool tensor/list.
-    Multiply it into the response mask (``response_mask * keep[:, None]``) so a
-    truncated response adds nothing to the loss; its tokens also drop out of the
-    token-mean denominator, so the remaining tokens are not down-weighted.
-    """
-    if isinstance(truncated, torch.Tensor):
-        if truncated.dim() != 1:
-            raise ValueError(f"is_truncated must be 1-D [B], got shape {tuple(truncated.shape)}")
-        return ~truncated.bool()
-    items = list(truncated)
-    if all(isinstance(x, bool) for x in items):
-        return ~torch.tensor(items, dtype=torch.bool)
-    if all(x is None or isinstance(x, str) for x in items):
-        return torch.tensor([x != TRUNCATED_FINISH_REASON for x in items], dtype=torch.bool)
-    raise TypeError("truncation_mask expects finish-reason strings or is_truncated booleans")

@@ -123,15 +123,6 @@ def rollout_corr_partials(
     return sums, maxima
 
 
-def combine_partials(
-    parts: list[tuple[dict[str, float], dict[str, float]]],
-) -> tuple[dict[str, float], dict[str, float]]:
-    """Several shards' partials as one: sums added, maxima maximised (what the all-reduce does)."""
-    sums = {k: sum(p[0][k] for p in parts) for k in parts[0][0]}
-    maxima = {k: max(p[1][k] for p in parts) for k in parts[0][1]}
-    return sums, maxima
-
-
 def rollout_corr_metrics(sums: dict[str, float], maxima: dict[str, float], *, cap: float) -> dict[str, float]:
     """verl's ``rollout_corr/*`` (token-level truncated IS) and our ``rollout_is/*`` from partials.
 

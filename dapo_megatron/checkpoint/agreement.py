@@ -19,17 +19,13 @@ from typing import Any
 import torch.distributed as dist
 
 from dapo_megatron.checkpoint.layout import pointer_text
-from dapo_megatron.distributed import all_max, any_true
+from dapo_megatron.distributed import all_max, any_true, this_rank, world_size
 
 logger = logging.getLogger(__name__)
 
 
 class CheckpointSaveError(RuntimeError):
     """A save failed on some rank; raised on every rank, ``latest`` unchanged."""
-
-
-def this_rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
 
 
 def barrier() -> None:
@@ -112,7 +108,7 @@ def agree_on_failure(error: BaseException | None, *, root: Path, tmp: Path, fina
     logs its own exception with the traceback first.
     """
     rank = this_rank()
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world_size()
     vector = [0.0] * (world + 2)
     if error is not None:
         vector[:world] = _failure_codes(error, rank, world)

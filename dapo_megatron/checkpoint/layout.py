@@ -38,14 +38,15 @@ def step_dir_name(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def complete_steps(root: Path) -> list[tuple[int, Path]]:
-    out = []
-    if root.is_dir():
-        for p in root.iterdir():
+def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
+    """Every ``step_N`` directory with a ``dapo_checkpoint.json``, oldest first."""
+    steps = []
+    if Path(root).is_dir():
+        for p in Path(root).iterdir():
             m = _STEP_RE.match(p.name)
             if m and p.is_dir() and (p / META_FILE).is_file():
-                out.append((int(m.group(1)), p))
-    return sorted(out)
+                steps.append((int(m.group(1)), p))
+    return [p for _, p in sorted(steps)]
 
 
 def find_latest(root: str | os.PathLike) -> Path | None:
@@ -65,8 +66,8 @@ def find_latest(root: str | os.PathLike) -> Path | None:
         if not (target / META_FILE).is_file():
             raise FileNotFoundError(f"{pointer} names {name!r}, which is not a complete checkpoint in {root}")
         return target
-    steps = complete_steps(root)
-    return steps[-1][1] if steps else None
+    steps = complete_checkpoints(root)
+    return steps[-1] if steps else None
 
 
 def resolve_checkpoint_dir(path: str | os.PathLike) -> Path:
@@ -88,11 +89,6 @@ def pointer_text(root: Path) -> str:
     """What ``latest`` names now, for messages."""
     pointer = root / LATEST_FILE
     return f"`latest` still names {pointer.read_text().strip()}" if pointer.is_file() else "no `latest` was written yet"
-
-
-def complete_checkpoints(root: str | os.PathLike) -> list[Path]:
-    """Every ``step_N`` directory with a ``dapo_checkpoint.json``, oldest first."""
-    return [p for _, p in complete_steps(Path(root))]
 
 
 def quarantine_checkpoint(directory: str | os.PathLike) -> Path:

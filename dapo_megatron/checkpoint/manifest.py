@@ -29,10 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch.distributed as dist
-
 from dapo_megatron.checkpoint.files import atomic_write_text
-from dapo_megatron.distributed import all_max
+from dapo_megatron.distributed import all_max, this_rank, world_size
 
 __all__ = [
     "CHECKSUM_ALGORITHM",
@@ -125,12 +123,6 @@ def list_files(directory: str | os.PathLike) -> list[str]:
     return sorted(out)
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def _check_same_listing(names: Sequence[str], directory: Path) -> None:
     """Every rank must see the same file list, or the all_max vectors would not line up."""
     digest = zlib.crc32("\n".join(names).encode())
@@ -144,7 +136,7 @@ def _check_same_listing(names: Sequence[str], directory: Path) -> None:
 
 def _measure(directory: Path, names: Sequence[str], *, checksums: bool) -> list[_Measured]:
     """Size (and CRC) of each file, each read by one rank; the same list on every rank (collective)."""
-    rank, world = _rank_world()
+    rank, world = this_rank(), world_size()
     local = [_NOT_MINE] * (2 * len(names))
     for i in range(rank, len(names), world):
         path = directory / names[i]

@@ -55,27 +55,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from megatron.core import dist_checkpointing, parallel_state
 from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException, not an Exception
 
 from dapo_megatron.actor.hf_loading import unwrap_model
-from dapo_megatron.checkpoint.agreement import agree_on_failure, barrier, rank0_phase, this_rank
-from dapo_megatron.checkpoint.files import atomic_write_text, fsync_dir
+from dapo_megatron.actor.offload import torch_optimizers
+from dapo_megatron.checkpoint.agreement import agree_on_failure, barrier, rank0_phase
+from dapo_megatron.checkpoint.files import fsync_dir
 from dapo_megatron.checkpoint.layout import (
     EXTRA_STATE_FILE,
-    LATEST_FILE,
     RANK_STATE_DIR,
-    complete_steps,
+    complete_checkpoints,
     find_latest,
     point_latest,
     quarantine_checkpoint,
     resolve_checkpoint_dir,
     step_dir_name,
 )
-from dapo_megatron.checkpoint.manifest import MANIFEST_FILE, build_manifest, write_manifest
+from dapo_megatron.checkpoint.manifest import build_manifest, write_manifest
 from dapo_megatron.checkpoint.metadata import (
     LOADABLE_SHARDINGS,
     OPTIMIZER_SHARDING_METADATA,
@@ -88,6 +87,7 @@ from dapo_megatron.checkpoint.metadata import (
 from dapo_megatron.checkpoint.verify import Verify, verify_checkpoint
 from dapo_megatron.compat.megatron_checkpoint import apply_writer_cpu_shim, single_rank_writes_deferred
 from dapo_megatron.compat.megatron_optimizer import adam_step_passthrough, fully_reshardable_bucket_fix
+from dapo_megatron.distributed import this_rank, world_size
 
 logger = logging.getLogger(__name__)
 
@@ -219,7 +219,7 @@ def save_checkpoint(
             sharded["optimizer"] = optimizer.sharded_state_dict(
                 sharded["model"], metadata={"distrib_optim_sharding_type": optimizer_sharding}
             )
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world_size()
 
     # 1. every rank writes its tensors (and its rank state); failures agreed, nobody left waiting
     deferred: list[BaseException] = []
@@ -305,7 +305,7 @@ def commit_checkpoint(pending: PendingCheckpoint) -> Path:
             os.rename(tmp, final)
             renamed = True
             fsync_dir(root)
-            atomic_write_text(root / LATEST_FILE, final.name + "\n")
+            point_latest(root, final)
         except Exception as exc:  # re-raised on every rank by agree_on_failure()
             error = exc
     agree_on_failure(error, root=root, tmp=tmp, final=final, undo=(lambda: os.rename(final, tmp)) if renamed else None)
@@ -313,7 +313,7 @@ def commit_checkpoint(pending: PendingCheckpoint) -> Path:
     # only now, with the new checkpoint written, read back and named by `latest`: drop old ones
     def cleanup() -> None:
         if pending.keep_last is not None:
-            for _, old in complete_steps(root)[: -pending.keep_last]:
+            for old in complete_checkpoints(root)[: -pending.keep_last]:
                 shutil.rmtree(old)
         for stale in root.glob("tmp-step_*"):
             shutil.rmtree(stale)
@@ -334,8 +334,7 @@ def _materialize_optimizer_state(optimizer) -> None:
     step, so no parameter moves.  The loaded checkpoint then overwrites the moments; the
     step counters are rebuilt by :func:`_restore_step_counters`.
     """
-    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
-        inner = opt.optimizer
+    for inner in torch_optimizers(optimizer):
         params = [p for g in inner.param_groups for p in g["params"] if p.numel() > 0]
         if all(len(inner.state.get(p, {})) > 0 for p in params):
             continue
@@ -364,8 +363,7 @@ def _restore_step_counters(optimizer) -> None:
     correction of the next step; found by the bit-exact resume test.  The per-parameter
     counters are rebuilt from the group's value.
     """
-    for opt in getattr(optimizer, "chained_optimizers", None) or [optimizer]:
-        inner = opt.optimizer
+    for inner in torch_optimizers(optimizer):
         for group in inner.param_groups:
             for p in group["params"]:
                 state = inner.state.get(p)
@@ -411,12 +409,7 @@ def load_checkpoint(
         verification = verify_checkpoint(directory, checksums=verify is Verify.CHECKSUMS)
         if not verification.intact:
             raise verification.error()
-        if not verification.verified and this_rank() == 0:
-            logger.warning(
-                "checkpoint %s has no %s (written by an earlier version): loading it unverified",
-                directory,
-                MANIFEST_FILE,
-            )
+        verification.warn_if_unverified("loading")
     meta = read_checkpoint_metadata(directory)
     check_compatible(meta, hf_config, where=f"checkpoint {directory}")
     check_transformer_impl(meta, _transformer_impl(model), where=f"checkpoint {directory}")
@@ -455,7 +448,7 @@ def load_rank_state(path: str | os.PathLike) -> dict[str, Any] | None:
     saved_world = read_checkpoint_metadata(directory).get("rank_state_world_size")
     if saved_world is None:
         return None
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world_size()
     if saved_world != world:
         raise ValueError(f"rank_state of {directory} was saved by {saved_world} ranks, this job has {world}")
     # RNG states and other Python objects: not weights-only

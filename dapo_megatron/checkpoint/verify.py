@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ from dapo_megatron.checkpoint.manifest import (
     read_manifest,
 )
 from dapo_megatron.checkpoint.metadata import read_checkpoint_metadata
+from dapo_megatron.distributed import this_rank
+
+logger = logging.getLogger(__name__)
 
 
 class CheckpointIntegrityError(RuntimeError):
@@ -61,6 +65,13 @@ class Verification:
     @property
     def verified(self) -> bool:
         return self.checked != UNVERIFIED
+
+    def warn_if_unverified(self, doing: str) -> None:
+        """Rank 0 says when the checkpoint is used without a manifest to check it against."""
+        if not self.verified and this_rank() == 0:
+            logger.warning(
+                "checkpoint %s has no manifest (written by an earlier version): %s it unverified", self.directory, doing
+            )
 
     def reason(self, limit: int = 5) -> str:
         shown = "; ".join(str(p) for p in self.problems[:limit])

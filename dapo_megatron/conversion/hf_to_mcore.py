@@ -30,12 +30,11 @@ from dapo_megatron.checkpoint.manifest import build_manifest, write_manifest
 from dapo_megatron.checkpoint.metadata import write_checkpoint_metadata
 from dapo_megatron.checkpoint.torch_dist import ChunkSpec, write_torch_dist
 from dapo_megatron.conversion.meta_model import (
-    LAYER_RE,
-    VOCAB_PARAMS,
-    SingleProcessGroup,
     is_tensor_entry,
+    layer_index,
     meta_sharded_state_dict,
     progress_bar,
+    same_shape,
 )
 from dapo_megatron.conversion.validation import ConversionError, HFCheckpoint, validate_hf_checkpoint
 from dapo_megatron.models.mapping import get_mapping
@@ -79,8 +78,7 @@ def hf_to_mcore(
                     "from model.embed_tokens.weight"
                 )
     mapping = get_mapping(cfg, tp=tp)  # vocab padded for the target TP
-    with staged_output_dir(out) as stage, SingleProcessGroup():
-        sharded = meta_sharded_state_dict(cfg)
+    with staged_output_dir(out) as stage, meta_sharded_state_dict(cfg) as sharded:
         with open_hf_safetensors(hf_dir, reopen=True) as get:  # pages of finished chunks are released
             chunks, objects, common = _write_plan(sharded, mapping, ckpt, get)
             del sharded
@@ -149,12 +147,8 @@ def _write_plan(
                 raise TypeError(f"unexpected sharded entry {type(entry).__name__} for {name}")
             common[name] = entry
             continue
-        try:
-            full = mapping.hf_to_megatron_full(name, get_meta)
-        except (KeyError, ValueError) as e:
-            raise ConversionError(f"converting Megatron tensor {name!r}: {e}") from None
-        m = LAYER_RE.match(name)
-        layer = int(m.group(1)) if m else None
+        full = _convert_one(mapping, name, get_meta, stacked=False)
+        layer = layer_index(name)
         shape = tuple(full.shape)
         _check_megatron_layout(name, entry, shape, layer, num_layers)
         if layer is None:
@@ -177,9 +171,8 @@ def _convert_one(mapping, name: str, get: Callable[[str], torch.Tensor], stacked
 
 def _check_megatron_layout(name: str, entry, shape: tuple[int, ...], layer: int | None, num_layers: int) -> None:
     """Raise if megatron describes the parameter differently from the chunk we are about to write."""
-    vocab = name in VOCAB_PARAMS
     param = tuple(entry.data.shape)
-    ok = param == shape or (vocab and param[1:] == shape[1:])
+    ok = same_shape(name, param, shape)
     if isinstance(entry, ShardedTensor):
         lead = () if layer is None else (num_layers,)
         ok = ok and entry.prepend_axis_num == len(lead) and tuple(entry.global_shape[: len(lead)]) == lead

@@ -30,12 +30,11 @@ from dapo_megatron.checkpoint.metadata import check_compatible, read_checkpoint_
 from dapo_megatron.checkpoint.torch_dist import Region, TorchDistReader
 from dapo_megatron.conversion.hf_to_mcore import HF_SUBDIR
 from dapo_megatron.conversion.meta_model import (
-    LAYER_RE,
-    VOCAB_PARAMS,
-    SingleProcessGroup,
     is_tensor_entry,
+    layer_index,
     meta_sharded_state_dict,
     progress_bar,
+    same_shape,
 )
 from dapo_megatron.conversion.validation import ConversionError, load_hf_config
 from dapo_megatron.dtypes import DTYPES
@@ -123,8 +122,7 @@ def mcore_to_hf(
     stored = reader.tensors
     hf_shapes = layout.hf_shapes()
 
-    with staged_output_dir(out) as stage, SingleProcessGroup():
-        sharded = meta_sharded_state_dict(cfg)
+    with staged_output_dir(out) as stage, meta_sharded_state_dict(cfg) as sharded:
         names = [k for k, v in sharded.items() if is_tensor_entry(v)]
         missing = sorted({sharded[k].key for k in names} - set(stored))
         if missing:
@@ -181,12 +179,11 @@ def _region(name: str, entry, stored) -> tuple[Region, bool]:
     param_shape = tuple(entry.data.shape)
     global_shape = tuple(stored.size)
     if len(global_shape) == len(param_shape) + 1:
-        m = LAYER_RE.match(name)
-        if m is None or global_shape[1:] != param_shape:
+        layer = layer_index(name)
+        if layer is None or global_shape[1:] != param_shape:
             raise ConversionError(f"stored {entry.key} has shape {global_shape}, model expects [L, *{param_shape}]")
-        return Region(entry.key, (int(m.group(1)),) + (0,) * len(param_shape), (1, *param_shape)), True
-    vocab = name in VOCAB_PARAMS
-    if global_shape != param_shape and not (vocab and global_shape[1:] == param_shape[1:]):
+        return Region(entry.key, (layer,) + (0,) * len(param_shape), (1, *param_shape)), True
+    if not same_shape(name, global_shape, param_shape):
         raise ConversionError(f"stored {entry.key} has shape {global_shape}, model expects {param_shape}")
     return Region(entry.key, (0,) * len(global_shape), global_shape), False
 

@@ -18,27 +18,16 @@ import numpy as np
 class ResumableSampler:
     """Yields batches of indices in ``range(num_items)``, epoch after epoch.
 
-    With ``drop_last=False`` a batch that crosses the end of an epoch is
-    completed from the start of the next epoch's permutation, so no index is
-    skipped or repeated within an epoch. With ``drop_last=True`` the tail of
-    an epoch that cannot fill a batch is skipped, so every batch lies inside
-    one epoch.
+    A batch that crosses the end of an epoch is completed from the start of the next
+    epoch's permutation, so no index is skipped or repeated within an epoch.
     """
 
-    def __init__(
-        self,
-        num_items: int,
-        *,
-        seed: int,
-        shuffle: bool = True,
-        drop_last: bool = False,
-    ) -> None:
+    def __init__(self, num_items: int, *, seed: int, shuffle: bool = True) -> None:
         if num_items <= 0:
             raise ValueError(f"num_items must be positive, got {num_items}")
         self.num_items = num_items
         self.seed = seed
         self.shuffle = shuffle
-        self.drop_last = drop_last
         self._epoch = 0
         self._position = 0
         self._order = self._permutation(0)
@@ -70,14 +59,6 @@ class ResumableSampler:
         """Return the next ``batch_size`` indices and advance the state."""
         if batch_size <= 0:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
-        if self.drop_last:
-            if batch_size > self.num_items:
-                raise ValueError(
-                    f"batch_size {batch_size} exceeds num_items {self.num_items}; "
-                    "with drop_last=True no batch could ever be produced"
-                )
-            if self.num_items - self._position < batch_size:
-                self._start_epoch(self._epoch + 1)
         batch: list[int] = []
         while len(batch) < batch_size:
             take = min(batch_size - len(batch), self.num_items - self._position)
@@ -93,7 +74,6 @@ class ResumableSampler:
             "num_items": self.num_items,
             "seed": self.seed,
             "shuffle": self.shuffle,
-            "drop_last": self.drop_last,
             "epoch": self._epoch,
             "position": self._position,
         }
@@ -103,8 +83,7 @@ class ResumableSampler:
 
         A changed dataset size, seed or shuffle flag would make "position"
         point into a different order, silently skipping and repeating
-        prompts, so those must match. ``drop_last`` only decides what happens
-        at the next epoch end, so the constructor's value is kept.
+        prompts, so those must match.
         """
         for key in ("num_items", "seed", "shuffle"):
             if state[key] != getattr(self, key):

@@ -5,24 +5,13 @@ HF ``self_attn.q_norm`` / ``k_norm`` are Megatron's ``self_attention.q_layernorm
 """
 
 from dapo_megatron.models import decoder as d
+from dapo_megatron.models.llama import llama_rows
 
 QWEN3 = d.register(
     d.DecoderFamily(
         model_type="qwen3",
         architecture="Qwen3ForCausalLM",
-        rows=(
-            d.EMBEDDING,
-            d.INPUT_NORM,
-            d.QKV_WEIGHT,
-            d.Q_NORM,
-            d.K_NORM,
-            d.ATTN_PROJ,  # attention
-            d.PRE_MLP_NORM,
-            d.FC1,
-            d.FC2,  # MLP
-            d.FINAL_NORM,
-            d.OUTPUT,
-        ),  # fmt: skip
+        rows=llama_rows(d.Q_NORM, d.K_NORM),
         refuses=(("attention_bias", "bias on q/k/v/o projections"),),
     )
 )

@@ -22,7 +22,7 @@ from typing import Any
 from tqdm import tqdm
 
 from dapo_megatron.observability import LOGGERS
-from dapo_megatron.reward.val_metrics import is_held_out_accuracy
+from dapo_megatron.reward.val_metrics import held_out_accuracy
 
 # Shown by the console backend, in this order, when present.
 CONSOLE_KEYS = (
@@ -91,9 +91,9 @@ def format_console_line(step: int, metrics: Mapping[str, float]) -> str:
     parts = [f"step {step}"]
     for key, label, fmt in CONSOLE_KEYS:
         if key == "val-core":
-            vals = [v for k, v in metrics.items() if is_held_out_accuracy(k)]
-            if vals:
-                parts.append(f"{label} {sum(vals) / len(vals):{fmt}}")
+            acc = held_out_accuracy(metrics)
+            if acc is not None:
+                parts.append(f"{label} {acc:{fmt}}")
         elif key in metrics:
             parts.append(f"{label} {metrics[key]:{fmt}}")
     return " | ".join(parts)

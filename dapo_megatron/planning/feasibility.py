@@ -25,6 +25,7 @@ from dapo_megatron.planning.memory import (
     estimate_cost,
     estimate_memory,
 )
+from dapo_megatron.verl_compat import get_path
 
 TIGHT_FRACTION = 0.03  # headroom below this share of the device is reported as a warning
 
@@ -176,10 +177,8 @@ def with_overrides(cfg: DapoConfig, overrides: dict[str, Any]) -> DapoConfig:
     """A deep copy of ``cfg`` with dotted keys set (keys come from this module, never users)."""
     new = copy.deepcopy(cfg)
     for key, value in overrides.items():
-        *path, last = key.split(".")
-        node = new
-        for part in path:
-            node = getattr(node, part)
+        parent, _, last = key.rpartition(".")
+        node = get_path(new, parent) if parent else new
         if not hasattr(node, last):
             raise KeyError(f"no config key {key}")
         setattr(node, last, value)

@@ -20,6 +20,7 @@ Decisions beyond verl's rules:
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 
 INVALID = "[INVALID]"
 # Only the end of a response is searched: the prompt asks for the answer on the
@@ -229,37 +230,39 @@ def _read_arg(s: str, i: int) -> tuple[str, int] | None:
     return s[i], i + 1
 
 
-def _fix_fracs(s: str) -> str:
-    """``\\frac12`` and ``\\frac1{x}`` -> ``\\frac{1}{2}``, ``\\frac{1}{x}`` (what TeX renders the same)."""
+def _rewrite_args(s: str, pattern: str, nargs: int, render: Callable[[re.Match, list[str]], str]) -> str:
+    """Each match of ``pattern`` followed by ``nargs`` TeX arguments, rewritten as ``render(match, args)``;
+    a match whose arguments cannot be read is left as it is."""
     out, pos = [], 0
-    for m in re.finditer(r"\\frac(?![a-zA-Z])", s):
+    for m in re.finditer(pattern, s):
         if m.start() < pos:
             continue
-        first = _read_arg(s, m.end())
-        second = _read_arg(s, first[1]) if first else None
-        if first is None or second is None:
-            continue
-        out.append(s[pos : m.start()])
-        out.append(f"\\frac{{{_fix_fracs(first[0])}}}{{{_fix_fracs(second[0])}}}")
-        pos = second[1]
+        args, end = [], m.end()
+        for _ in range(nargs):
+            arg = _read_arg(s, end)
+            if arg is None:
+                break
+            args.append(arg[0])
+            end = arg[1]
+        else:
+            out += [s[pos : m.start()], render(m, args)]
+            pos = end
     out.append(s[pos:])
     return "".join(out)
+
+
+def _fix_fracs(s: str) -> str:
+    """``\\frac12`` and ``\\frac1{x}`` -> ``\\frac{1}{2}``, ``\\frac{1}{x}`` (what TeX renders the same)."""
+    return _rewrite_args(
+        s, r"\\frac(?![a-zA-Z])", 2, lambda m, a: f"\\frac{{{_fix_fracs(a[0])}}}{{{_fix_fracs(a[1])}}}"
+    )
 
 
 def _fix_sqrt(s: str) -> str:
     """``\\sqrt2`` -> ``\\sqrt{2}``; an optional ``[n]`` index is kept."""
-    out, pos = [], 0
-    for m in re.finditer(r"\\sqrt(?![a-zA-Z])\s*(\[[^\]]*\])?", s):
-        if m.start() < pos:
-            continue
-        arg = _read_arg(s, m.end())
-        if arg is None:
-            continue
-        out.append(s[pos : m.start()])
-        out.append(f"\\sqrt{m.group(1) or ''}{{{_fix_sqrt(arg[0])}}}")
-        pos = arg[1]
-    out.append(s[pos:])
-    return "".join(out)
+    return _rewrite_args(
+        s, r"\\sqrt(?![a-zA-Z])\s*(\[[^\]]*\])?", 1, lambda m, a: f"\\sqrt{m.group(1) or ''}{{{_fix_sqrt(a[0])}}}"
+    )
 
 
 def _strip_outer_braces(s: str) -> str:

@@ -7,6 +7,7 @@ multiply verifier work by the world size; slicing and all-gathering keeps it at 
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 
 import torch.distributed as dist
@@ -34,11 +35,5 @@ def score_sharded(
     mine = pool.score(responses[lo:hi], ground_truths[lo:hi], None if contexts is None else contexts[lo:hi])
     parts: list[ScoredBatch | None] = [None] * world
     dist.all_gather_object(parts, mine, group=group)
-    out = ScoredBatch([], [], [], [])
-    for part in parts:
-        assert part is not None
-        out.scores += part.scores
-        out.acc += part.acc
-        out.preds += part.preds
-        out.failed += part.failed
-    return out
+    fields = [f.name for f in dataclasses.fields(ScoredBatch)]
+    return ScoredBatch(**{f: [x for part in parts for x in getattr(part, f)] for f in fields})

@@ -19,6 +19,22 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 
 
+def _problems_by_source(
+    group_ids: Sequence[Hashable], data_sources: Sequence[str]
+) -> tuple[dict[Hashable, list[int]], dict[str, list[Hashable]]]:
+    """Each problem's sample positions, and each data source's problems (one source per problem)."""
+    samples: dict[Hashable, list[int]] = defaultdict(list)
+    source_of: dict[Hashable, str] = {}
+    for i, (gid, source) in enumerate(zip(group_ids, data_sources, strict=True)):
+        if source_of.setdefault(gid, source) != source:
+            raise ValueError(f"problem {gid!r} has samples from data sources {source_of[gid]!r} and {source!r}")
+        samples[gid].append(i)
+    by_source: dict[str, list[Hashable]] = defaultdict(list)
+    for gid, source in source_of.items():
+        by_source[source].append(gid)
+    return samples, by_source
+
+
 def avg_at_k(
     acc: Sequence[bool | int | float],
     group_ids: Sequence[Hashable],
@@ -49,19 +65,11 @@ def avg_at_k(
             "acc, group_ids and data_sources must have the same length, got "
             f"{len(acc)}, {len(group_ids)}, {len(data_sources)}"
         )
-    per_problem: dict[Hashable, list[float]] = defaultdict(list)
-    source_of: dict[Hashable, str] = {}
-    for value, gid, source in zip(acc, group_ids, data_sources, strict=True):
+    for value, gid in zip(acc, group_ids, strict=True):
         if value not in (0, 1):  # True/False compare equal to 1/0
             raise ValueError(f"acc values must be bool or 0/1, got {value!r} for problem {gid!r}")
-        if source_of.setdefault(gid, source) != source:
-            raise ValueError(f"problem {gid!r} has samples from data sources {source_of[gid]!r} and {source!r}")
-        per_problem[gid].append(float(value))
-
-    by_source: dict[str, list[Hashable]] = defaultdict(list)
-    for gid, source in source_of.items():
-        by_source[source].append(gid)
-
+    samples, by_source = _problems_by_source(group_ids, data_sources)
+    per_problem = {gid: [float(acc[i]) for i in rows] for gid, rows in samples.items()}
     metrics: dict[str, float] = {}
     for source in sorted(by_source):
         gids = by_source[source]
@@ -161,16 +169,7 @@ def verl_val_metrics(
     for name, column in values.items():
         if len(column) != n_samples:
             raise ValueError(f"values[{name!r}] has {len(column)} entries for {n_samples} samples")
-    samples: dict[Hashable, list[int]] = defaultdict(list)
-    source_of: dict[Hashable, str] = {}
-    for i, (gid, source) in enumerate(zip(group_ids, data_sources, strict=True)):
-        if source_of.setdefault(gid, source) != source:
-            raise ValueError(f"problem {gid!r} has samples from data sources {source_of[gid]!r} and {source!r}")
-        samples[gid].append(i)
-    by_source: dict[str, list[Hashable]] = defaultdict(list)
-    for gid, source in source_of.items():
-        by_source[source].append(gid)
-
+    samples, by_source = _problems_by_source(group_ids, data_sources)
     columns = {name: np.asarray(column, dtype=np.float64) for name, column in values.items()}
     codes = None if preds is None else np.unique(np.asarray(preds, dtype=object).astype(str), return_inverse=True)[1]
     core = "acc" if "acc" in columns else "reward"

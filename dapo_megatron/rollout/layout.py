@@ -67,10 +67,6 @@ class RolloutLayout:
     def is_replica_leader(self) -> bool:
         return self.rank_in_replica == 0
 
-    def replica_ranks(self, replica: int | None = None) -> list[int]:
-        r = self.replica if replica is None else replica
-        return list(range(r * self.tp, (r + 1) * self.tp))
-
     def my_prompts(self, num_prompts: int) -> range:
         """Global indices of the prompts this rank's replica generates for."""
         return prompt_slices(num_prompts, self.dp)[self.replica]

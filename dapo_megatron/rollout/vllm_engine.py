@@ -31,6 +31,7 @@ import torch.distributed as dist
 
 from dapo_megatron import torch_dtypes
 from dapo_megatron.contract import Rollouts
+from dapo_megatron.distributed import this_rank, world_size
 from dapo_megatron.rollout import SLEEP_LEVELS
 from dapo_megatron.rollout.engine import EngineUnusableError, RolloutEngine, SamplingSpec
 from dapo_megatron.rollout.layout import RolloutLayout
@@ -93,8 +94,7 @@ class VllmEngine(RolloutEngine):
             kv_kwargs = dict(enable_chunked_prefill=False, kv_cache_memory_bytes=int(cpu_kv_cache_gb * 2**30))
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         distributed = dist.is_initialized() and dist.get_world_size() > 1
-        world, rank = (dist.get_world_size(), dist.get_rank()) if dist.is_initialized() else (1, 0)
-        self.layout = RolloutLayout(world_size=world, rank=rank, tp=tensor_parallel_size)
+        self.layout = RolloutLayout(world_size=world_size(), rank=this_rank(), tp=tensor_parallel_size)
         self.dtype = torch_dtype(dtype)
         extra = {}
         if distributed:
@@ -129,7 +129,6 @@ class VllmEngine(RolloutEngine):
         self._broken_reason: str | None = None
         self._asleep: set[str] = set()
         self._weights_discarded = False
-        self.weights_version = 0
         self._weight_slices: dict | None = None
 
     @classmethod
@@ -153,10 +152,6 @@ class VllmEngine(RolloutEngine):
         return cls(model_path, **kwargs)
 
     # ------------------------------------------------------------------ state
-    @property
-    def usable(self) -> bool:
-        return self._state == "ready"
-
     def _check_usable(self, what: str) -> None:
         if self._state == "broken":
             raise EngineUnusableError(
@@ -287,7 +282,6 @@ class VllmEngine(RolloutEngine):
         self._state = "ready"
         self._broken_reason = None
         self._weights_discarded = False
-        self.weights_version += 1
 
     def update_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> int:
         """Load all HF-named tensors as one stream (no bucketing); returns the number of tensors."""

@@ -1,9 +1,9 @@
 """Stream the actor's weights as HF tensors on every rank, across TP and PP.
 
-Within a PP stage, :func:`iter_stage_hf_weights` (``actor.hf_loading.iter_hf_weights`` with a
-dtype) casts each parameter's TP shard to the rollout dtype, all-gathers the shards and
-converts the result with the shared mapping (models/), so every rank of the owning stage
-holds each of its stage's tensors in full, one at a time.
+Within a PP stage, :func:`~dapo_megatron.actor.hf_loading.iter_hf_weights` (with a dtype)
+casts each parameter's TP shard to the rollout dtype, all-gathers the shards and converts the
+result with the shared mapping (models/), so every rank of the owning stage holds each of its
+stage's tensors in full, one at a time.
 
 Across stages (PP > 1), what crosses is decided by the receiver.  Each rank may say which
 slice of each HF tensor it needs (``need``: HF name -> :class:`~.slices.TensorSlice`; for a
@@ -46,14 +46,7 @@ from dapo_megatron.actor.hf_loading import iter_hf_weights, layer_offset_of, unw
 from dapo_megatron.models.mapping import get_mapping
 from dapo_megatron.weight_sync.slices import WHOLE, TensorSlice, nan_placeholder
 
-__all__ = ["StageTraffic", "iter_actor_hf_weights", "iter_engine_hf_weights", "iter_stage_hf_weights", "stage_plan"]
-
-
-def iter_stage_hf_weights(
-    model: torch.nn.Module, hf_config, *, dtype: torch.dtype | None = None
-) -> Iterator[tuple[str, torch.Tensor]]:
-    """This PP stage's ``(hf_name, full tensor)`` pairs, shards cast to ``dtype`` before the TP gather."""
-    return iter_hf_weights(model, hf_config, dtype=dtype)
+__all__ = ["StageTraffic", "iter_actor_hf_weights", "iter_engine_hf_weights", "stage_plan"]
 
 
 def stage_plan(model: torch.nn.Module, hf_config, tp_size: int) -> list[tuple[str, tuple[int, ...]]]:
@@ -129,7 +122,7 @@ def iter_actor_hf_weights(
     """
     pp_size = ps.get_pipeline_model_parallel_world_size()
     if pp_size == 1:
-        yield from iter_stage_hf_weights(model, hf_config, dtype=dtype)
+        yield from iter_hf_weights(model, hf_config, dtype=dtype)
         return
 
     tp_size = ps.get_tensor_model_parallel_world_size()
@@ -155,7 +148,7 @@ def iter_actor_hf_weights(
 
     for stage in range(pp_size):
         if stage == pp_rank:
-            produced = iter_stage_hf_weights(model, hf_config, dtype=dtype)
+            produced = iter_hf_weights(model, hf_config, dtype=dtype)
             for k, (want_name, want_shape) in enumerate(plans[stage]):
                 name, t = next(produced)
                 t = t.contiguous()

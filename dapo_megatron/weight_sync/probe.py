@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from dapo_megatron.contract import ActorBatch
+from dapo_megatron.experience import pack_sequences
 from dapo_megatron.rollout.engine import SamplingSpec
 from dapo_megatron.rollout.mismatch import logprob_mismatch
 
@@ -39,19 +40,8 @@ class ProbeResult:
 
 def probe_batch(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int) -> ActorBatch:
     """Prompt + sampled response per row, the response tokens masked in (empty responses stay unmasked)."""
-    width = max(len(p) + len(r) for p, r in zip(prompts, responses, strict=True))
-    r_max = max(1, max(len(r) for r in responses))
-    ids = torch.full((len(prompts), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(prompts), r_max), dtype=torch.bool)
-    for i, (p, r) in enumerate(zip(prompts, responses, strict=True)):
-        ids[i, : len(p) + len(r)] = torch.tensor([*p, *r], dtype=torch.long)
-        mask[i, : len(r)] = True
-    return ActorBatch(
-        input_ids=ids,
-        seq_lengths=torch.tensor([len(p) + len(r) for p, r in zip(prompts, responses, strict=True)]),
-        prompt_lengths=torch.tensor([len(p) for p in prompts]),
-        response_mask=mask,
-    )
+    width = max(1, max(len(r) for r in responses))
+    return pack_sequences(prompts, responses, response_width=width, pad_token_id=pad_id)
 
 
 def probe_policy(

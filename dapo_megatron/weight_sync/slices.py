@@ -53,12 +53,6 @@ class TensorSlice:
         out[self.dim] = self.length
         return tuple(out)
 
-    def nbytes_in(self, shape: tuple[int, ...], dtype: torch.dtype) -> int:
-        n = 1
-        for s in self.shape_in(shape):
-            n *= s
-        return n * torch.empty((), dtype=dtype).element_size()
-
     def of(self, full: torch.Tensor) -> torch.Tensor:
         """The slice as a view of ``full``."""
         return full if self.dim is None else full.narrow(self.dim, self.start, self.length)

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from dapo_megatron.distributed import this_rank
 from dapo_megatron.rollout.engine import RolloutEngine
 from dapo_megatron.weight_sync.buckets import bucket_bytes_from_mb, iter_buckets
 from dapo_megatron.weight_sync.gather import StageTraffic, iter_engine_hf_weights
@@ -111,7 +112,7 @@ def verify_weights(model: torch.nn.Module, hf_config, engine: RolloutEngine, *, 
     one rank refusing while the others start would leave them waiting for it.
     """
     shards = engine.engine_checksums()
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    rank = this_rank()
     desc = f"rank {rank} (rollout replica {engine.layout.replica}, engine TP rank {engine.layout.rank_in_replica})"
     error: str | None = None
     checked = 0

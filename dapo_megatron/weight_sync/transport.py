@@ -2,8 +2,7 @@
 
 Only the colocated in-process transport exists: the engine lives in the same process
 as the actor shard, so a bucket is handed over as a Python list of tensors (no copy,
-no serialisation).  A transport to an engine in another process would pack buckets with
-:class:`~dapo_megatron.weight_sync.buckets.PackedBucket` and ship the buffer instead.
+no serialisation).
 """
 
 from __future__ import annotations

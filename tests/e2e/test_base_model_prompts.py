@@ -9,8 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from dapo_megatron.data.synthetic import DATA_SOURCE
-from dapo_megatron.observability.verl_metrics import ROLLOUT_CORR_NAMES, STEP_NAMES, val_names
 from tests.e2e._runs import metric_rows, run, train_args
+from tests.verl_names import ROLLOUT_CORR_NAMES, STEP_NAMES, val_names
 
 pytestmark = pytest.mark.e2e
 
@@ -65,7 +65,7 @@ def test_plain_text_prompts_without_chat_template_train(tiny_task, tmp_path):
     rows = metric_rows(out)
     row = rows[1]
     assert row["dynamic_sampling/kept_groups"] >= 8
-    # the run emits verl's step metric names (their definitions: tests/unit/test_verl_metrics.py)
+    # the run emits verl's step metric names (tests/verl_names.py; definitions: tests/unit/test_verl_metrics.py)
     assert [name for name in STEP_NAMES if name not in row] == []
     assert row["training/global_step"] == 1
     # and, over both ranks, the rollout-correction names (tests/unit/test_rollout_correction.py);

@@ -38,9 +38,10 @@ class _Engine:
 def _trainer(verify_calls: list, plan: LifecyclePlan | None = None, log: list | None = None) -> DapoTrainer:
     cfg = DapoConfig()
     trainer = DapoTrainer(cfg, fake_parts(cfg))
-    trainer.lifecycle = ColocatedLifecycle(plan or LifecyclePlan(free_cache_engine=False), None, empty_device_cache)
-    trainer.lifecycle.attach_engine(_Engine(log if log is not None else []))
-    trainer.lifecycle.enter(Phase.TRAIN)  # the guard runs between the old log-probs and the update
+    plan = plan or LifecyclePlan(free_cache_engine=False)
+    trainer.parts.lifecycle = ColocatedLifecycle(plan, None, empty_device_cache)
+    trainer.parts.lifecycle.attach_engine(_Engine(log if log is not None else []))
+    trainer.parts.lifecycle.enter(Phase.TRAIN)  # the guard runs between the old log-probs and the update
     trainer.max_mismatch = 1e-4
     trainer._mismatch_breaches = 0
     trainer.step = 7
@@ -112,7 +113,7 @@ def test_reverification_wakes_the_sleeping_engine_and_refills_discarded_weights(
     refill = ["wake(weights)", "sync"] if level == 2 else ["wake(weights)"]
     # level 1: the engine's own weights come back from host memory; level 2 discarded them
     assert log == [f"sleep({level})", *refill, "wake(kv_cache)", "verify", f"sleep({level})"]
-    assert trainer.lifecycle.phase is Phase.TRAIN
+    assert trainer.parts.lifecycle.phase is Phase.TRAIN
 
 
 def test_threshold_defaults_follow_the_dtypes():

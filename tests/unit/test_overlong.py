@@ -1,4 +1,4 @@
-"""Overlong reward shaping and truncation filtering."""
+"""Overlong reward shaping."""
 
 from __future__ import annotations
 
@@ -7,11 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dapo_megatron.algo.overlong import (
-    apply_overlong_shaping,
-    overlong_penalty,
-    truncation_mask,
-)
+from dapo_megatron.algo.overlong import apply_overlong_shaping, overlong_penalty
 
 SETTINGS = settings(max_examples=60, deadline=None)
 
@@ -126,23 +122,3 @@ def test_bad_lengths() -> None:
         overlong_penalty([-1], max_response_length=10, buffer_length=5, penalty_factor=1.0)
     with pytest.raises(ValueError, match="response_lengths"):
         overlong_penalty([[1]], max_response_length=10, buffer_length=5, penalty_factor=1.0)
-
-
-def test_truncation_mask_inputs() -> None:
-    keep = truncation_mask(["stop", "length", None, "abort"])
-    assert keep.tolist() == [True, False, True, True]
-    assert truncation_mask(torch.tensor([True, False])).tolist() == [False, True]
-    assert truncation_mask(torch.tensor([1, 0])).tolist() == [False, True]
-    assert truncation_mask([False, True]).tolist() == [True, False]
-    assert truncation_mask([]).shape == (0,)
-    with pytest.raises(TypeError):
-        truncation_mask([1.5, "stop"])
-    with pytest.raises(ValueError, match="is_truncated"):
-        truncation_mask(torch.zeros(2, 2, dtype=torch.bool))
-
-
-def test_truncation_mask_removes_tokens_from_loss_mask() -> None:
-    response_mask = torch.ones(3, 4)
-    keep = truncation_mask(["stop", "length", "stop"])
-    masked = response_mask * keep[:, None]
-    assert masked.sum(-1).tolist() == [4.0, 0.0, 4.0]

@@ -9,13 +9,12 @@ from hypothesis import strategies as st
 
 from dapo_megatron.algo.loss import LOSS_AGG_MODES, aggregate_loss, policy_loss
 from dapo_megatron.algo.rollout_correction import (
-    combine_partials,
     rollout_corr_metrics,
     rollout_corr_metrics_over_ranks,
     rollout_corr_partials,
     truncated_is_weights,
 )
-from dapo_megatron.observability.verl_metrics import ROLLOUT_CORR_NAMES
+from tests.verl_names import ROLLOUT_CORR_NAMES
 
 
 def _per_token_loss(lp, old, adv, low=0.2, high=0.28, c=10.0):
@@ -128,6 +127,13 @@ def test_a_safety_bound_of_20_as_verl():
     assert m["rollout_corr/rollout_is_min"] == pytest.approx(math.exp(-20.0))
 
 
+def _combine_partials(parts):
+    """Several shards' partials as one: sums added, maxima maximised (what the all-reduce does)."""
+    sums = {k: sum(p[0][k] for p in parts) for k in parts[0][0]}
+    maxima = {k: max(p[1][k] for p in parts) for k in parts[0][1]}
+    return sums, maxima
+
+
 def test_shards_combine_to_the_whole_batch():
     """What the all-reduce computes (sums added, maxima maximised) is the whole batch's value,
     for shards of different sizes and one without a response token; rank 0's shard alone is not."""
@@ -140,7 +146,7 @@ def test_shards_combine_to_the_whole_batch():
     whole = rollout_corr_metrics(*rollout_corr_partials(old, rollout, mask, cap=1.5), cap=1.5)
     shards = [slice(0, 2), slice(2, 7), slice(7, 9)]
     parts = [rollout_corr_partials(old[s], rollout[s], mask[s], cap=1.5) for s in shards]
-    combined = rollout_corr_metrics(*combine_partials(parts), cap=1.5)
+    combined = rollout_corr_metrics(*_combine_partials(parts), cap=1.5)
     assert combined == pytest.approx(whole, rel=1e-12)
     first = rollout_corr_metrics(*parts[0], cap=1.5)
     assert first["rollout_corr/rollout_is_mean"] != pytest.approx(whole["rollout_corr/rollout_is_mean"])

@@ -38,17 +38,13 @@ def test_each_epoch_is_a_permutation(num_items, sizes, seed):
     before=batch_sizes,
     after=batch_sizes,
     seed=st.integers(min_value=0, max_value=1000),
-    drop_last=st.booleans(),
 )
-def test_state_round_trip_continues_identically(num_items, before, after, seed, drop_last):
-    if drop_last:
-        before = [min(s, num_items) for s in before]
-        after = [min(s, num_items) for s in after]
-    original = ResumableSampler(num_items, seed=seed, drop_last=drop_last)
+def test_state_round_trip_continues_identically(num_items, before, after, seed):
+    original = ResumableSampler(num_items, seed=seed)
     for size in before:
         original.next_batch(size)
     state = json.loads(json.dumps(original.state_dict()))
-    resumed = ResumableSampler(num_items, seed=seed, drop_last=drop_last)
+    resumed = ResumableSampler(num_items, seed=seed)
     resumed.load_state_dict(state)
     assert (resumed.epoch, resumed.position) == (original.epoch, original.position)
     for size in after:
@@ -89,16 +85,6 @@ def test_no_shuffle_is_sequential():
         [3, 0, 1],
         [2, 3, 0],
     ]
-
-
-def test_drop_last_skips_the_epoch_tail():
-    sampler = ResumableSampler(10, seed=0, drop_last=True)
-    batches = [sampler.next_batch(4) for _ in range(3)]
-    assert sampler.epoch == 1 and sampler.position == 4
-    assert len(set(batches[0] + batches[1])) == 8
-    assert batches[2] == ResumableSampler(10, seed=0)._permutation(1)[:4].tolist()
-    with pytest.raises(ValueError, match="exceeds num_items"):
-        sampler.next_batch(11)
 
 
 def test_load_refuses_a_different_stream():

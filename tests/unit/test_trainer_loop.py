@@ -16,6 +16,7 @@ import pytest
 
 from dapo_megatron.trainer import DapoTrainer, StopRequested
 from tests.fakes import FakeCheckpoints, Log, fake_parts, tiny_config
+from tests.verl_names import STEP_NAMES
 
 # one step after its rollout rounds, verification on, no offload, sleep level 1
 TRAIN = [
@@ -78,7 +79,14 @@ def test_a_step_is_rollout_train_sync_verify_and_saves_before_committing_after_t
         "ckpt.commit(2)@rollout",  # `latest` moves once the step's row is logged
     ]
     assert [r["step"] for r in trainer.tracker.rows] == [1, 2]
-    assert trainer.checkpoints.committed == [2]
+    assert trainer.parts.checkpoints.committed == [2]
+
+
+def test_a_row_carries_verl_s_step_names(tmp_path):
+    """All but the actor's own update statistics, which the stand-in actor does not compute
+    (a real run emits every one: tests/e2e/test_base_model_prompts.py)."""
+    row = _run(tiny_config(tmp_path, total_steps=1)).tracker.rows[0]
+    assert [name for name in STEP_NAMES if not name.startswith("actor/") and name not in row] == []
 
 
 def test_dynamic_sampling_generates_rounds_until_the_batch_fills(tmp_path):
@@ -91,8 +99,8 @@ def test_dynamic_sampling_generates_rounds_until_the_batch_fills(tmp_path):
     training_rounds = [ks for n, ks in trainer.engine.calls if n == cfg.rollout.n]
     assert training_rounds == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9], [10, 11]]
     # each update trains on exactly train_batch_size groups of n samples
-    assert trainer.actor.updates == [cfg.data.train_batch_size * cfg.rollout.n] * 2
-    assert trainer.actor.update_count == 2
+    assert trainer.parts.actor.updates == [cfg.data.train_batch_size * cfg.rollout.n] * 2
+    assert trainer.parts.actor.update_count == 2
 
 
 def test_one_row_per_step_and_every_save_committed_after_its_row(tmp_path):
@@ -100,7 +108,7 @@ def test_one_row_per_step_and_every_save_committed_after_its_row(tmp_path):
     log = Log()
     trainer = _run(cfg, log)
     assert [r["step"] for r in trainer.tracker.rows] == [1, 2, 3, 4, 5]
-    assert trainer.checkpoints.committed == [2, 4, 5]  # save_freq, and the last step
+    assert trainer.parts.checkpoints.committed == [2, 4, 5]  # save_freq, and the last step
     for step in (2, 4, 5):
         saved, row, committed = (
             log.index(f"{e}({step})@{p}")
@@ -115,18 +123,18 @@ def test_a_stop_signal_checkpoints_the_step_then_stops(tmp_path):
     cfg = tiny_config(tmp_path, total_steps=5)
     trainer = DapoTrainer(cfg, fake_parts(cfg))
     trainer.start()
-    update = trainer.actor.update
+    update = trainer.parts.actor.update
 
     def update_then_signal(batch):
         if trainer.step == 2:
             trainer._on_signal(signal.SIGTERM, None)
         return update(batch)
 
-    trainer.actor.update = update_then_signal
+    trainer.parts.actor.update = update_then_signal
     with pytest.raises(StopRequested, match="after step 2"):
         trainer.fit()
     assert [r["step"] for r in trainer.tracker.rows] == [1, 2]
-    assert trainer.checkpoints.committed == [2]
+    assert trainer.parts.checkpoints.committed == [2]
 
 
 def test_resume_continues_the_step_count_and_the_data(tmp_path):
@@ -142,7 +150,7 @@ def test_resume_continues_the_step_count_and_the_data(tmp_path):
     )
     assert resumed.tracker.resume_step == 2
     assert [r["step"] for r in resumed.tracker.rows] == [3, 4]
-    assert resumed.actor.update_count == 4  # restored 2, then two updates
+    assert resumed.parts.actor.update_count == 4  # restored 2, then two updates
     got = [ks for n, ks in first.engine.calls + resumed.engine.calls if n == 4]
     assert got == want  # the sampler continues where the checkpoint left it
     start = _steps(log)[0]

@@ -25,17 +25,17 @@ def _stubbed_trainer(tmp_path, *, total_steps: int, save_freq: int) -> DapoTrain
     cfg.trainer.val_before_train = False
     cfg.trainer.logger = ["jsonl"]
     trainer = DapoTrainer(cfg, fake_parts(cfg))
-    trainer.step, trainer.total_steps, trainer.dp_size = 0, total_steps, 1
+    trainer.step, trainer.parts.total_steps, trainer.parts.dp_size = 0, total_steps, 1
     trainer.is_logger = True
     trainer.tracker = MetricsLogger(tmp_path, ["jsonl"])
-    trainer.sampler = SimpleNamespace(epoch=0)
-    trainer.buffer = SimpleNamespace(metrics=lambda: {"train/num_gen_batches": 1.0})
+    trainer.parts.sampler = SimpleNamespace(epoch=0)
+    trainer.parts.buffer = SimpleNamespace(metrics=lambda: {"train/num_gen_batches": 1.0})
     trainer._collect_batch = lambda: ([], [])
     trainer._batch_metrics = lambda groups, rounds: {"critic/score/mean": 0.0, "rollout/generated_tokens": 8.0}
     trainer._train_on = lambda groups: {}
     trainer._refresh_engine = lambda: {"weight_sync/seconds": 0.1}
     trainer._enter = lambda phase: None
-    trainer.lifecycle = SimpleNamespace(pop_timings=lambda: {"total": 0.0})
+    trainer.parts.lifecycle = SimpleNamespace(pop_timings=lambda: {"total": 0.0})
     trainer._pool_metrics = lambda: {}
     trainer._stop_agreed = lambda: False
 

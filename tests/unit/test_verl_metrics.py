@@ -5,28 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dapo_megatron.observability.verl_metrics import STEP_NAMES, advantage_metrics, progress_metrics, throughput_metrics
-
-
-def test_the_pinned_names_are_verl_s():
-    """The list a real run is checked against (tests/e2e/test_base_model_prompts.py); renaming one breaks dashboards."""
-    assert STEP_NAMES == (
-        "critic/advantages/mean",
-        "critic/advantages/max",
-        "critic/advantages/min",
-        "critic/score/mean",
-        "critic/rewards/mean",
-        "response_length/mean",
-        "response_length/clip_ratio",
-        "perf/total_num_tokens",
-        "perf/throughput",
-        "perf/time_per_step",
-        "training/global_step",
-        "training/epoch",
-        "actor/pg_loss",
-        "actor/pg_clipfrac",
-        "actor/ppo_kl",
-    )
+from dapo_megatron.observability.verl_metrics import advantage_metrics, progress_metrics, throughput_metrics
 
 
 def test_advantages_are_token_weighted_over_the_whole_batch():
@@ -49,8 +28,8 @@ def test_progress():
 def test_validation_names_are_pinned_and_emitted():
     """The validation names a verl dashboard reads, for one source sampled 4 times, are those
     the validation functions emit (definitions: tests/unit/test_verl_val_metrics.py)."""
-    from dapo_megatron.observability.verl_metrics import val_names
     from dapo_megatron.reward.val_metrics import avg_at_k, verl_val_metrics
+    from tests.verl_names import val_names
 
     assert val_names("aime", 4) == [
         "val-core/aime/acc/mean@4",
@@ -80,22 +59,3 @@ def test_validation_names_are_pinned_and_emitted():
     values = {"acc": acc, "score": [2 * a - 1 for a in acc], "reward": [2 * a - 1.5 for a in acc]}
     emitted = {**verl_val_metrics(values, gids, sources, list("12213343")), **avg_at_k(acc, gids, sources)}
     assert [name for name in val_names("aime", 4) if name not in emitted] == []
-
-
-def test_rollout_correction_names_are_verl_s():
-    from dapo_megatron.observability.verl_metrics import ROLLOUT_CORR_NAMES
-
-    verl = (
-        "mean max min ratio_fraction_high ratio_fraction_low std eff_sample_size seq_mean seq_std seq_max "
-        "seq_min seq_max_deviation seq_fraction_high seq_fraction_low"
-    ).split()
-    diagnostics = (
-        "training_ppl training_log_ppl kl k3_kl rollout_ppl rollout_log_ppl log_ppl_diff log_ppl_abs_diff "
-        "log_ppl_diff_max log_ppl_diff_min ppl_ratio chi2_token chi2_seq"
-    ).split()
-    ours = ("rollout_is/weight_mean", "rollout_is/weight_min", "rollout_is/capped_frac")
-    assert ROLLOUT_CORR_NAMES == (
-        *(f"rollout_corr/rollout_is_{n}" for n in verl),
-        *(f"rollout_corr/{n}" for n in diagnostics),
-        *ours,
-    )

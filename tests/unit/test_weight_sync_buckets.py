@@ -1,4 +1,4 @@
-"""Bucketing and flat packing of named tensors (weight_sync/buckets.py)."""
+"""Bucketing of named tensors (weight_sync/buckets.py)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dapo_megatron.weight_sync.buckets import PackedBucket, bucket_bytes_from_mb, iter_buckets
+from dapo_megatron.weight_sync.buckets import bucket_bytes_from_mb, iter_buckets
 
 
 def _named(sizes: list[int], dtype=torch.float32) -> list[tuple[str, torch.Tensor]]:
@@ -56,23 +56,3 @@ def test_buckets_property(sizes, cap):
         total = sum(t.numel() * 4 for _, t in b)
         assert total <= cap or len(b) == 1
         assert b  # never empty
-
-
-def test_packed_bucket_round_trip_mixed_dtypes():
-    named = [
-        ("a", torch.randn(3, 5)),
-        ("b", torch.randn(7).to(torch.bfloat16)),
-        ("c", torch.arange(4, dtype=torch.int64).reshape(2, 2)),
-        ("empty", torch.zeros(0, 3)),
-        ("d", torch.randn(4, 3).t()),  # non-contiguous input
-    ]
-    packed = PackedBucket.pack(named)
-    assert all(r.offset % 64 == 0 for r in packed.records)
-    out = packed.tensors()
-    assert [n for n, _ in out] == [n for n, _ in named]
-    for (_, want), (_, got) in zip(named, out, strict=True):
-        assert got.dtype == want.dtype and got.shape == want.shape
-        assert torch.equal(got, want)
-    # views share the buffer: no copy on unpack
-    out[0][1].zero_()
-    assert torch.count_nonzero(packed.buffer[: 15 * 4]) == 0

@@ -14,9 +14,7 @@ def test_slice_geometry():
     rows = TensorSlice(0, 4, 3)
     cols = TensorSlice(1, 2, 2)
     assert rows.shape_in((10, 6)) == (3, 6) and cols.shape_in((10, 6)) == (10, 2)
-    assert rows.nbytes_in((10, 6), torch.float32) == 3 * 6 * 4
-    assert cols.nbytes_in((10, 6), torch.bfloat16) == 10 * 2 * 2
-    assert WHOLE.shape_in((10, 6)) == (10, 6) and WHOLE.nbytes_in((10, 6), torch.float32) == 240
+    assert WHOLE.shape_in((10, 6)) == (10, 6)
     full = torch.arange(60.0).reshape(10, 6)
     assert torch.equal(rows.of(full), full[4:7]) and torch.equal(cols.of(full), full[:, 2:4])
     assert WHOLE.of(full) is full

@@ -81,7 +81,7 @@ def main() -> None:
         def metrics(self) -> dict[str, float]:
             return {"reward/num_scored": 3.0 + rank, "reward/seconds": 0.25}
 
-    trainer.pool = Pool()
+    trainer.parts.pool = Pool()
     pooled = trainer._pool_metrics()
     check(
         pooled == {"reward/num_scored": 3.0 * world + sum(range(world)), "reward/seconds": 0.25 * world},
