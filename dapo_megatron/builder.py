@@ -42,7 +42,8 @@ from dapo_megatron.resume import choose_checkpoint, log_config_diff
 from dapo_megatron.reward.custom import load_file_scorer
 from dapo_megatron.reward.pool import RewardPool
 from dapo_megatron.rollout.engine import RolloutEngine
-from dapo_megatron.rollout.vllm_engine import VllmEngine, torch_dtype
+from dapo_megatron.rollout.vllm_engine import VllmEngine
+from dapo_megatron.torch_dtypes import torch_dtype
 from dapo_megatron.weight_sync.sync import EngineWeightSync
 
 __all__ = ["Builder"]

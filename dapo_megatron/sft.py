@@ -47,9 +47,11 @@ from dapo_megatron.contract import ActorBatch, PromptRecord
 from dapo_megatron.data.parquet_dataset import load_prompt_dataset
 from dapo_megatron.data.sampler import ResumableSampler
 from dapo_megatron.distributed import all_sum
+from dapo_megatron.experience import pack_sequences
 from dapo_megatron.reward.pool import RewardPool
 from dapo_megatron.reward.val_metrics import held_out_accuracy as mean_accuracy
-from dapo_megatron.rollout.vllm_engine import VllmEngine, torch_dtype
+from dapo_megatron.rollout.vllm_engine import VllmEngine
+from dapo_megatron.torch_dtypes import torch_dtype
 from dapo_megatron.validation import validate
 from dapo_megatron.weight_sync.gather import iter_actor_hf_weights
 from dapo_megatron.weight_sync.sync import EngineWeightSync
@@ -122,29 +124,16 @@ def held_out_accuracy(metrics: dict[str, float]) -> float:
 
 def sft_batch(records: Sequence[PromptRecord], tokenizer, max_response_length: int, pad_id: int) -> ActorBatch:
     """Prompt + reference solution + eos per row, the loss on the solution tokens only."""
-    eos = tokenizer.eos_token_id
-    prompts = [list(r.prompt_ids) for r in records]
     answers = []
     for r in records:
-        ids = tokenizer(r.extra_info["solution"], add_special_tokens=False)["input_ids"] + [eos]
+        ids = tokenizer(r.extra_info["solution"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         if len(ids) > max_response_length:
             raise ValueError(f"solution of {r.uid} has {len(ids)} tokens > max_response_length {max_response_length}")
         answers.append(ids)
-    seq = [p + a for p, a in zip(prompts, answers, strict=True)]
-    width = max(len(s) for s in seq)
-    input_ids = torch.full((len(seq), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seq), max_response_length), dtype=torch.bool)
-    for i, (s, a) in enumerate(zip(seq, answers, strict=True)):
-        input_ids[i, : len(s)] = torch.tensor(s)
-        mask[i, : len(a)] = True
-    return ActorBatch(
-        input_ids=input_ids,
-        seq_lengths=torch.tensor([len(s) for s in seq]),
-        prompt_lengths=torch.tensor([len(p) for p in prompts]),
-        response_mask=mask,
-        advantages=torch.ones(len(seq)),
-        group_size=1,
-    )
+    prompts = [r.prompt_ids for r in records]
+    advantages = torch.ones(len(answers))
+    width = max_response_length
+    return pack_sequences(prompts, answers, response_width=width, pad_token_id=pad_id, advantages=advantages)
 
 
 def export_hf(actor, hf_config, tokenizer, out_dir: Path, info: dict | None = None) -> None:

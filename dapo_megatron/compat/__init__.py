@@ -184,6 +184,19 @@ PATCHES: tuple[Patch, ...] = (
         needed_test="tests/dist/test_compat_dist_needed.py::test_fully_reshardable_load_without_passthrough_raises_keyerror",
     ),
     Patch(
+        name="vllm-eager-token-ranks",
+        module="dapo_megatron.compat.vllm_sampler",
+        targets=("vllm.v1.sample.sampler.batched_count_greater_than",),
+        package="vllm",
+        versions=("0.32.0", "0.33"),
+        measured=("0.32.0",),
+        outside=OutsideRange.WARN,
+        why="the sampler's token-rank count is torch.compile'd, and every process compiles it at its first "
+        "generate: on CPU inductor builds a C++ kernel, 7-19 s on 2 cores",
+        needed_test="tests/unit/test_compat_needed.py::test_vllm_compiles_the_token_rank_count",
+        cpu_only=True,
+    ),
+    Patch(
         name="ray-local-only",
         module="dapo_megatron.compat.ray_local",
         targets=("ray._private.ray_constants.ENABLE_RAY_CLUSTER",),

@@ -92,6 +92,10 @@ class VllmEngine(RolloutEngine):
             # request rewinds its generator with set_offset, which CPU generators do not support
             # ("CPU Generator does not use offset").  Whole-prompt prefill never rewinds.
             kv_kwargs = dict(enable_chunked_prefill=False, kv_cache_memory_bytes=int(cpu_kv_cache_gb * 2**30))
+            # optional dependency: the patch module imports vLLM, as this branch does
+            from dapo_megatron.compat.vllm_sampler import count_token_ranks_eagerly
+
+            count_token_ranks_eagerly()
         os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         distributed = dist.is_initialized() and dist.get_world_size() > 1
         self.layout = RolloutLayout(world_size=world_size(), rank=this_rank(), tp=tensor_parallel_size)

@@ -150,6 +150,19 @@ def test_cpu_shim_still_needed(cpu_probe_results, name):
     assert "bug" in result, f"upstream no longer shows the bug {name} works around: delete the patch? {result}"
 
 
+def test_vllm_compiles_the_token_rank_count():
+    """Patch ``vllm-eager-token-ranks``: upstream's count is a torch.compile wrapper whose
+    uncompiled function counts the same ranks."""
+    pytest.importorskip("vllm")
+    from vllm.v1.sample.ops import logprobs
+
+    compiled = logprobs.batched_count_greater_than
+    eager = getattr(compiled, "_torchdynamo_orig_callable", None)
+    assert eager is not None, "vLLM no longer compiles the token-rank count: delete the patch"
+    x = torch.tensor([[0.1, 0.5, 0.3], [0.2, 0.2, 0.9]])
+    assert eager(x, torch.tensor([[0.3], [0.2]])).tolist() == [2, 3]
+
+
 @pytest.mark.ray
 def test_ray_rewrites_loopback_without_local_only_mode(monkeypatch):
     """Patch ``ray-local-only``: without it a loopback node address becomes the outward one."""
