@@ -85,7 +85,11 @@ from dapo_megatron.checkpoint.metadata import (
     write_checkpoint_metadata,
 )
 from dapo_megatron.checkpoint.verify import Verify, verify_checkpoint
-from dapo_megatron.compat.megatron_checkpoint import apply_writer_cpu_shim, single_rank_writes_deferred
+from dapo_megatron.compat.megatron_checkpoint import (
+    apply_writer_cpu_shim,
+    single_rank_writes_deferred,
+    sync_save_results_in_process,
+)
 from dapo_megatron.compat.megatron_optimizer import adam_step_passthrough, fully_reshardable_bucket_fix
 from dapo_megatron.distributed import this_rank, world_size
 
@@ -224,7 +228,7 @@ def save_checkpoint(
     # 1. every rank writes its tensors (and its rank state); failures agreed, nobody left waiting
     deferred: list[BaseException] = []
     try:
-        with single_rank_writes_deferred(deferred):
+        with single_rank_writes_deferred(deferred), sync_save_results_in_process():
             dist_checkpointing.save(sharded, str(tmp), sharded_strategy=_fully_parallel_save_strategy())
         if rank_state is not None:
             rank_dir = tmp / RANK_STATE_DIR

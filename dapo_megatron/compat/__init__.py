@@ -160,6 +160,16 @@ PATCHES: tuple[Patch, ...] = (
         needed_test="tests/dist/test_compat_dist_needed.py::test_single_rank_write_failure_strands_the_other_rank",
     ),
     Patch(
+        name="sync-save-results-in-process",
+        module="dapo_megatron.compat.megatron_checkpoint",
+        targets=("megatron.core.dist_checkpointing.strategies.filesystem_async._get_write_results_queue",),
+        measured=("0.16.1",),
+        outside=OutsideRange.WARN,
+        why="the checkpoint writer's results queue is a Manager started with spawn, which re-imports the "
+        "training script's modules at the first save (8-24 s on 2 CPU cores) and keeps a process per rank",
+        needed_test="tests/unit/test_compat_needed.py::test_megatron_writer_spawns_a_manager_for_its_results",
+    ),
+    Patch(
         name="fully-reshardable-buckets",
         module="dapo_megatron.compat.megatron_optimizer",
         targets=(

@@ -150,6 +150,21 @@ def test_cpu_shim_still_needed(cpu_probe_results, name):
     assert "bug" in result, f"upstream no longer shows the bug {name} works around: delete the patch? {result}"
 
 
+def test_megatron_writer_spawns_a_manager_for_its_results():
+    """Patch ``sync-save-results-in-process``: upstream's results queue lives in a spawned
+    Manager process (in a fresh interpreter: the Manager stays until it exits)."""
+    code = (
+        "import multiprocessing as mp\n"
+        "from megatron.core.dist_checkpointing.strategies import filesystem_async as fa\n"
+        "q = fa._get_write_results_queue()\n"
+        "print(type(q).__name__, len(mp.active_children()))\n"
+    )
+    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    kind, children = out.stdout.split()
+    assert "Proxy" in kind and int(children) >= 1, f"no Manager process any more ({out.stdout}): delete the patch"
+
+
 def test_vllm_compiles_the_token_rank_count():
     """Patch ``vllm-eager-token-ranks``: upstream's count is a torch.compile wrapper whose
     uncompiled function counts the same ranks."""
