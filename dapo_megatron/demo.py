@@ -113,8 +113,7 @@ def run(
         print(f"[demo] supervised warm-up through the Megatron actor (1 process, TP=1): {until}")
         _torchrun(
             [
-                "-m",
-                "dapo_megatron.sft",
+                str(ROOT / "launch" / "sft.py"),
                 "--config",
                 config,
                 "--init-model",

@@ -17,8 +17,9 @@ the DAPO trainer's validation does (same sampling, same seed); the warm-up stops
 the first evaluation inside the band, whatever the machine's rounding did to the
 path there. ``--steps`` is the cap; the band never reached is an error that says so.
 
-Run under torchrun: ``torchrun --nproc-per-node 2 -m dapo_megatron.sft --config
-configs/tiny_cpu.yaml --init-model DIR --out DIR --steps 1200 --target-band 0.2 0.4``.
+Run under torchrun: ``torchrun --nproc-per-node 2 launch/sft.py --config
+configs/tiny_cpu.yaml --init-model DIR --out DIR --steps 1200 --target-band 0.2 0.4``
+(``-m dapo_megatron.sft`` works too, but its reward workers would re-import this module).
 """
 
 from __future__ import annotations

@@ -8,7 +8,10 @@ Multi-node: the same command under ``torchrun --nnodes N --rdzv-endpoint HOST:PO
 
 import sys
 
-from dapo_megatron.trainer import main
-
 if __name__ == "__main__":
+    # Under the main guard: multiprocessing's reward workers (fork server) re-import this
+    # script as __mp_main__, and the trainer's imports (torch, megatron-core, vLLM) would
+    # cost each of them seconds and half a GB.
+    from dapo_megatron.trainer import main
+
     sys.exit(main())
