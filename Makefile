@@ -2,7 +2,7 @@
 # pip installs torch first, so that this machine's pip configuration (its local CPU wheel)
 # decides which build comes and nothing pulls a CUDA build from PyPI; uv then installs the
 # rest with torch pinned to that build. uv resolves the same versions as pip and takes a
-# third of pip's time (bench/RESULTS.md, "Set-up time"). Bytecode is compiled on first
+# third of pip's time (bench/RESULTS.md, "The demo's time"). Bytecode is compiled on first
 # import, for the modules a run imports, instead of for every installed file.
 PY ?= python3
 VENV := .venv
