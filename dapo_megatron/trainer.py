@@ -18,7 +18,6 @@ import logging
 import math
 import os
 import random
-import signal
 import sys
 import time
 from collections import defaultdict
@@ -45,6 +44,7 @@ from dapo_megatron.lifecycle import Phase
 from dapo_megatron.observability import verl_metrics
 from dapo_megatron.parts import Parts, Tracker, WeightSync
 from dapo_megatron.planning.memory import model_shape_from_hf, model_training_flops
+from dapo_megatron.preemption import on_stop_signal
 from dapo_megatron.reward.sharded import score_sharded
 from dapo_megatron.rollout.engine import RolloutEngine
 from dapo_megatron.rollout.mismatch import LIKELY_CAUSES, RolloutMismatchError, logprob_mismatch, max_mismatch_for
@@ -98,15 +98,14 @@ class DapoTrainer:
         self.timings.clear()
         if self.is_logger:
             self.tracker = self.parts.build_tracker(self.step if resumed else None)
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._on_signal)
+        on_stop_signal(self._on_signal)
 
     def _engine_needs_actor_weights(self, resumed: bool) -> bool:
         """Before any validation or generation: a dummy-started engine holds random weights, and
         after a resume the engine holds the HF checkpoint's, not the resumed actor's."""
         return resumed or self.engine.load_format == "dummy"
 
-    def _on_signal(self, signum, frame) -> None:
+    def _on_signal(self, signum: int) -> None:
         logger.warning("received signal %d: checkpointing after the current step, then exiting", signum)
         self._stop_signal = signum
 

@@ -164,12 +164,15 @@ def test_sbatch_trains_the_tiny_model_and_checkpoints(slurm, tiny_task, tmp_path
     assert (out_dir / "checkpoints" / "latest").read_text().strip() == "step_00000002"
 
 
-# Stands in for launch/train.py: trains until SIGUSR1, then "checkpoints" and exits 0.
+# Stands in for launch/train.py: trains until SIGUSR1, then "checkpoints" and exits 0. It takes
+# the signal through the trainer's own handler, which ignores the second copy every worker
+# gets here (slurmstepd signals the whole step, launch.sh forwards by PID).
 FAKE_TRAINER = """
-import os, signal, sys, time
+import os, sys, time
+from dapo_megatron.preemption import on_stop_signal
 rank = os.environ["RANK"]
 got = []
-signal.signal(signal.SIGUSR1, lambda *_: got.append(1))
+on_stop_signal(got.append)
 open(os.path.join(os.environ["MARKER_DIR"], "ready" + rank), "w").close()
 print("rank", rank, "training", flush=True)
 while not got:

@@ -127,7 +127,7 @@ def test_a_stop_signal_checkpoints_the_step_then_stops(tmp_path):
 
     def update_then_signal(batch):
         if trainer.step == 2:
-            trainer._on_signal(signal.SIGTERM, None)
+            trainer._on_signal(signal.SIGTERM)
         return update(batch)
 
     trainer.parts.actor.update = update_then_signal
