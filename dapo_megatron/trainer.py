@@ -134,6 +134,17 @@ class DapoTrainer:
         self.step = int(state["step"])
         self.parts.sampler.load_state_dict(state["sampler"])
         self.parts.buffer.load_state_dict(state["buffer"])
+        cfg = self.cfg
+        dropped = self.parts.buffer.drop_carried_unlike(cfg.rollout.n, cfg.data.max_response_length)
+        if dropped:
+            logger.warning(
+                "dropped %d carried dynamic-sampling group(s) from %s: sampled with another rollout.n or a "
+                "longer data.max_response_length than this run's (%d, %d)",
+                dropped,
+                path,
+                cfg.rollout.n,
+                cfg.data.max_response_length,
+            )
         self.parts.actor.update_count = int(state["actor_update_count"])
         random.setstate(state["rng"]["python"])
         np.random.set_state(state["rng"]["numpy"])

@@ -277,6 +277,21 @@ class DynamicSamplingBuffer:
         self._counters = counters
         self._kept = groups
 
+    def drop_carried_unlike(self, group_size: int, max_response_length: int) -> int:
+        """Drop carried groups that a resume's changed settings cannot train on; return how many.
+
+        A resume may change ``rollout.n`` or ``data.max_response_length``. A carried group of
+        the old size cannot share a batch with the new groups, and a response longer than the
+        new cap does not fit the actor batch's rows; either would fail mid-step, after the
+        step's generation.
+        """
+        fits = [
+            g for g in self._kept if g.size == group_size and all(len(r) <= max_response_length for r in g.response_ids)
+        ]
+        dropped = len(self._kept) - len(fits)
+        self._kept = fits
+        return dropped
+
 
 def _group_from_v1(g: dict[str, Any]) -> dict[str, Any]:
     """The :class:`Group` fields of a version-1 group, which kept the per-response values in

@@ -22,13 +22,16 @@ def torchrun_cmd(args: list[str], nproc: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", *args]
 
 
-def run(args: list[str], *, log: Path, timeout: float = 600, nproc: int = 2) -> subprocess.CompletedProcess:
-    """Run to completion; the combined output goes to ``log`` and is returned."""
+def run(
+    args: list[str], *, log: Path, timeout: float = 600, nproc: int = 2, threads: int = 1
+) -> subprocess.CompletedProcess:
+    """Run to completion with ``threads`` per process; the combined output goes to ``log`` and
+    is returned."""
     with open(log, "w") as f:
         proc = subprocess.run(
             torchrun_cmd(args, nproc),
             cwd=ROOT,
-            env=child_env(),
+            env=child_env(OMP_NUM_THREADS=str(threads)),
             stdout=f,
             stderr=subprocess.STDOUT,
             timeout=timeout,

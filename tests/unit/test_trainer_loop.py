@@ -10,10 +10,12 @@ tests/e2e/test_lifecycle_order.py.
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 
 import pytest
 
+from dapo_megatron.contract import Group
 from dapo_megatron.trainer import DapoTrainer, StopRequested
 from tests.fakes import FakeCheckpoints, Log, fake_parts, tiny_config
 from tests.verl_names import STEP_NAMES
@@ -156,6 +158,46 @@ def test_resume_continues_the_step_count_and_the_data(tmp_path):
     start = _steps(log)[0]
     # the engine holds the checkpoint's weights, not the resumed actor's: synced before any use
     assert start == ["ckpt.load(step_2)@-", *START_REFRESH]
+
+
+@pytest.mark.parametrize(
+    ("setting", "carried_response", "trained_on"),
+    [(None, [7] * 3, 1), ("rollout.n", [7] * 3, 0), ("data.max_response_length", [7] * 6, 0)],
+    ids=["unchanged", "fewer-samples", "shorter-cap"],
+)
+def test_a_resume_with_changed_settings_drops_carried_groups_it_cannot_train(
+    tmp_path, setting, carried_response, trained_on
+):
+    """A carried group of the old rollout.n cannot share a batch with the new groups, and a
+    response over the new cap does not fit the actor batch: both would fail mid-step. A group
+    that still fits is trained on."""
+    cfg = tiny_config(tmp_path, total_steps=2, save_freq=2)
+    cfg.algorithm.filter_groups.max_carry_age = 2
+    checkpoints = FakeCheckpoints(Log())
+    _run(cfg, checkpoints=checkpoints)
+    carried = Group(
+        uid="carried",
+        prompt_ids=[1, 2],
+        response_ids=[carried_response] * 4,
+        rollout_log_probs=[[-1.0] * len(carried_response)] * 4,
+        truncated=[False] * 4,
+        acc=[0.0, 1.0, 0.0, 1.0],
+        score=[-1.0, 1.0, -1.0, 1.0],
+        seq_reward=[-1.0, 1.0, -1.0, 1.0],
+        born_step=2,
+    )
+    checkpoints.saved[2]["buffer"]["groups"].insert(0, dataclasses.asdict(carried))
+    resumed_cfg = tiny_config(tmp_path, total_steps=3)
+    resumed_cfg.algorithm.filter_groups.max_carry_age = 2
+    if setting == "rollout.n":
+        resumed_cfg.rollout.n = 2
+    elif setting == "data.max_response_length":
+        resumed_cfg.data.max_response_length = 4
+        resumed_cfg.algorithm.overlong_buffer.len = 2
+    resumed = _run(resumed_cfg, checkpoints=checkpoints, resume_from=checkpoints.latest())
+    rows = resumed.tracker.rows
+    assert [r["step"] for r in rows] == [3]
+    assert rows[0]["dynamic_sampling/carried_in_groups"] == trained_on
 
 
 def test_verify_freq_verifies_the_startup_sync_every_nth_step_and_the_last(tmp_path):
