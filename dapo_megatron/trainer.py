@@ -527,6 +527,7 @@ class DapoTrainer:
 
 
 STARTUP_ERROR_EXIT_CODE = 2
+STARTUP_ERROR_GRACE_S = 10.0
 
 
 STARTUP_ERRORS: tuple[type[Exception], ...] = (
@@ -538,6 +539,21 @@ STARTUP_ERRORS: tuple[type[Exception], ...] = (
 """Errors whose message says everything (the key, the file, the checkpoint and what is wrong)."""
 
 
+def _report_startup_error(exc: Exception, rank: int) -> None:
+    """Rank 0 prints at once; another rank waits STARTUP_ERROR_GRACE_S first.
+
+    torchrun stops every worker as soon as one exits. A rank that exited at once could get rank
+    0 killed before it printed, and the job would end without its message. When every rank met
+    the error, rank 0 prints and exits within the wait and torchrun stops the waiting ranks, so
+    the message appears once. A rank still alive after the wait met an error that rank 0 did
+    not (a file missing on its node), and prints it with its rank.
+    """
+    if rank != 0:
+        time.sleep(STARTUP_ERROR_GRACE_S)
+    where = "" if rank == 0 else f" (rank {rank})"
+    print(f"error{where}: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+
+
 def main(
     argv: Sequence[str] | None = None,
     trainer_cls: type[DapoTrainer] = DapoTrainer,
@@ -547,8 +563,9 @@ def main(
 
     Why: every rank meets the same bad key, file or checkpoint, so before this each of them
     printed the same full traceback and the one line that mattered was buried.  The others
-    exit quietly with the same code (torchrun reports it).  Anything unexpected, and
-    anything raised once training runs, keeps its traceback on every rank.
+    exit with the same code (torchrun reports it) after a grace that lets rank 0 print.
+    Anything unexpected, and anything raised once training runs, keeps its traceback on every
+    rank.
     """
     parser = argparse.ArgumentParser(description="DAPO training (run under torchrun)")
     parser.add_argument("--config", required=True)
@@ -566,8 +583,7 @@ def main(
         trainer = trainer_cls(cfg, builder_cls(cfg).build())
         trainer.start()
     except STARTUP_ERRORS as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        _report_startup_error(exc, int(os.environ.get("RANK", "0")))
         return STARTUP_ERROR_EXIT_CODE
     try:
         trainer.fit()
